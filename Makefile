@@ -1,0 +1,46 @@
+# splitexit: two commands on a fresh machine.
+#   make demo   set up and run the end-to-end demo
+#   make test   set up and run the test suite
+#
+# Variables (override on the command line, e.g. `make test TORCH="torch==2.14.1 torchvision==0.29.1"`):
+#   PYTHON   interpreter that creates the venv                 (python3)
+#   VENV     where the venv lives                              (.venv)
+#   TORCH    pip requirement(s) for torch, installed first     (auto: see scripts/torch-spec)
+#   EXTRAS   project extras to install                         (dev,efficientnet,notebooks)
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= $(shell sh scripts/torch-spec)
+EXTRAS ?= dev,efficientnet,notebooks
+PIP    := $(VENV)/bin/python -m pip
+STAMP  := $(VENV)/.installed-$(shell printf '%s|%s' "$(TORCH)" "$(EXTRAS)" | cksum | cut -d' ' -f1)
+
+.PHONY: setup data test demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+data:
+	sh scripts/get-data.sh
+
+test: setup data
+	$(VENV)/bin/python -m pytest
+
+demo: setup data
+	$(VENV)/bin/splitexit demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup data
+	$(VENV)/bin/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

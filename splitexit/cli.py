@@ -1,0 +1,169 @@
+"""The `splitexit` command: train, export, inspect, and list the model zoo.
+
+splitexit models                 the splittable architectures and their split points
+splitexit train CONFIG           run (or resume) a whole experiment from one TOML file
+splitexit export RUN_DIR         turn a finished run into a deployment bundle
+splitexit inspect BUNDLE         print a bundle's manifest readably
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .errors import SplitexitError
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The experiment configs that ship with splitexit, by name."""
+    root = resources.files("splitexit") / "configs"
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def resolve_config(name_or_path: str) -> Path:
+    """A config file path, or the name of a shipped config (e.g. `fmnist-small`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise SplitexitError(
+        f"no config file {name_or_path!r}; give a path to a TOML file or one of the shipped "
+        f"configs: {', '.join(sorted(shipped))}"
+    )
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        pre = spec.preprocessing
+        print(f"{name}: {spec.description}")
+        print(f"    input {pre.channels}x{pre.size[0]}x{pre.size[1]}, {spec.num_classes} classes")
+        print(f"    split points {', '.join(spec.split_points)} (default {spec.default_split})")
+        print(f"    exit points {', '.join(spec.exit_points)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.pipeline import run_experiment
+
+    cfg = load_config(resolve_config(args.config))
+    if args.output:
+        cfg.output = args.output
+    if args.device:
+        cfg.device = args.device
+    run_experiment(cfg, export=not args.no_export)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .splitnet import SplitExitNet
+    from .train.config import config_from_dict
+    from .train.export import export_run
+    from .train.pipeline import build_teacher, load_data, make_preprocess
+
+    run = Path(args.run)
+    for needed in ("config.json", "model.pt", "results.json"):
+        if not (run / needed).exists():
+            raise SplitexitError(
+                f"{run} is not a finished run: {needed} is missing (run `splitexit train` first)"
+            )
+    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    results = json.loads((run / "results.json").read_text())
+    pre = make_preprocess(cfg)
+    classes = load_data(cfg).class_names if args.class_names is None else args.class_names
+    teacher = build_teacher(cfg, len(classes), pre)
+    s = cfg.split
+    net = SplitExitNet.from_teacher(
+        teacher,
+        s.point,
+        input_shape=(pre.channels, *pre.size),
+        channels=s.channels,
+        hidden=s.hidden,
+        downsample=s.downsample,
+        bits=s.bits,
+        exit_points=cfg.exits.points,
+        exit_conv=cfg.exits.conv,
+        exit_hidden=cfg.exits.hidden or None,
+        num_classes=len(classes),
+    )
+    net.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
+    path = export_run(cfg, net, pre, list(classes), results, args.output or run / "bundle")
+    print(f"bundle written to {path}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .bundle import load_bundle
+    from .bundle.inspect import format_manifest
+
+    bundle = load_bundle(args.bundle, verify=not args.no_verify)
+    print(format_manifest(bundle.manifest))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitexit",
+        description="Split computing with a learned bottleneck and early exits for edge devices.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `splitexit COMMAND --help` for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the splittable architectures")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "train",
+        help="run or resume an experiment from a TOML config",
+        description="Train teacher, bottleneck (head distillation + KD fine-tuning) and exits "
+        "as the config says, evaluate every (channels, bits) point on the test set, and export "
+        "a bundle. Re-running the same config resumes from the last finished epoch. Runs "
+        "unchanged under `torchrun --nproc-per-node N -m splitexit train CONFIG`.",
+    )
+    p.add_argument(
+        "config",
+        help="TOML config path, or a shipped config: " + ", ".join(sorted(shipped_configs())),
+    )
+    p.add_argument("--output", help="run directory (default: the config's, runs/<name>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config")
+    p.add_argument("--no-export", action="store_true", help="do not write a bundle at the end")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a bundle from a finished run directory")
+    p.add_argument("run", help="run directory holding config.json, model.pt and results.json")
+    p.add_argument("--output", help="bundle directory (default: RUN/bundle)")
+    p.add_argument("--class-names", nargs="+", help="class names (default: the dataset's)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="print a bundle's manifest readably")
+    p.add_argument("bundle", help="bundle directory or archive")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SplitexitError as exc:
+        print(f"splitexit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("splitexit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""What each stage minimises, as modules DDP can wrap: forward(x, y, bits, keep) -> (loss, logits).
+
+    teacher      CE(teacher(x), y)
+    stage 1      Σ MSE(student f̂ and tail stages, teacher features)       tail frozen
+    stage 2      α·CE + (1-α)·T²·KL(teacher ‖ student)                    quantization in loop
+    exits        Σ_exits α·CE + (1-α)·T²·KL(teacher ‖ exit)               backbone frozen or not
+
+Only parameters with `requires_grad` are trained; each objective freezes what its stage keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..splitnet import BOTTLENECK, SplitExitNet
+from .losses import feature_loss, kd_loss
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+
+
+class TeacherObjective(nn.Module):
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        set_trainable(model, True)
+
+    def frozen(self) -> list[nn.Module]:
+        return []
+
+    def forward(self, x, y, bits=None, keep=None):
+        logits = self.model(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
+
+
+class HeadDistillObjective(nn.Module):
+    """Stage 1: student f̂ (and the frozen tail stages after it) match the teacher features."""
+
+    def __init__(self, net: SplitExitNet, teacher: nn.Module, split: str, later_stages: bool):
+        super().__init__()
+        self.net, self.teacher = net, teacher
+        tail_names = [n for n, _ in net.tail.named_children()][:-1]
+        self.points = [split] + (tail_names if later_stages else [])
+        self.later_stages = later_stages
+        set_trainable(net, False)
+        set_trainable(teacher, False)
+        set_trainable(net.head, True)
+        set_trainable(net.bottleneck, True)
+
+    def frozen(self) -> list[nn.Module]:
+        return [self.teacher, self.net.tail, self.net.exits]
+
+    def forward(self, x, y, bits=None, keep=None):
+        with torch.no_grad():
+            target = self.teacher.forward_features(x, self.points)
+        out = self.net(x, bits, keep, collect=True)
+        student = [out["decoded"]]
+        if self.later_stages:
+            student += out["tail_features"]
+        loss = feature_loss(student, [target[p] for p in self.points])
+        return loss, out["logits"]
+
+
+class FinetuneObjective(nn.Module):
+    """Stage 2: knowledge distillation with quantization (and ordered channels) in the loop."""
+
+    def __init__(
+        self,
+        net: SplitExitNet,
+        teacher: nn.Module,
+        *,
+        alpha: float,
+        temperature: float,
+        freeze_encoder: bool,
+        freeze_head: bool,
+    ) -> None:
+        super().__init__()
+        self.net, self.teacher = net, teacher
+        self.alpha, self.temperature = alpha, temperature
+        set_trainable(teacher, False)
+        set_trainable(net, True)
+        set_trainable(net.exits, False)
+        self._frozen: list[nn.Module] = [teacher, net.exits]
+        if freeze_head:
+            set_trainable(net.head, False)
+            self._frozen.append(net.head)
+        if freeze_encoder:
+            set_trainable(net.bottleneck.encoder, False)
+            self._frozen.append(net.bottleneck.encoder)
+
+    def frozen(self) -> list[nn.Module]:
+        return self._frozen
+
+    def forward(self, x, y, bits=None, keep=None):
+        with torch.no_grad():
+            t = self.teacher(x)
+        logits = self.net(x, bits, keep)["logits"]
+        return kd_loss(logits, t, y, alpha=self.alpha, temperature=self.temperature), logits
+
+
+class ExitObjective(nn.Module):
+    """Exit branches against labels and teacher logits; the backbone frozen or trained jointly."""
+
+    def __init__(
+        self,
+        net: SplitExitNet,
+        teacher: nn.Module,
+        *,
+        alpha: float,
+        temperature: float,
+        freeze_backbone: bool,
+    ) -> None:
+        super().__init__()
+        self.net, self.teacher = net, teacher
+        self.alpha, self.temperature = alpha, temperature
+        self.freeze_backbone = freeze_backbone
+        set_trainable(teacher, False)
+        set_trainable(net, not freeze_backbone)
+        set_trainable(net.exits, True)
+
+    def frozen(self) -> list[nn.Module]:
+        if self.freeze_backbone:
+            return [self.teacher, self.net.head, self.net.bottleneck, self.net.tail]
+        return [self.teacher]
+
+    def _exit_logits_frozen(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Exit logits with the backbone run once without autograd (cheap path)."""
+        feats: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            f = x
+            for name, stage in self.net.head.named_children():
+                f = stage(f)
+                if name in self.net.exits:
+                    feats[name] = f
+            if BOTTLENECK in self.net.exits:
+                feats[BOTTLENECK] = self.net.bottleneck.encoder(f)
+        logits = {name: self.net.exits[name](f) for name, f in feats.items()}
+        last = logits[self.net.exit_names[-1]]
+        return logits, last
+
+    def forward(self, x, y, bits=None, keep=None):
+        with torch.no_grad():
+            t = self.teacher(x)
+        if self.freeze_backbone:
+            exit_logits, logits = self._exit_logits_frozen(x)
+            loss = x.new_zeros(())
+        else:
+            out = self.net(x, bits, keep)
+            exit_logits, logits = out["exits"], out["logits"]
+            loss = kd_loss(logits, t, y, alpha=self.alpha, temperature=self.temperature)
+        for e in exit_logits.values():
+            loss = loss + kd_loss(e, t, y, alpha=self.alpha, temperature=self.temperature)
+        return loss, logits
