@@ -151,10 +151,14 @@ class SplitExitNet(nn.Module):
                 current = OrderedDict()
         current["encoder"] = self.bottleneck.encoder
         segments.append((nn.Sequential(current), BOTTLENECK if BOTTLENECK in self.exits else None))
+        for segment, _ in segments:  # a wrapper's mode must not flip the shared stages' mode
+            segment.training = self.training
         return segments
 
     def tail_module(self) -> nn.Sequential:
         """Decoder + tail stages: zero-filled dequantized code [N, C, h, w] to logits."""
-        return nn.Sequential(
+        tail = nn.Sequential(
             OrderedDict([("decoder", self.bottleneck.decoder), *self.tail.named_children()])
         )
+        tail.training = self.training
+        return tail

@@ -36,6 +36,7 @@ from splitexit.errors import BundleError
 from splitexit.exits import CONFIDENCE_MEASURES
 from splitexit.splitnet import SplitExitNet
 
+from .load import quiet_torchscript
 from .manifest import (
     DICTIONARY_FILE,
     MANIFEST_FILE,
@@ -137,7 +138,13 @@ def export_bundle(
         if onnx:
             from .onnx import export_onnx
 
-            export_onnx(model, tmp / "onnx", name=name, example_input_shape=input_shape)
+            export_onnx(
+                model,
+                tmp / "onnx",
+                name=name,
+                example_input_shape=input_shape,
+                class_names=list(class_names),
+            )
 
         bottleneck = model.bottleneck
         manifest = Manifest(
@@ -176,9 +183,7 @@ def export_bundle(
     return manifest
 
 
-def archive_bundle(
-    path: str | os.PathLike[str], archive: str | os.PathLike[str]
-) -> Path:
+def archive_bundle(path: str | os.PathLike[str], archive: str | os.PathLike[str]) -> Path:
     """Pack a bundle directory into a `.tar` (or `.tar.gz` / `.tgz`) that `load_bundle` reads."""
     src = Path(path)
     read_manifest(src)
@@ -271,7 +276,9 @@ def _write_torchscript(
     (out / "head").mkdir()
     exits: list[ExitSpec] = []
     with torch.no_grad():
+        # segments() and tail_module() build fresh nn.Sequential wrappers in training mode
         for i, (segment, exit_name) in enumerate(model.segments()):
+            segment.eval()
             _trace_save(segment, x, x_check, out / segment_file(i), f"head segment {i}")
             x, x_check = segment(x), segment(x_check)
             if exit_name is not None:
@@ -291,7 +298,7 @@ def _write_torchscript(
             model.bottleneck.channels
         ):
             raise BundleError(f"the head's output {code_shape} is not the bottleneck's code shape")
-        logits = _trace_save(model.tail_module(), x, x_check, out / TAIL_FILE, "tail")
+        logits = _trace_save(model.tail_module().eval(), x, x_check, out / TAIL_FILE, "tail")
     if logits.dim() != 2:
         raise BundleError(f"the tail must output logits [N, K], got shape {tuple(logits.shape)}")
     return exits, int(logits.shape[1]), code_shape  # type: ignore[return-value]
@@ -301,7 +308,7 @@ def _trace_save(
     module: nn.Module, example: torch.Tensor, check: torch.Tensor, path: Path, what: str
 ) -> torch.Tensor:
     """Trace `module`, verify it against eager on `check`, save it; returns the eager output."""
-    with warnings.catch_warnings():
+    with quiet_torchscript(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the check below decides
         traced = torch.jit.trace(module, example, check_trace=False)
     want = module(check)
@@ -313,7 +320,8 @@ def _trace_save(
             f"{err:.3g}, shapes {tuple(got.shape)} vs {tuple(want.shape)}): it likely has "
             "data-dependent control flow or a fixed batch size; make it traceable"
         )
-    torch.jit.save(traced, str(path))
+    with quiet_torchscript():
+        torch.jit.save(traced, str(path))
     return want
 
 
@@ -324,7 +332,7 @@ def _operating_points(
         return tuple(OperatingPoint(bottleneck.channels, b) for b in bottleneck.bits)
     out = []
     for p in points:
-        op = p if isinstance(p, OperatingPoint) else OperatingPoint(**dict(p))
+        op = p if isinstance(p, OperatingPoint) else _operating_point(p)
         if not 1 <= op.channels <= bottleneck.channels or op.bits not in bottleneck.bits:
             raise BundleError(
                 f"operating point (k={op.channels}, bits={op.bits}) is outside the bottleneck "
@@ -333,6 +341,26 @@ def _operating_points(
             )
         out.append(op)
     return tuple(out)
+
+
+def _operating_point(p: Mapping[str, Any]) -> OperatingPoint:
+    known = {f.name for f in dataclasses.fields(OperatingPoint)}
+    unknown = sorted(p.keys() - known)
+    if unknown or not {"channels", "bits"} <= p.keys():
+        raise BundleError(
+            f"operating point {dict(p)} must have keys channels, bits (accuracy, frame_bytes "
+            f"optional); unknown: {unknown}"
+        )
+
+    def num(v: Any) -> float | None:
+        return None if v is None else float(v)
+
+    return OperatingPoint(
+        channels=int(p["channels"]),
+        bits=int(p["bits"]),
+        accuracy=num(p.get("accuracy")),
+        frame_bytes=num(p.get("frame_bytes")),
+    )
 
 
 def _preprocessing_dict(preprocessing: Any) -> dict[str, Any]:

@@ -10,11 +10,13 @@ state dict goes through `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tarfile
 import tempfile
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -118,7 +120,9 @@ class Bundle:
         return value
 
     def __repr__(self) -> str:
-        loaded = [p for p, v in zip(PARTS, (self._segments, self._exits, self._tail)) if v]
+        loaded = [
+            p for p, v in zip(PARTS, (self._segments, self._exits, self._tail), strict=True) if v
+        ]
         return (
             f"Bundle({self.manifest.name!r}, fingerprint={self.fingerprint[:16]}, "
             f"parts={loaded}, path={str(self.path)!r})"
@@ -160,7 +164,8 @@ def load_bundle(
         file = src / rel
         if not file.is_file():
             raise BundleError(f"{rel} is missing from bundle {src}; re-export or re-download it")
-        return torch.jit.load(str(file), map_location=device).eval()
+        with quiet_torchscript():
+            return torch.jit.load(str(file), map_location=device).eval()
 
     segments = [load(rel) for rel in manifest.segment_files] if "head" in parts else None
     exits = (
@@ -172,6 +177,18 @@ def load_bundle(
     return Bundle(
         src, manifest, device=device, segments=segments, exits=exits, tail=tail, keepalive=keepalive
     )
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Silence torch's FutureWarning that TorchScript is deprecated (torch >= 2.10).
+
+    Bundle format 1 stores TorchScript on purpose: it loads without Python model code on
+    every torch a Jetson or a Raspberry Pi can install.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.jit.*deprecated", FutureWarning)
+        yield
 
 
 def verify_files(root: str | os.PathLike[str], manifest: Manifest | None = None) -> Manifest:

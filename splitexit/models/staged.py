@@ -93,6 +93,14 @@ class StagedModel(nn.Sequential):
         """Stage names after which the model may be cut: every stage but the last."""
         return self.stage_names[:-1]
 
+    def __getitem__(self, key: str | int | slice) -> nn.Module:
+        """A stage by name (``model["layer1"]``), or by position / slice as in nn.Sequential."""
+        if isinstance(key, str):
+            if key not in self._modules:
+                raise _point_error("stage", key, self.stage_names)
+            return self._modules[key]
+        return super().__getitem__(key)
+
     def _index(self, point: str) -> int:
         if point not in self.split_points:
             raise _point_error("split", point, self.split_points)

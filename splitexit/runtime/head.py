@@ -71,7 +71,10 @@ class HeadResult:
         if name is None:
             return None
         return ExitAnswer(
-            name, self.prediction[i], self.confidence[i], self.exit_logits[i][name]  # type: ignore[arg-type]
+            name,
+            self.prediction[i],
+            self.confidence[i],
+            self.exit_logits[i][name],  # type: ignore[arg-type]
         )
 
 

@@ -111,14 +111,16 @@ class TailRunner:
         return [
             TailAnswer(*parts)
             for parts in zip(
-                logits.split(sizes), prediction.split(sizes), probability.split(sizes)
+                logits.split(sizes), prediction.split(sizes), probability.split(sizes), strict=True
             )
         ]
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run the tail once on zeros so the first real request is not the slow one."""
         with self._lock, torch.inference_mode():
-            self.tail(torch.zeros((batch_size, *self.manifest.bottleneck.code_shape), device=self.device))
+            self.tail(
+                torch.zeros((batch_size, *self.manifest.bottleneck.code_shape), device=self.device)
+            )
 
 
 def _dequantize(qt: QuantizedTensor, device: torch.device) -> torch.Tensor:

@@ -71,3 +71,26 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def state_checksum(model: nn.Module) -> float:
+    """A cheap fingerprint of every parameter and buffer, equal across ranks iff they agree."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, t in enumerate(model.state_dict().values()):
+        if t.is_floating_point():
+            total += (t.detach().double().cpu().reshape(-1) * (1 + (i % 7) * 1e-3)).sum()
+            total += (t.detach().double().cpu() ** 2).sum() * 1e-3
+    return float(total)
+
+
+def check_ranks_agree(model: nn.Module, info: DistInfo) -> list[float]:
+    """Gather every rank's checksum; raise if any rank's weights differ from rank 0's."""
+    mine = state_checksum(model)
+    if not info.enabled:
+        return [mine]
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(info.world_size)]
+    dist.all_gather(gathered, torch.tensor([mine], dtype=torch.float64))
+    sums = [float(g.item()) for g in gathered]
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"DDP ranks ended with different weights: checksums {sums}")
+    return sums

@@ -27,7 +27,7 @@ from ..preprocess import Preprocess
 from ..splitnet import SplitExitNet
 from .batches import ArraySplit
 from .config import ExperimentConfig
-from .distributed import DistInfo, init_distributed, shutdown
+from .distributed import DistInfo, check_ranks_agree, init_distributed, shutdown
 from .evaluate import accuracy, evaluate_split, mean_frame_bytes
 from .loop import OperatingPoints, StageRun, checkpoint_path, run_stage, stage_done
 from .objectives import ExitObjective, FinetuneObjective, HeadDistillObjective, TeacherObjective
@@ -256,6 +256,9 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
         )
         _load_final(net, out, name, optim.epochs)
     net.eval()
+    if dist.enabled:
+        sums = check_ranks_agree(net, dist)
+        say(f"all {dist.world_size} ranks agree on the final weights (checksum {sums[0]:.6f})")
     results: dict = {}
     if dist.is_main:
         results = final_results(cfg, net, teacher, splits["test"], pre, device)

@@ -1,0 +1,178 @@
+"""ONNX graphs of a bundle compute what its TorchScript pieces compute, at any batch size, and
+the Triton raw tail (dequantization in the graph) answers frames like the TailRunner."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from splitexit.bottleneck import Bottleneck
+from splitexit.bundle import export_bundle, load_bundle
+from splitexit.bundle.onnx import export_onnx
+from splitexit.exits import ExitBranch
+from splitexit.runtime import HeadRunner, TailRunner
+from splitexit.splitnet import SplitExitNet
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+INPUT_SHAPE = (1, 16, 16)
+ATOL = 1e-4
+
+
+def tiny_net() -> SplitExitNet:
+    """stem ─ layer1 ─ bottleneck (C=4, code 4x4) ─ layer2 ─ classifier (10); two exits."""
+    torch.manual_seed(0)
+
+    def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        )
+
+    head = nn.Sequential(OrderedDict(stem=conv(1, 8), layer1=conv(8, 16, 2)))
+    tail = nn.Sequential(
+        OrderedDict(
+            layer2=conv(16, 16, 2),
+            classifier=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 10)),
+        )
+    )
+    bottleneck = Bottleneck((16, 8, 8), channels=4, hidden=8, downsample=1, bits=(4, 8))
+    exits = {"stem": ExitBranch(8, 10, conv=True), "bottleneck": ExitBranch(4, 10, hidden=8)}
+    return SplitExitNet(head, bottleneck, tail, exits).eval()
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "tiny"
+    export_bundle(
+        tiny_net(),
+        path,
+        name="tiny net",
+        architecture={"name": "tiny"},
+        preprocessing={"size": [16, 16], "channels": 1},
+        class_names=[f"c{i}" for i in range(10)],
+        example_input_shape=INPUT_SHAPE,
+        onnx=True,
+    )
+    return path
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_export_bundle_with_onnx_lists_and_verifies_the_graphs(bundle_dir: Path) -> None:
+    files = load_bundle(bundle_dir, parts=()).manifest.files
+    assert {
+        "onnx/head/segment_0.onnx",
+        "onnx/head/segment_1.onnx",
+        "onnx/exits/stem.onnx",
+        "onnx/exits/bottleneck.onnx",
+        "onnx/tail.onnx",
+        "onnx/triton/tiny_net_tail/1/model.onnx",
+        "onnx/triton/tiny_net_tail/config.pbtxt",
+        "onnx/triton/tiny_net_tail/labels.txt",
+    } <= files.keys()
+    for rel in files:
+        if rel.endswith(".onnx"):
+            model = onnx.load(str(bundle_dir / rel))
+            assert model.opset_import[0].version >= 17
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_onnx_pieces_match_torchscript_at_any_batch_size(bundle_dir: Path, batch: int) -> None:
+    bundle = load_bundle(bundle_dir)
+    onnx_dir = bundle_dir / "onnx"
+    x = torch.randn(batch, *INPUT_SHAPE)
+    with torch.no_grad():
+        f = x
+        for i, segment in enumerate(bundle.segments):
+            [got] = session(onnx_dir / "head" / f"segment_{i}.onnx").run(None, {"input": f.numpy()})
+            f = segment(f)
+            torch.testing.assert_close(torch.from_numpy(got), f, atol=ATOL, rtol=0)
+            exit_name = {e.segment: e.name for e in bundle.manifest.exits}.get(i)
+            if exit_name:
+                path = onnx_dir / "exits" / f"{exit_name}.onnx"
+                [got] = session(path).run(None, {"features": f.numpy()})
+                want = bundle.exits[exit_name](f)
+                torch.testing.assert_close(torch.from_numpy(got), want, atol=ATOL, rtol=0)
+        [got] = session(onnx_dir / "tail.onnx").run(None, {"code": f.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), bundle.tail(f), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_raw_tail_dequantizes_in_the_graph_like_the_tail_runner(
+    bundle_dir: Path, bits: int
+) -> None:
+    bundle = load_bundle(bundle_dir)
+    head, tail = HeadRunner(bundle), TailRunner(bundle)
+    qt = head.encode(head.run(torch.randn(3, *INPUT_SHAPE)).z, bits)
+    raw = session(bundle_dir / "onnx/triton/tiny_net_tail/1/model.onnx")
+    [got] = raw.run(
+        None,
+        {"code": qt.values.numpy(), "scale": qt.scale.numpy(), "zero_point": qt.zero_point.numpy()},
+    )
+    [want] = tail.run_codes([qt])
+    torch.testing.assert_close(torch.from_numpy(got), want.logits, atol=ATOL, rtol=0)
+
+
+def test_triton_config_declares_the_raw_tail_with_dynamic_batching(bundle_dir: Path) -> None:
+    text = (bundle_dir / "onnx/triton/tiny_net_tail/config.pbtxt").read_text()
+    for needle in (
+        'name: "tiny_net_tail"',
+        'platform: "onnxruntime_onnx"',
+        "data_type: TYPE_UINT8\n    dims: [ 4, 4, 4 ]",
+        "reshape: { shape: [ ] }",
+        "dims: [ 10 ]",
+        'label_filename: "labels.txt"',
+        "dynamic_batching",
+    ):
+        assert needle in text, needle
+    labels = (bundle_dir / "onnx/triton/tiny_net_tail/labels.txt").read_text().split()
+    assert labels == [f"c{i}" for i in range(10)]
+
+
+def test_export_from_a_net_matches_the_net(tmp_path: Path) -> None:
+    net = tiny_net()
+    paths = export_onnx(net, tmp_path, example_input_shape=INPUT_SHAPE)
+    x = torch.randn(2, *INPUT_SHAPE)
+    with torch.no_grad():
+        want = net(x)["exits"]["stem"]
+    [got] = session(paths["segment_0"]).run(None, {"input": x.numpy()})
+    [got] = session(paths["exit_stem"]).run(None, {"features": got})
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=ATOL, rtol=0)
+    assert net.training is False and paths["triton_config"].exists()
+
+
+def test_falls_back_to_the_torch_export_based_exporter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxscript")
+    from splitexit.bottleneck import dequantize, quantize
+    from splitexit.bundle.onnx import RawTail, _export
+
+    real_export = torch.onnx.export
+
+    def no_legacy(*args, dynamo: bool = True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("the TorchScript-based exporter is gone")
+        return real_export(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_legacy)
+    tail = tiny_net().tail_module().eval()
+    qt = quantize(torch.randn(5, 4, 4, 4), 8, channels=4)
+    path = tmp_path / "raw.onnx"
+    example = (qt.values[:2], qt.scale[:2], qt.zero_point[:2])
+    _export(RawTail(tail), example, path, ["code", "scale", "zero_point"], ["logits"], 17)
+    feeds = {
+        "code": qt.values.numpy(),
+        "scale": qt.scale.numpy(),
+        "zero_point": qt.zero_point.numpy(),
+    }
+    [got] = session(path).run(None, feeds)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), tail(dequantize(qt)), atol=ATOL, rtol=0)

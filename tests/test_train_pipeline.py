@@ -1,0 +1,202 @@
+"""The training pipeline end to end on a tiny subset: stages, determinism, resume, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitexit.bundle import load_bundle
+from splitexit.train.config import config_from_dict
+from splitexit.train.pipeline import run_experiment
+
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"train_subset": 256, "test_subset": 128, "calibration": 128},
+    "teacher": {
+        "model": "small_resnet",
+        "kwargs": {"width": 8},
+        "optim": {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "batch_size": 64},
+    },
+    "split": {"point": "layer1", "channels": 4, "hidden": 8, "downsample": 2},
+    "stage1": {"optim": {"epochs": 1, "batch_size": 64}},
+    "stage2": {"optim": {"epochs": 1, "batch_size": 64}},
+    "exits": {"optim": {"epochs": 1, "batch_size": 64}},
+}
+
+
+def tiny_config(out: Path, **overrides) -> dict:
+    table = json.loads(json.dumps(TINY))
+    table["output"] = str(out)
+    table.update(overrides)
+    return table
+
+
+def write_toml(table: dict, path: Path) -> Path:
+    def value(v):
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines += [
+        f"[{k}]\n" + "\n".join(f"{a} = {value(b)}" for a, b in v.items())
+        for k, v in table.items()
+        if isinstance(v, dict)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    results = run_experiment(config_from_dict(tiny_config(out)), log=lambda *a: None)
+    return out, results
+
+
+def test_every_stage_checkpoints_and_logs_each_epoch(tiny_run) -> None:
+    out, _ = tiny_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [
+        ("teacher", 1),
+        ("teacher", 2),
+        ("stage1", 1),
+        ("stage2", 1),
+        ("exits", 1),
+    ]
+    assert all("val_accuracy" in r for r in records if r["stage"] != "exits")
+    assert {"val_exit_layer1", "val_exit_bottleneck"} <= set(records[-1])
+    for stage in ("teacher", "stage1", "stage2", "exits"):
+        assert (out / "checkpoints" / f"{stage}.pt").exists()
+
+
+def test_results_cover_the_whole_operating_grid_with_frame_sizes(tiny_run) -> None:
+    _, results = tiny_run
+    grid = {(p["channels"], p["bits"]): p for p in results["operating_points"]}
+    assert set(grid) == {(k, b) for k in range(1, 5) for b in (2, 4, 8)}
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in grid.values())
+    # more channels or more bits never make a frame smaller than the header alone
+    assert grid[(4, 8)]["frame_bytes"] > grid[(1, 2)]["frame_bytes"] >= 37
+    assert set(results["exits"]) == {"layer1", "bottleneck"}
+    assert 0.0 <= results["teacher_accuracy"] <= 1.0
+
+
+def test_the_run_exports_a_bundle_that_loads_and_carries_the_measured_grid(tiny_run) -> None:
+    out, results = tiny_run
+    bundle = load_bundle(out / "bundle")
+    m = bundle.manifest
+    assert m.split_point == "layer1" and [e.name for e in m.exits] == ["layer1", "bottleneck"]
+    measured = {(p["channels"], p["bits"]): p["accuracy"] for p in results["operating_points"]}
+    assert {(p.channels, p.bits): p.accuracy for p in m.operating_points} == measured
+    assert m.teacher_accuracy == results["teacher_accuracy"]
+    assert m.class_names[0] == "T-shirt/top"
+
+
+def test_same_seed_reproduces_the_same_weights(tiny_run, tmp_path) -> None:
+    out, _ = tiny_run
+    again = tmp_path / "again"
+    run_experiment(config_from_dict(tiny_config(again)), export=False, log=lambda *a: None)
+    assert_same_state(final_state(out), final_state(again))
+
+
+def test_rerunning_a_finished_run_trains_nothing_more(tiny_run) -> None:
+    out, _ = tiny_run
+    lines = (out / "metrics.jsonl").read_text()
+    before = final_state(out)
+    run_experiment(config_from_dict(tiny_config(out)), export=False, log=lambda *a: None)
+    assert (out / "metrics.jsonl").read_text() == lines
+    assert_same_state(before, final_state(out))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "splitexit", *args], env=env, **kw)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path) -> None:
+    """Kill -9 after the teacher's first epoch, run again: same weights as uninterrupted.
+
+    Both runs are subprocesses with the same thread count, so float reductions match.
+    """
+    whole = write_toml(tiny_config(tmp_path / "whole"), tmp_path / "whole.toml")
+    config = write_toml(tiny_config(tmp_path / "killed"), tmp_path / "killed.toml")
+    uninterrupted = _cli(
+        "train", str(whole), "--no-export", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    proc = _cli(
+        "train", str(config), "--no-export", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = tmp_path / "killed" / "checkpoints" / "teacher.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert ckpt.exists(), "the run never wrote its first checkpoint"
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    done = _cli(
+        "train", str(config), "--no-export", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err.decode()[-2000:]
+    assert uninterrupted.wait(timeout=300) == 0
+    assert_same_state(final_state(tmp_path / "whole"), final_state(tmp_path / "killed"))
+
+
+def test_torchrun_two_cpu_ranks_train_the_same_model(tmp_path) -> None:
+    table = tiny_config(tmp_path / "ddp")
+    config = write_toml(table, tmp_path / "tiny.toml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "splitexit",
+        "train",
+        str(config),
+        "--no-export",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all 2 ranks agree on the final weights" in proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert results["teacher_accuracy"] > 0
