@@ -146,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-names", nargs="+", help="class names (default: the dataset's)")
     p.set_defaults(func=cmd_export)
 
+    from . import profile as profile_cmd
+    from .calibrate import add_arguments as calibrate_arguments
+    from .calibrate import calibrate_main
+
+    p = sub.add_parser(
+        "calibrate",
+        help="choose exit thresholds for a goal, check them on held-out data, write them",
+    )
+    calibrate_arguments(p)
+    p.set_defaults(func=calibrate_main)
+
+    p = sub.add_parser("profile", help="time and size every split point of a model; recommend one")
+    profile_cmd.add_arguments(p)
+    p.set_defaults(func=profile_cmd.profile_main)
+
     p = sub.add_parser("inspect", help="print a bundle's manifest readably")
     p.add_argument("bundle", help="bundle directory or archive")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 checks")

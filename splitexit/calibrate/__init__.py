@@ -1,0 +1,120 @@
+"""Calibration: record what a bundle does on held-out data, choose exit thresholds for a goal,
+check the promise on a test split, and write the thresholds into the bundle.
+
+    bundle + split ─ record_table ─► CalibrationTable (.npz) ─ select_thresholds(Goal)
+        ─► Selection ─ check_promise(test table) ─► PromiseCheck ─ write_selection ─► bundle
+
+`record` runs a bundle into a `table`; `policy` replays thresholds (accuracy, offload, bytes,
+latency); `goals` states what they must achieve; `bounds` holds the Clopper-Pearson bounds;
+`thresholds` searches; `promise` checks on held-out data; `report` formats; `arguments` and
+`command` are the `splitexit calibrate` CLI (`add_arguments`, `calibrate_main`).
+
+Names are imported on first use, so `from splitexit.calibrate import add_arguments` (what the
+CLI parser needs) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "add_arguments": "arguments",
+    "calibrate_main": "arguments",
+    "betainc": "bounds",
+    "binom_sf": "bounds",
+    "clopper_pearson_lower": "bounds",
+    "clopper_pearson_upper": "bounds",
+    "write_selection": "command",
+    "GOALS": "goals",
+    "Goal": "goals",
+    "NEVER": "policy",
+    "Link": "policy",
+    "Outcome": "policy",
+    "Replay": "policy",
+    "Timings": "policy",
+    "evaluate_policy": "policy",
+    "measure_timings": "policy",
+    "median_ms": "policy",
+    "Promise": "promise",
+    "PromiseCheck": "promise",
+    "check_promise": "promise",
+    "promise_sweep": "promise",
+    "record_table": "record",
+    "format_outcome": "report",
+    "format_selection": "report",
+    "format_sweep": "report",
+    "format_table_summary": "report",
+    "CalibrationError": "table",
+    "CalibrationTable": "table",
+    "Selection": "thresholds",
+    "select_thresholds": "thresholds",
+}
+
+__all__ = [
+    "GOALS",
+    "NEVER",
+    "CalibrationError",
+    "CalibrationTable",
+    "Goal",
+    "Link",
+    "Outcome",
+    "Promise",
+    "PromiseCheck",
+    "Replay",
+    "Selection",
+    "Timings",
+    "add_arguments",
+    "betainc",
+    "binom_sf",
+    "calibrate_main",
+    "check_promise",
+    "clopper_pearson_lower",
+    "clopper_pearson_upper",
+    "evaluate_policy",
+    "format_outcome",
+    "format_selection",
+    "format_sweep",
+    "format_table_summary",
+    "measure_timings",
+    "median_ms",
+    "promise_sweep",
+    "record_table",
+    "select_thresholds",
+    "write_selection",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .arguments import add_arguments, calibrate_main
+    from .bounds import betainc, binom_sf, clopper_pearson_lower, clopper_pearson_upper
+    from .command import write_selection
+    from .goals import GOALS, Goal
+    from .policy import (
+        NEVER,
+        Link,
+        Outcome,
+        Replay,
+        Timings,
+        evaluate_policy,
+        measure_timings,
+        median_ms,
+    )
+    from .promise import Promise, PromiseCheck, check_promise, promise_sweep
+    from .record import record_table
+    from .report import format_outcome, format_selection, format_sweep, format_table_summary
+    from .table import CalibrationError, CalibrationTable
+    from .thresholds import Selection, select_thresholds

@@ -1,0 +1,279 @@
+"""`splitexit calibrate BUNDLE`, the work: record tables, choose thresholds, check, write.
+
+    bundle + calibration split ─ record_table ─┐
+    bundle + test split ──────── record_table ─┤ (or --load-tables DIR)
+                                               ├─ select_thresholds(goal) ─ check_promise(test)
+                                               └─ report ─ write_thresholds + metrics ─► bundle
+
+The arguments are defined in `arguments.py` (no torch import there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .goals import Goal
+from .policy import Link, Timings, measure_timings
+from .promise import PromiseCheck, check_promise, promise_sweep
+from .record import record_table
+from .report import format_selection, format_sweep, format_table_summary
+from .table import CalibrationError, CalibrationTable
+from .thresholds import Selection, select_thresholds
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `splitexit calibrate` with arguments parsed by `arguments.add_arguments`."""
+    from splitexit.bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, device=args.device)
+    cal, test = _tables(args, bundle)
+    print(format_table_summary(cal, "calibration"))
+    if test is not None:
+        print(format_table_summary(test, "test"))
+    goal = _goal(args, cal, bundle)
+    options: dict[str, Any] = {
+        "measure": args.measure,
+        "point": _parse_point(args.point),
+        "confidence": args.confidence,
+        "candidates": args.candidates,
+    }
+    selection = select_thresholds(cal, goal, conservative=args.conservative, **options)
+    check = None if test is None else check_promise(selection, test)
+    print()
+    print(format_selection(selection, check))
+    if args.sweep:
+        if test is None:
+            raise CalibrationError("--sweep needs a test split to check the promises on")
+        print()
+        print(format_sweep(promise_sweep(cal, test, **options)))
+    if args.json:
+        payload = {"selection": selection.to_dict(), "check": check and check.to_dict()}
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    problem = None
+    if not selection.feasible:
+        problem = "the goal is not met on the calibration split"
+    elif check is not None and not check.kept:
+        problem = "the promise is missed on the held-out split" + (
+            "" if selection.conservative else " (--conservative adds a statistical margin)"
+        )
+    if problem is not None and not args.force:
+        print(
+            f"splitexit: thresholds NOT written: {problem}; --force writes them anyway",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.dry_run:
+        write_selection(args.bundle, selection, check)
+        print(f"\nthresholds written to {Path(args.bundle) / 'manifest.json'}")
+    if problem is not None:
+        return 1
+    return 0
+
+
+def write_selection(
+    bundle_path: str | Path, selection: Selection, check: PromiseCheck | None = None
+) -> None:
+    """Write a selection's thresholds and measure into a bundle directory's manifest, plus
+    a summary under `metrics["calibration"]`; the fingerprint does not change."""
+    from splitexit.bundle import read_manifest, update_manifest, write_thresholds
+
+    write_thresholds(bundle_path, selection.thresholds, selection.measure)
+    o = selection.outcome
+    summary: dict[str, Any] = {
+        "goal": selection.goal.to_dict(),
+        "conservative": selection.conservative,
+        "confidence": selection.confidence,
+        "measure": selection.measure,
+        "point": {"channels": o.point[0], "bits": o.point[1]},
+        "thresholds": selection.thresholds,
+        "calibration": {
+            "samples": o.n,
+            "accuracy": o.accuracy,
+            "tail_accuracy": o.tail_accuracy,
+            "offload_rate": o.offload_rate,
+            "exit_rates": o.exit_rates,
+            "expected_bytes": o.expected_bytes,
+            "expected_latency_ms": o.expected_latency_ms,
+        },
+    }
+    if check is not None:
+        summary["test"] = {
+            "samples": check.test.n,
+            "accuracy": check.test.accuracy,
+            "offload_rate": check.test.offload_rate,
+            "promises": [p.to_dict() for p in check.promises],
+        }
+    metrics = dict(read_manifest(bundle_path).metrics)
+    metrics["calibration"] = json.loads(json.dumps(summary, default=_jsonable))
+    update_manifest(bundle_path, metrics=metrics)
+
+
+# -------------------------------------------------------------------------------- helpers
+
+
+def _tables(
+    args: argparse.Namespace, bundle: Any
+) -> tuple[CalibrationTable, CalibrationTable | None]:
+    if args.load_tables:
+        root = Path(args.load_tables)
+        cal = CalibrationTable.load(root / "calibration.npz")
+        test = CalibrationTable.load(root / "test.npz") if (root / "test.npz").exists() else None
+    else:
+        splits = _splits(args)
+        tables = {}
+        for name, (images, labels) in splits.items():
+            print(f"recording the {name} table on {len(labels)} samples ...", file=sys.stderr)
+            tables[name] = record_table(
+                bundle, images, labels, batch_size=args.batch_size, info={"split": name}
+            )
+        cal, test = tables["calibration"], tables.get("test")
+        if args.save_tables:
+            for name, table in tables.items():
+                table.save(Path(args.save_tables) / f"{name}.npz")
+    for table in (cal, test):
+        if table is None:
+            continue
+        fp = table.info.get("fingerprint")
+        if fp is not None and fp != bundle.fingerprint:
+            raise CalibrationError(
+                f"the tables were recorded from a bundle with fingerprint {fp[:16]}, not "
+                f"{bundle.fingerprint[:16]}: record them again from this bundle"
+            )
+        if list(table.exit_names) != bundle.manifest.exit_names:
+            raise CalibrationError(
+                f"the tables have exits {list(table.exit_names)}, the bundle "
+                f"{bundle.manifest.exit_names}: record them again from this bundle"
+            )
+    return cal, test
+
+
+def _splits(args: argparse.Namespace) -> dict[str, tuple[Any, np.ndarray]]:
+    if args.images:
+        out = {"calibration": _folder(args.images)}
+        if args.test_images:
+            out["test"] = _folder(args.test_images)
+    elif args.config:
+        from splitexit.train.pipeline import load_data
+
+        data = load_data(_config(args.config))
+        out = {
+            name: (data.splits[name].images.numpy(), data.splits[name].labels.numpy())
+            for name in ("calibration", "test")
+            if len(data.splits[name])
+        }
+        if "calibration" not in out:
+            raise CalibrationError(f"config {args.config} holds out no calibration split")
+    else:
+        from splitexit.data import fashion_mnist_splits
+
+        print(
+            f"data: Fashion-MNIST, {args.calibration_size} training images held out with seed "
+            f"{args.seed} (pass --config to use a run's own split)",
+            file=sys.stderr,
+        )
+        raw = fashion_mnist_splits(seed=args.seed, calibration=args.calibration_size)
+        out = {"calibration": raw["calibration"], "test": raw["test"]}
+    if args.subset:
+        out = {k: _subset(x, y, args.subset, args.seed) for k, (x, y) in out.items()}
+    return out
+
+
+def _subset(images: Any, labels: np.ndarray, n: int, seed: int) -> tuple[Any, np.ndarray]:
+    """A seeded random subset of at most n samples, in the original order."""
+    if n >= len(labels):
+        return images, labels
+    idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
+    picked = [images[i] for i in idx] if isinstance(images, list) else images[idx]
+    return picked, labels[idx]
+
+
+def _folder(root: str) -> tuple[list[np.ndarray], np.ndarray]:
+    from splitexit.data import ImageFolder
+
+    folder = ImageFolder(root)
+    items = [folder[i] for i in range(len(folder))]
+    return [img for img, _ in items], np.array([label for _, label in items], dtype=np.int64)
+
+
+def _config(name: str) -> Any:
+    from splitexit.train.config import config_from_dict, load_config
+
+    path = Path(name)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json":
+        return config_from_dict(json.loads(path.read_text()))
+    from splitexit.cli import resolve_config
+
+    return load_config(resolve_config(name))
+
+
+def _goal(args: argparse.Namespace, table: CalibrationTable, bundle: Any) -> Goal:
+    min_acc = None if args.min_accuracy is None else args.min_accuracy / 100.0
+    if args.goal == "offload":
+        if args.offload_rate is None:
+            raise CalibrationError("--goal offload needs --offload-rate PERCENT")
+        return Goal.offload(args.offload_rate / 100.0, max_drop=args.max_drop, min_accuracy=min_acc)
+    drop = 1.0 if args.max_drop is None else args.max_drop
+    if args.goal == "accuracy":
+        return Goal.accuracy(drop, min_accuracy=min_acc)
+    link = (
+        Link.parse(args.link, args.overhead_bytes)
+        if args.link
+        else Link(args.bandwidth_mbps, args.rtt_ms, args.overhead_bytes)
+    )
+    return Goal.latency(link, _timings(args, table, bundle), max_drop=drop, min_accuracy=min_acc)
+
+
+def _timings(args: argparse.Namespace, table: CalibrationTable, bundle: Any) -> Timings:
+    given = (args.segment_ms, args.exit_ms, args.tail_ms)
+    if all(v is not None for v in given):
+        timings = Timings(
+            tuple(args.segment_ms), tuple(args.exit_ms), args.tail_ms, args.encode_ms or 0.0
+        )
+        timings.check(table)
+        return timings
+    if any(v is not None for v in given):
+        raise CalibrationError(
+            "give all of --segment-ms, --exit-ms and --tail-ms, or none "
+            "(then they are measured on this machine)"
+        )
+    measured = measure_timings(bundle).scaled(args.device_speed)
+    if args.encode_ms is not None:
+        measured = Timings(measured.segment_ms, measured.exit_ms, measured.tail_ms, args.encode_ms)
+    print(
+        "timings measured here (device x{:g}): segments {} ms, exits {} ms, encode {:.3f} ms, "
+        "tail {:.3f} ms".format(
+            args.device_speed,
+            ", ".join(f"{t:.3f}" for t in measured.segment_ms),
+            ", ".join(f"{t:.3f}" for t in measured.exit_ms),
+            measured.encode_ms,
+            measured.tail_ms,
+        ),
+        file=sys.stderr,
+    )
+    return measured
+
+
+def _parse_point(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        k, bits = (int(v) for v in text.split(","))
+    except ValueError:
+        raise CalibrationError(f"--point must be K,BITS (e.g. 12,4), got {text!r}") from None
+    return k, bits
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, tuple):
+        return list(v)
+    raise TypeError(f"not JSON serializable: {type(v).__name__}")
