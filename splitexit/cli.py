@@ -102,6 +102,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(
+        bundle=args.bundle,
+        data=args.data,
+        link=args.link,
+        limit=args.limit,
+        out=args.out,
+        policy=args.policy,
+        local_only=args.local_only,
+    )
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .bundle.inspect import format_manifest
@@ -160,6 +174,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="time and size every split point of a model; recommend one")
     profile_cmd.add_arguments(p)
     p.set_defaults(func=profile_cmd.profile_main)
+
+    p = sub.add_parser(
+        "demo",
+        help="run tail server + device agent end to end on Fashion-MNIST",
+        description="Start the tail server on a free loopback port, run the device agent over "
+        "the Fashion-MNIST test set through it, and print a report: accuracy against the "
+        "teacher's, exit and offload rates, bytes per input against sending the image, "
+        "latency percentiles. Uses the shipped small-track bundle unless --bundle is given.",
+    )
+    p.add_argument("--bundle", help="bundle directory or archive (default: the shipped one)")
+    p.add_argument(
+        "--data",
+        help="a folder of images, one sub-folder per class (default: the Fashion-MNIST test set)",
+    )
+    p.add_argument(
+        "--link",
+        metavar="RATE:RTT",
+        help="emulate a link between agent and server, e.g. 5mbit:20ms",
+    )
+    p.add_argument("--limit", type=int, help="use only the first N inputs")
+    p.add_argument(
+        "--out", help="where records, summary and report go (default: $TMPDIR/splitexit-demo)"
+    )
+    p.add_argument(
+        "--policy",
+        choices=["adaptive", "fixed"],
+        default="adaptive",
+        help="the agent's offload policy (default: adaptive)",
+    )
+    p.add_argument("--local-only", action="store_true", help="no server: answer on the device")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("inspect", help="print a bundle's manifest readably")
     p.add_argument("bundle", help="bundle directory or archive")
