@@ -1,15 +1,147 @@
-"""The `splitexit-server` command (placeholder until its issue lands)."""
+"""The `splitexit-server` command: serve bundles' tails over the Open Inference Protocol.
+
+Flags are generated from `server.settings.Settings`, so each has an environment variable
+(`SPLITEXIT_SERVER_<NAME>`) with the same meaning; a flag beats the variable.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
+import logging.config
+import sys
+from pathlib import Path
+
+from server.settings import ENV_PREFIX, Settings, field_types, parse_value
+from splitexit.errors import SplitexitError
+
+log = logging.getLogger("server.cli")
+
+EPILOG = f"""\
+Every flag can also be set with an environment variable {ENV_PREFIX}<FLAG>, e.g.
+{ENV_PREFIX}MAX_BATCH_SIZE=64 or {ENV_PREFIX}BUNDLES=/models/a:/models/b; flags win.
+The bearer token is read from {ENV_PREFIX}AUTH_TOKEN or --auth-token-file (never a flag).
+
+Endpoints (Open Inference Protocol / KServe v2, Triton's binary-data extension):
+  POST /v2/models/NAME/infer   input "frame" (BYTES) -> outputs "class", "probability",
+                               and "logits" if asked; input "image" runs the whole model
+  GET  /v2/health/live, /v2/health/ready, /v2/models/NAME/ready, /v2, /v2/models/NAME
+  GET  /metrics                Prometheus
+Status codes: 400 bad input, 401 auth, 409 fingerprint mismatch, 413 too large,
+429 overloaded (Retry-After), 503 not ready / draining, 504 deadline passed.
+
+Examples:
+  splitexit-server --bundle bundles/fmnist-small
+  splitexit-server --bundle a/ --bundle b.tar.gz --host 0.0.0.0 --max-batch-size 64
+  splitexit-server --bundle a/ --check     # verify the bundles and exit
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitexit-server",
+        description=(
+            "Serve the tails of splitexit bundles: devices send bottleneck frames, the server "
+            "batches them dynamically and answers with the class."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    defaults = Settings()
+    types = field_types()
+    for f in dataclasses.fields(Settings):
+        help_text = f.metadata["help"]
+        if f.name == "bundles":
+            parser.add_argument(
+                "--bundle", dest="bundles", action="append", metavar="PATH", help=help_text
+            )
+        elif f.name == "auth_token":
+            parser.add_argument(
+                "--auth-token-file",
+                metavar="PATH",
+                help=f"file holding the bearer token (or set {ENV_PREFIX}AUTH_TOKEN)",
+            )
+        elif types[f.name] == "bool":
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default: {getattr(defaults, f.name)})",
+            )
+        else:
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                metavar=f.name.split("_")[-1].upper(),
+                default=None,
+                help=f"{help_text} (default: {getattr(defaults, f.name)})",
+            )
+    parser.add_argument(
+        "--check", action="store_true", help="load and verify the bundles, print them, exit"
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    """Defaults < environment < flags."""
+    overrides: dict[str, object] = {}
+    for name in field_types():
+        value = getattr(args, name, None)
+        if value is None or name == "auth_token":
+            continue
+        if name == "bundles":
+            overrides[name] = tuple(Path(p) for p in value)
+        elif isinstance(value, str):
+            overrides[name] = parse_value(name, value)
+        else:
+            overrides[name] = value
+    if args.auth_token_file:
+        try:
+            token = Path(args.auth_token_file).read_text().strip()
+        except OSError as e:
+            raise SplitexitError(f"cannot read --auth-token-file: {e}") from e
+        overrides["auth_token"] = token
+    return Settings.from_env(environ, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="splitexit-server",
-        description="The splitexit tail server (Open Inference Protocol). Not implemented yet.",
-    )
-    parser.parse_args(argv)
-    parser.print_help()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except SplitexitError as e:
+        parser.error(str(e))
+    if not settings.bundles:
+        parser.error(f"give at least one --bundle PATH (or set {ENV_PREFIX}BUNDLES)")
+
+    from server.logs import uvicorn_log_config
+
+    logging.config.dictConfig(uvicorn_log_config(settings.log_level))
+    from server.model import load_bundles  # torch is imported here, after argument checks
+
+    try:
+        bundles = load_bundles(settings)
+    except (SplitexitError, OSError) as e:
+        print(f"splitexit-server: refusing to start: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        for b in bundles:
+            print(json.dumps({"model": b.manifest.name, "fingerprint": b.fingerprint}))
+        return 0
+
+    from server.app import create_app
+    from server.serve import make_server
+
+    try:
+        app = create_app(settings, bundles=bundles)
+    except SplitexitError as e:
+        print(f"splitexit-server: refusing to start: {e}", file=sys.stderr)
+        return 2
+    make_server(app, settings).run()
     return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Run the app under uvicorn with a graceful, two-step shutdown.
+
+SIGTERM ─ drain: /v2/health/ready 503, new inferences 503 (for `drain_s`, so load
+          balancers stop routing here) ─ close the listener ─ in-flight requests finish
+          (up to `graceful_timeout_s`) ─ batchers stop ─ exit
+a second SIGINT/SIGTERM skips the wait
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from server.logs import uvicorn_log_config
+from server.settings import Settings
+from server.state import ServerState
+
+
+class GracefulServer(uvicorn.Server):
+    """`uvicorn.Server` that drains (readiness 503, new requests 503) before stopping."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_s: float = 0.0) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_s = drain_s
+        self._stop_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First signal: drain, then stop after `drain_s`. Another one: stop now."""
+        if self._stop_at is None and not self.should_exit:
+            self.state.begin_drain()
+            self._stop_at = time.monotonic() + self.drain_s
+            if self.drain_s > 0:
+                self._captured_signals.append(sig)  # uvicorn re-raises it after shutdown
+                return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def make_server(
+    app: FastAPI, settings: Settings, *, log_config: dict | bool | None = True
+) -> GracefulServer:
+    """A GracefulServer for `app` on settings.host:settings.port (JSON logs by default)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=uvicorn_log_config(settings.log_level) if log_config is True else log_config,
+        log_level=settings.log_level,
+        access_log=False,  # RequestContextMiddleware logs each request, with its id
+        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        server_header=False,
+        lifespan="on",
+    )
+    return GracefulServer(config, app.state.splitexit, drain_s=settings.drain_s)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (port 0: any free port), for servers run in tests."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,170 @@
+"""Typed server settings: defaults < `SPLITEXIT_SERVER_*` environment variables < CLI flags.
+
+Every field is one setting; its metadata holds the help text the CLI shows, so the flags, the
+environment variables and `--help` never drift apart. `Settings.from_env()` reads the
+environment, `Settings.replace(**changes)` applies overrides, and both validate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splitexit.errors import ConfigError
+
+ENV_PREFIX = "SPLITEXIT_SERVER_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _setting(default: Any, help: str, *, secret: bool = False, **kw: Any) -> Any:
+    meta = {"help": help, "secret": secret}
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: tuple(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the tail server serves and how it protects itself. Safe defaults throughout."""
+
+    bundles: tuple[Path, ...] = _setting(
+        (), "bundle directory or .tar[.gz] to serve (repeat for several models)"
+    )
+    host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
+    port: int = _setting(8000, "TCP port to listen on")
+    max_batch_size: int = _setting(
+        32, "most samples run in one tail call; also the most samples one request may carry"
+    )
+    max_queue_delay_ms: float = _setting(
+        2.0, "longest a request waits for others to fill its batch (0: no waiting)"
+    )
+    max_queue_size: int = _setting(
+        256, "requests waiting per model before new ones get 429 + Retry-After"
+    )
+    max_body_bytes: int = _setting(
+        8 * 2**20, "largest request body accepted, checked on Content-Length and while reading"
+    )
+    request_timeout_s: float = _setting(
+        10.0, "server-side deadline of a request, body read to answer (504 when passed)"
+    )
+    retry_after_s: int = _setting(1, "seconds a 429 or 503 answer asks the client to wait")
+    auth_token: str | None = _setting(
+        None,
+        "bearer token inference and metadata require (health and /metrics stay open); "
+        "prefer the environment variable or --auth-token-file to a flag",
+        secret=True,
+    )
+    workers_per_model: int = _setting(1, "threads running batches per model")
+    torch_threads: int | None = _setting(None, "torch intra-op threads (default: torch's)")
+    device: str = _setting("cpu", "torch device for the tails, e.g. cpu or cuda")
+    images: bool = _setting(
+        True, "accept the `image` input (PNG/JPEG, whole model on the server): the baseline"
+    )
+    max_image_pixels: int = _setting(2048 * 2048, "largest decoded image, in pixels")
+    warmup: bool = _setting(True, "run real inferences at every operating point before ready")
+    drain_s: float = _setting(
+        0.0, "on SIGTERM, answer 503 (not ready) this long before closing the listener"
+    )
+    graceful_timeout_s: float = _setting(
+        30.0, "after closing the listener, how long in-flight requests may take to finish"
+    )
+    log_level: str = _setting("info", f"log level: {', '.join(LOG_LEVELS)}")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bundles", tuple(Path(b) for b in self.bundles))
+        problems = list(self._problems())
+        if problems:
+            raise ConfigError("invalid server settings: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        out = []
+        positive = ("max_batch_size", "max_queue_size", "max_body_bytes", "workers_per_model")
+        for name in (*positive, "retry_after_s", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queue_delay_ms", "drain_s", "graceful_timeout_s"):
+            if not getattr(self, name) >= 0:
+                out.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.request_timeout_s > 0:
+            out.append(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not 0 <= self.port <= 65535:
+            out.append(f"port must be in 0..65535, got {self.port}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            out.append(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.log_level not in LOG_LEVELS:
+            out.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.auth_token is not None and not self.auth_token.strip():
+            out.append("auth_token is empty; unset it to disable auth")
+        return out
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` applied (None values are ignored) and validated."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `SPLITEXIT_SERVER_<FIELD>` variables, then `overrides`.
+
+        Lists (`SPLITEXIT_SERVER_BUNDLES`) are separated by the OS path separator (':' on
+        Linux) or commas; booleans accept 1/0, true/false, yes/no, on/off.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw.strip() != "":
+                values[f.name] = parse_value(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as JSON-ready values, secrets masked (for logs)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.metadata.get("secret") and v is not None:
+                v = "***"
+            elif f.name == "bundles":
+                v = [str(p) for p in v]
+            out[f.name] = v
+        return out
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def field_types() -> dict[str, str]:
+    """Field name -> its annotation as written ("int", "str | None", ...)."""
+    return {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """Parse one setting from its string form (environment variable or CLI flag)."""
+    kind = field_types()[name]
+    text = raw.strip()
+    try:
+        if kind.startswith("tuple[Path"):
+            parts = text.replace(",", os.pathsep).split(os.pathsep)
+            return tuple(Path(p.strip()) for p in parts if p.strip())
+        if kind == "bool":
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        return text
+    except ValueError as e:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}: {e}") from e
