@@ -66,10 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .splitnet import SplitExitNet
     from .train.config import config_from_dict
     from .train.export import export_run
-    from .train.pipeline import build_teacher, load_data, make_preprocess
+    from .train.pipeline import build_student, build_teacher, load_data, make_preprocess
 
     run = Path(args.run)
     for needed in ("config.json", "model.pt", "results.json"):
@@ -81,21 +80,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     results = json.loads((run / "results.json").read_text())
     pre = make_preprocess(cfg)
     classes = load_data(cfg).class_names if args.class_names is None else args.class_names
-    teacher = build_teacher(cfg, len(classes), pre)
-    s = cfg.split
-    net = SplitExitNet.from_teacher(
-        teacher,
-        s.point,
-        input_shape=(pre.channels, *pre.size),
-        channels=s.channels,
-        hidden=s.hidden,
-        downsample=s.downsample,
-        bits=s.bits,
-        exit_points=cfg.exits.points,
-        exit_conv=cfg.exits.conv,
-        exit_hidden=cfg.exits.hidden or None,
-        num_classes=len(classes),
-    )
+    net = build_student(cfg, build_teacher(cfg, len(classes), pre), pre, len(classes))
     net.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
     path = export_run(cfg, net, pre, list(classes), results, args.output or run / "bundle")
     print(f"bundle written to {path}")

@@ -114,15 +114,7 @@ class SplitExitNet(nn.Module):
         """Training path. Returns a dict with `logits`, `exits` (logits by exit name), and,
         when `collect` is set, `decoded` (f̂ at the split point) and `tail_features` (the
         output of every tail stage but the last), for head-distillation losses."""
-        exit_logits: dict[str, torch.Tensor] = {}
-        f = x
-        for name, stage in self.head.named_children():
-            f = stage(f)
-            if name in self.exits:
-                exit_logits[name] = self.exits[name](f)
-        z = self.bottleneck.encoder(f)
-        if BOTTLENECK in self.exits:
-            exit_logits[BOTTLENECK] = self.exits[BOTTLENECK](z)
+        z, exit_logits = self.run_head(x)
         y = self.bottleneck.decoder(self.bottleneck.code(z, bits, keep))
         out: dict = {"exits": exit_logits}
         if collect:
@@ -135,6 +127,24 @@ class SplitExitNet(nn.Module):
         if collect:
             out["tail_features"] = tail_features[:-1]
         return out
+
+    def exit_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The code z and the feature map every exit reads, by exit name."""
+        feats: dict[str, torch.Tensor] = {}
+        f = x
+        for name, stage in self.head.named_children():
+            f = stage(f)
+            if name in self.exits:
+                feats[name] = f
+        z = self.bottleneck.encoder(f)
+        if BOTTLENECK in self.exits:
+            feats[BOTTLENECK] = z
+        return z, feats
+
+    def run_head(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The head and every exit: (code z, exit logits by name)."""
+        z, feats = self.exit_features(x)
+        return z, {name: self.exits[name](f) for name, f in feats.items()}
 
     def segments(self) -> list[tuple[nn.Sequential, str | None]]:
         """The head as segments ending at exit points: [(segment, exit name or None)].

@@ -14,7 +14,7 @@ from torch import nn
 from ..bottleneck import quantize
 from ..codec import encode_frame
 from ..preprocess import Preprocess
-from ..splitnet import BOTTLENECK, SplitExitNet
+from ..splitnet import SplitExitNet
 from .batches import ArraySplit, iterate_batches
 
 
@@ -35,19 +35,6 @@ def accuracy(
         correct += int((model(x).argmax(1) == y).sum())
     model.train(was)
     return correct / max(len(split), 1)
-
-
-def _head(net: SplitExitNet, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    exits: dict[str, torch.Tensor] = {}
-    f = x
-    for name, stage in net.head.named_children():
-        f = stage(f)
-        if name in net.exits:
-            exits[name] = net.exits[name](f)
-    z = net.bottleneck.encoder(f)
-    if BOTTLENECK in net.exits:
-        exits[BOTTLENECK] = net.exits[BOTTLENECK](z)
-    return z, exits
 
 
 @torch.no_grad()
@@ -72,7 +59,7 @@ def evaluate_split(
     float_hits = 0
     tail = net.tail_module()[1:]
     for x, y in iterate_batches(split, preprocess, batch_size, device=device):
-        z, exits = _head(net, x)
+        z, exits = net.run_head(x)
         for name, logits in exits.items():
             exit_hits[name] += int((logits.argmax(1) == y).sum())
         float_hits += int((tail(net.bottleneck.decoder(z)).argmax(1) == y).sum())
@@ -103,7 +90,7 @@ def mean_frame_bytes(
     net.eval()
     sub = ArraySplit(split.images[:samples], split.labels[:samples])
     x, _ = next(iterate_batches(sub, preprocess, samples))
-    z, _ = _head(net, x)
+    z, _ = net.run_head(x)
     fingerprint = "0" * 64
     sizes = {}
     for keep, bits in points:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..splitnet import BOTTLENECK, SplitExitNet
+from ..splitnet import SplitExitNet
 from .losses import feature_loss, kd_loss
 
 
@@ -128,26 +128,14 @@ class ExitObjective(nn.Module):
             return [self.teacher, self.net.head, self.net.bottleneck, self.net.tail]
         return [self.teacher]
 
-    def _exit_logits_frozen(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Exit logits with the backbone run once without autograd (cheap path)."""
-        feats: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            f = x
-            for name, stage in self.net.head.named_children():
-                f = stage(f)
-                if name in self.net.exits:
-                    feats[name] = f
-            if BOTTLENECK in self.net.exits:
-                feats[BOTTLENECK] = self.net.bottleneck.encoder(f)
-        logits = {name: self.net.exits[name](f) for name, f in feats.items()}
-        last = logits[self.net.exit_names[-1]]
-        return logits, last
-
     def forward(self, x, y, bits=None, keep=None):
         with torch.no_grad():
             t = self.teacher(x)
-        if self.freeze_backbone:
-            exit_logits, logits = self._exit_logits_frozen(x)
+        if self.freeze_backbone:  # the backbone runs once, without autograd
+            with torch.no_grad():
+                _, feats = self.net.exit_features(x)
+            exit_logits = {name: self.net.exits[name](f) for name, f in feats.items()}
+            logits = exit_logits[self.net.exit_names[-1]]
             loss = x.new_zeros(())
         else:
             out = self.net(x, bits, keep)

@@ -111,6 +111,26 @@ def build_teacher(cfg: ExperimentConfig, num_classes: int, preprocess: Preproces
     )
 
 
+def build_student(
+    cfg: ExperimentConfig, teacher: torch.nn.Module, pre: Preprocess, num_classes: int
+) -> SplitExitNet:
+    """The SplitExitNet the config describes, cut from (a copy of) the teacher."""
+    s = cfg.split
+    return SplitExitNet.from_teacher(
+        teacher,
+        s.point,
+        input_shape=(pre.channels, *pre.size),
+        channels=s.channels,
+        hidden=s.hidden,
+        downsample=s.downsample,
+        bits=s.bits,
+        exit_points=cfg.exits.points,
+        exit_conv=cfg.exits.conv,
+        exit_hidden=cfg.exits.hidden or None,
+        num_classes=num_classes,
+    )
+
+
 def operating_grid(cfg: ExperimentConfig) -> list[tuple[int, int]]:
     s = cfg.split
     return [(k, b) for k in range(s.channels, s.min_channels - 1, -1) for b in sorted(s.bits)]
@@ -179,19 +199,7 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
 
     torch.manual_seed(cfg.seed + 1)
     s = cfg.split
-    net = SplitExitNet.from_teacher(
-        teacher,
-        s.point,
-        input_shape=input_shape,
-        channels=s.channels,
-        hidden=s.hidden,
-        downsample=s.downsample,
-        bits=s.bits,
-        exit_points=cfg.exits.points,
-        exit_conv=cfg.exits.conv,
-        exit_hidden=cfg.exits.hidden or None,
-        num_classes=len(data.class_names),
-    ).to(device)
+    net = build_student(cfg, teacher, pre, len(data.class_names)).to(device)
     points = OperatingPoints(s.channels, list(s.bits), s.min_channels)
     widest, narrowest = (s.channels, max(s.bits)), (s.min_channels, min(s.bits))
 
