@@ -1,0 +1,51 @@
+"""The device agent: run the head on the device, exit early or offload the bottleneck.
+
+    sources ─ Input ─► agent (head in a worker thread, exits) ─┬─► local answer
+                          │  policy: exit / offload at (k, bits), from estimator + manifest
+                          └─► client ─ HTTP (Open Inference Protocol) ─► tail server
+                                 └─ failed / circuit open ─► best exit ("fallback")
+    every input ─► one JSON-lines record (records) ─► summary
+
+Modules: `sources` (inputs), `agent` (the loop) and `config` (its settings), `policy` (pure
+decisions), `estimator` (link and cost measurements), `offloader` (client + circuit
+`breaker` + measurements), `client` (HTTP, timeouts, retries; `protocol` the message
+format, `errors` what goes wrong), `records` (records and summary), `cli`
+(`splitexit-device`). Names below are
+imported lazily, so `splitexit-device --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "Agent": "agent",
+    "AgentConfig": "config",
+    "CircuitBreaker": "breaker",
+    "ClientConfig": "client",
+    "OffloadClient": "client",
+    "OffloadError": "errors",
+    "FingerprintRejected": "errors",
+    "Offloader": "offloader",
+    "LinkEstimator": "estimator",
+    "Measurements": "estimator",
+    "decide": "policy",
+    "Point": "policy",
+    "Costs": "policy",
+    "FixedRule": "policy",
+    "AdaptiveRule": "policy",
+    "Record": "records",
+    "Summary": "records",
+    "Input": "sources",
+    "open_source": "sources",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'device' has no attribute {name!r}")
+    return getattr(import_module(f"device.{module}"), name)

@@ -1,0 +1,321 @@
+"""What the link is doing now, learned from the agent's own requests.
+
+Every answered request (inference, or a small readiness probe) is a sample: n bytes both
+ways, answered t seconds after it was sent (less the server's own time, when it says).
+The path is modelled as
+
+    t = base_latency + n * 8 / bandwidth
+
+and estimated the way BBR does it, from two filters:
+
+* base: the quickest sample of the last `window_s` seconds, (t0, n0) (small probes keep it
+  close to the round trip; it keeps its value while no samples come);
+* seconds per byte: the median of the last few (t - t0) / (n - n0) over samples clearly
+  larger than n0 (a sample of about the base's size says nothing about bandwidth),
+
+and predicts t = t0 + max(0, n - n0) * seconds per byte.
+
+Requests in flight share the link: `reserve` keeps a virtual first-in-first-out queue of
+the bytes sent (each takes n * seconds per byte), so a prediction adds the wait behind the
+requests ahead, and samples come with that wait taken off. A request that
+missed its deadline gives a lower bound on t; `observe_late` counts it (inflated by half),
+which is enough to stop trusting a link that got slow. Two samples in a row that the
+estimate misses by more than 2x, the same way (in time, or in seconds per byte), restart it
+from the samples that follow, so the estimate follows a link that degrades or recovers
+within a few samples, while a lone outlier only nudges it.
+
+`EwmaEstimator` is the plain exponentially weighted mean used for the other costs.
+The server's own time, when it does not report it, is what the link estimate leaves
+unexplained in inference answers (`Measurements.observe_answer`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .policy import Costs
+
+_MIN_EXTRA = 0.25  # a sample teaches bandwidth if it is this much larger than the base
+_SERVER_S_SLACK = 0.02  # unexplained seconds always credited to the server, not the link
+LATE_FACTOR = 1.5  # an unanswered request's time is taken as this times what it waited
+
+
+class EwmaEstimator:
+    """Exponentially weighted mean (`value` is `prior` until the first sample)."""
+
+    def __init__(self, prior: float = 0.0, halflife: float = 8.0) -> None:
+        if halflife <= 0:
+            raise ValueError(f"halflife must be > 0 samples, got {halflife}")
+        self._decay = 0.5 ** (1.0 / halflife)
+        self._value = prior
+        self._w = 0.0
+
+    def observe(self, x: float) -> None:
+        if not math.isfinite(x):
+            return
+        self._w = self._w * self._decay + 1.0
+        self._value += (x - self._value) / self._w
+
+    def reset(self, x: float) -> None:
+        """Forget the past: `x` is the only sample."""
+        self._w = 0.0
+        self.observe(x)
+
+    @property
+    def value(self) -> float:
+        return self._value
+
+    @property
+    def seen(self) -> bool:
+        return self._w > 0
+
+
+class MedianEstimator:
+    """Median of the last `size` samples (`value` is `prior` until the first one): follows
+    a level within half a window and ignores outliers both ways."""
+
+    def __init__(self, prior: float, size: int = 9) -> None:
+        self._prior = prior
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def observe(self, x: float) -> None:
+        if math.isfinite(x):
+            self._samples.append(x)
+
+    def reset(self, x: float) -> None:
+        """Forget the past: `x` is the only sample."""
+        self._samples.clear()
+        self.observe(x)
+
+    @property
+    def value(self) -> float:
+        if not self._samples:
+            return self._prior
+        ordered = sorted(self._samples)
+        mid = len(ordered) // 2
+        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    """A snapshot: base latency (s), bandwidth (bit/s), samples seen."""
+
+    base_latency_s: float
+    bandwidth_bps: float
+    samples: int
+    base_bytes: float = 0.0
+
+    def predict(self, nbytes: float) -> float:
+        """Expected seconds to get an answer for `nbytes` (both ways)."""
+        extra = max(0.0, nbytes - self.base_bytes)
+        return self.base_latency_s + extra * 8.0 / self.bandwidth_bps
+
+
+class LinkEstimator:
+    """Running (base latency, bandwidth) of the path to the server; see the module docstring.
+
+    Args:
+        samples: seconds per byte is the median of this many recent samples.
+        window_s: the base latency is the minimum over this many seconds of samples.
+        base_latency_s, bandwidth_bps: the prior, used until samples say otherwise.
+        min_bps, max_bps: the bandwidth estimate stays in this range.
+    """
+
+    def __init__(
+        self,
+        *,
+        samples: int = 7,
+        window_s: float = 2.0,
+        base_latency_s: float = 0.01,
+        bandwidth_bps: float = 10e6,
+        min_bps: float = 1e3,
+        max_bps: float = 1e11,
+    ) -> None:
+        if not 0 < min_bps <= bandwidth_bps <= max_bps:
+            raise ValueError("need 0 < min_bps <= bandwidth_bps <= max_bps")
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
+        self._spb = MedianEstimator(8.0 / bandwidth_bps, samples)  # seconds per byte
+        self._min_spb, self._max_spb = 8.0 / max_bps, 8.0 / min_bps
+        self._window_s = window_s
+        # (when, seconds, bytes) of recent samples, seconds increasing: the base is first
+        self._recent: deque[tuple[float, float, float]] = deque()
+        self._last: tuple[float, float, float] | None = None
+        self._base = (max(0.0, base_latency_s), 0.0)
+        self._surprises = 0  # consecutive samples far off the prediction (+ slower, - faster)
+        self._free_at = -math.inf  # when the bytes sent so far are through (virtual queue)
+        self._fresh = False  # the link changed: the next bandwidth sample replaces the old
+        self._spb_surprises = 0  # the same, for bandwidth samples alone
+        self.bandwidth_seen_at = -math.inf  # when a sample last taught the bandwidth
+        self.samples = 0
+
+    @property
+    def base_latency_s(self) -> float:
+        """Seconds of the quickest recent sample (the round trip, plus its few bytes)."""
+        return self._base[0]
+
+    @property
+    def bandwidth_bps(self) -> float:
+        return 8.0 / min(max(self._spb.value, self._min_spb), self._max_spb)
+
+    def estimate(self) -> LinkEstimate:
+        return LinkEstimate(self.base_latency_s, self.bandwidth_bps, self.samples, self._base[1])
+
+    def predict(self, nbytes: float) -> float:
+        """Expected seconds from sending `nbytes` (both ways) to the answer."""
+        return self.estimate().predict(nbytes)
+
+    @property
+    def relearning(self) -> bool:
+        """The link changed and no sample has taught its bandwidth since: probe soon."""
+        return self._fresh
+
+    def queue_s(self, now: float) -> float:
+        """Seconds a request sent now waits behind the bytes already sent (virtual queue)."""
+        return max(0.0, self._free_at - now)
+
+    def reserve(self, nbytes: float, now: float) -> float:
+        """A request of `nbytes` goes out now; returns how long it should wait in the queue."""
+        wait = self.queue_s(now)
+        spb = min(max(self._spb.value, self._min_spb), self._max_spb)
+        self._free_at = max(self._free_at, now) + nbytes * spb
+        return wait
+
+    def clear_queue(self) -> None:
+        """Nothing is in flight any more: the virtual queue is empty."""
+        self._free_at = -math.inf
+
+    def observe(self, sent: float, done: float, nbytes: float) -> None:
+        """A request of `nbytes` (both ways) sent at `sent` was answered at `done`.
+
+        Times are `time.monotonic()` seconds; add the queueing `reserve` predicted to
+        `sent`, and take the server's own time off `done` when the server reports it.
+        Invalid samples are ignored.
+        """
+        if not (math.isfinite(sent) and math.isfinite(done) and nbytes > 0 and done >= sent):
+            return
+        seconds = done - sent
+        self.samples += 1
+        predicted = self.predict(nbytes)
+        side = 1 if seconds > 2.0 * predicted else -1 if seconds < 0.5 * predicted else 0
+        self._surprises = self._surprises + side if side * self._surprises > 0 else side
+        if abs(self._surprises) >= 2:  # two in a row, off by over 2x the same way
+            self._surprises = 0
+            # the link changed: only the previous sample (the first surprise) still holds
+            self._recent = deque([self._last]) if self._last is not None else deque()
+            self._fresh = True
+        while self._recent and self._recent[0][0] < done - self._window_s:
+            self._recent.popleft()
+        while self._recent and self._recent[-1][1] >= seconds:  # monotonic deque: min first
+            self._recent.pop()
+        self._recent.append((done, seconds, nbytes))
+        self._last = (done, seconds, nbytes)
+        self._base = self._recent[0][1:]
+        base_s, base_bytes = self._base
+        if nbytes - base_bytes < _MIN_EXTRA * nbytes:
+            return  # about the base's size: nothing to learn about the bandwidth
+        spb = max(0.0, seconds - base_s) / (nbytes - base_bytes)
+        self.bandwidth_seen_at = done
+        now = min(max(self._spb.value, self._min_spb), self._max_spb)
+        side = 1 if spb > 2.0 * now else -1 if max(spb, self._min_spb) < 0.5 * now else 0
+        self._spb_surprises = self._spb_surprises + side if side * self._spb_surprises > 0 else side
+        if self._fresh or abs(self._spb_surprises) >= 2:
+            self._spb.reset(spb)
+            self._fresh = False
+            self._spb_surprises = 0
+        else:
+            self._spb.observe(spb)
+
+    def observe_late(self, sent: float, now: float, nbytes: float) -> None:
+        """A request of `nbytes` sent at `sent` was still unanswered at `now`.
+
+        Its time is unknown but longer: taken as `LATE_FACTOR` times what it waited, so a
+        link whose requests keep missing their deadline ends up predicted to miss them.
+        """
+        if math.isfinite(sent) and now - sent > self.predict(nbytes):
+            self.observe(sent, sent + LATE_FACTOR * (now - sent), nbytes)
+
+
+class Measurements:
+    """Everything the policy needs to know, measured as the agent runs.
+
+    The link estimate, the encode and server times, the HTTP overhead around a frame (both
+    ways), and the mean frame size at each operating point (starting from the manifest's, or
+    a bound). `costs(now)` turns it into the policy's `Costs`.
+    """
+
+    def __init__(
+        self,
+        frame_bytes_prior: dict[tuple[int, int], float],
+        *,
+        overhead_bytes: float = 600.0,
+        link: LinkEstimator | None = None,
+    ) -> None:
+        self.link = link or LinkEstimator()
+        self.encode_s = EwmaEstimator(0.0)
+        self.server_s = EwmaEstimator(0.0)
+        self.overhead_bytes = EwmaEstimator(overhead_bytes)
+        self.frame_bytes = {k: EwmaEstimator(v, halflife=64) for k, v in frame_bytes_prior.items()}
+
+    def observe_frame(self, point: tuple[int, int], nbytes: int, encode_s: float) -> None:
+        self.encode_s.observe(encode_s)
+        if point in self.frame_bytes:
+            self.frame_bytes[point].observe(nbytes)
+
+    def observe_answer(
+        self,
+        *,
+        frame_bytes: int,
+        request_bytes: int,
+        response_bytes: int,
+        sent: float,
+        done: float,
+        server_s: float | None,
+    ) -> None:
+        """One answered request (a single attempt): the link, server and overhead estimates.
+
+        `sent` is when the request got the link, `done` when its answer came. A server that
+        reports its own time (`server_s`) makes the sample a clean link sample. Otherwise
+        the server's time is what the link estimate (learned from probes, which cost the
+        server nothing) does not explain; only an answer far off that estimate is taken as
+        news about the link (it got slower or faster).
+        """
+        nbytes = request_bytes + response_bytes
+        self.overhead_bytes.observe(request_bytes - frame_bytes + response_bytes)
+        if server_s is not None:
+            self.server_s.observe(server_s)
+            self.link.observe(sent, done - server_s, nbytes)
+            return
+        network = self.link.predict(nbytes)
+        unexplained = (done - sent) - network
+        if -0.5 * network <= unexplained <= max(network, _SERVER_S_SLACK):
+            self.server_s.observe(max(0.0, unexplained))
+        else:
+            self.link.observe(sent, done - self.server_s.value, nbytes)
+
+    def costs(self, now: float) -> Costs:
+        est = self.link.estimate()
+        return Costs(
+            base_latency_s=est.base_latency_s,
+            bandwidth_bps=est.bandwidth_bps,
+            server_s=self.server_s.value,
+            encode_s=self.encode_s.value,
+            overhead_bytes=self.overhead_bytes.value,
+            base_bytes=est.base_bytes,
+            queue_s=self.link.queue_s(now),
+        )
+
+    def mean_frame_bytes(self, point: tuple[int, int]) -> float:
+        return self.frame_bytes[point].value
+
+    def snapshot(self) -> dict[str, float]:
+        est = self.link.estimate()
+        return {
+            "bandwidth_bps": round(est.bandwidth_bps, 1),
+            "base_latency_s": round(est.base_latency_s, 6),
+            "server_s": round(self.server_s.value, 6),
+            "overhead_bytes": round(self.overhead_bytes.value, 1),
+            "samples": est.samples,
+        }

@@ -1,0 +1,224 @@
+"""End to end against the real tail server: every input answered once, as head + tail in one
+process would answer it, with exits taken exactly where the thresholds say."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from device_fixtures import (
+    FaultServer,
+    ListWriter,
+    TailServer,
+    device_bundle,
+    expected_decisions,
+    run_agent,
+)
+
+from device.agent import Agent, AgentConfig
+from device.client import ClientConfig, OffloadClient
+from device.records import RecordWriter
+from device.sources import folder_source, limit, paths_source
+from splitexit.link import LinkEmulator
+
+NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[TailServer]:
+    with TailServer(device_bundle().path) as srv:
+        yield srv
+
+
+def agent_for(url: str | None, config: AgentConfig, **client: object) -> tuple[Agent, ListWriter]:
+    tb = device_bundle()
+    writer = ListWriter()
+    c = None if url is None else OffloadClient(url, tb.name, ClientConfig(**client))  # type: ignore[arg-type]
+    return Agent(tb.load(), config, c, writer=writer), writer  # type: ignore[arg-type]
+
+
+def test_every_input_gets_the_answer_head_and_tail_give_in_one_process(
+    server: TailServer,
+) -> None:
+    tb = device_bundle()
+    agent, out = agent_for(server.url, AgentConfig(policy="fixed"))
+    summary = run_agent(agent, folder_source(tb.folder))
+
+    got = out.by_id()
+    assert len(out.records) == len(got) == len(tb.images)  # one each, none twice
+    want = {i: (d, c) for i, d, c in expected_decisions(tb, 8, 8)}
+    assert {i: (r.decided_by, r.prediction) for i, r in got.items()} == want
+    decided = {r.decided_by for r in out.records}
+    assert decided == {"layer1", "bottleneck", "server"}  # the thresholds split the data
+
+    # the exits follow the thresholds exactly: the first exit whose confidence reaches it
+    x = tb.bundle.preprocess(tb.images)
+    conf = tb.head.run(x, thresholds=NO_EXITS).exit_confidence
+    thresholds = tb.bundle.manifest.thresholds
+    for i, c in enumerate(conf):
+        first = next((e for e in ("layer1", "bottleneck") if c[e] >= thresholds[e]), "server")
+        assert got[tb.image_id(i)].decided_by == first
+
+    server_records = [r for r in out.records if r.decided_by == "server"]
+    assert all((r.channels, r.bits, r.attempts) == (8, 8, 1) for r in server_records)
+    assert all(r.frame_bytes > 0 and r.overhead_bytes > 0 for r in server_records)
+    assert all(r.timings_ms["network"] is not None for r in server_records)
+    labels = np.array([r.label for r in out.records])
+    classes = np.array([r.prediction for r in out.records])
+    d = summary.to_dict()
+    assert d["accuracy"] == pytest.approx(float(np.mean(labels == classes)), abs=1e-4)
+    assert d["labeled"] == len(tb.images)
+    assert d["offloaded"] == len(server_records)
+    assert sum(d["exits"].values()) + d["offloaded"] == len(tb.images)
+    assert d["fallbacks"] == 0
+
+
+@pytest.mark.parametrize(("k", "bits"), [(2, 4), (4, 2)])
+def test_a_fixed_operating_point_is_what_the_server_decodes(
+    server: TailServer, k: int, bits: int
+) -> None:
+    tb = device_bundle()
+    config = AgentConfig(policy="fixed", channels=k, bits=bits, thresholds=NO_EXITS)
+    agent, out = agent_for(server.url, config)
+    run_agent(agent, limit(folder_source(tb.folder), 30))
+    index = {tb.image_id(i): i for i in range(len(tb.images))}
+    x = tb.bundle.preprocess(tb.images)
+    for r in out.records:
+        z = tb.head.run(x[index[r.id]][None], thresholds=NO_EXITS).z
+        want = tb.tail.run_frames([tb.head.frame(z, bits, k)])[0]
+        assert (r.decided_by, r.prediction) == ("server", int(want.prediction[0]))
+        assert r.confidence == pytest.approx(float(want.probability[0]), abs=1e-5)
+    assert len(out.records) == 30
+    assert {(r.channels, r.bits) for r in out.records} == {(k, bits)}
+
+
+def test_local_only_needs_no_server_and_answers_at_the_best_exit() -> None:
+    tb = device_bundle()
+    agent, out = agent_for(None, AgentConfig(local_only=True))
+    summary = run_agent(agent, limit(folder_source(tb.folder), 60))
+    assert len(out.by_id()) == 60
+    fallbacks = [r for r in out.records if r.decided_by == "fallback"]
+    assert fallbacks and all(r.reason == "local_only" and r.exit for r in fallbacks)
+    assert all(r.frame_bytes == r.overhead_bytes == 0 for r in out.records)
+    assert summary.to_dict()["bytes_sent"]["total"] == 0
+
+
+def test_bytes_on_the_wire_are_what_the_link_carried(server: TailServer) -> None:
+    tb = device_bundle()
+    with LinkEmulator(("127.0.0.1", server.port)) as link:
+        agent, out = agent_for(link.url, AgentConfig(policy="fixed", probe_interval_s=0))
+        client = agent.client
+        run_agent(agent, limit(folder_source(tb.folder), 60))
+        time.sleep(0.2)  # let the proxy finish counting
+        assert client is not None
+        assert client.sent_bytes == link.up.bytes
+        assert client.received_bytes == link.down.bytes
+    infer_up = sum(r.frame_bytes + r.overhead_bytes for r in out.records)
+    infer_down = sum(r.response_bytes for r in out.records)
+    offloaded = [r for r in out.records if r.decided_by == "server"]
+    assert offloaded
+    # everything else on the wire: the metadata request and the start-up probes
+    assert 0 < client.sent_bytes - infer_up < 1000
+    assert 0 < client.received_bytes - infer_down < 3000
+
+
+def test_records_are_json_lines_with_the_documented_fields(server: TailServer) -> None:
+    tb = device_bundle()
+    stream = io.StringIO()
+    agent = Agent(
+        tb.load(),
+        AgentConfig(policy="fixed"),
+        OffloadClient(server.url, tb.name),
+        writer=RecordWriter(stream),
+    )
+    run_agent(agent, limit(folder_source(tb.folder), 20))
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 20
+    keys = [
+        "id",
+        "class",
+        "class_name",
+        "confidence",
+        "decided_by",
+        "exit",
+        "reason",
+        "channels",
+        "bits",
+        "frame_bytes",
+        "overhead_bytes",
+        "response_bytes",
+        "attempts",
+        "label",
+        "timings_ms",
+        "source",
+        "error",
+    ]
+    for rec in lines:
+        assert list(rec) == keys
+        assert list(rec["timings_ms"]) == ["head", "encode", "network", "server", "total"]
+        assert rec["class_name"] == tb.bundle.manifest.class_names[rec["class"]]
+        assert 0 <= rec["confidence"] <= 1
+        assert rec["timings_ms"]["total"] >= rec["timings_ms"]["head"] > 0
+
+
+def test_an_unreadable_input_gets_an_error_record_and_the_run_goes_on(
+    server: TailServer, tmp_path: object
+) -> None:
+    tb = device_bundle()
+    bad = tmp_path / "broken.png"  # type: ignore[operator]
+    bad.write_bytes(b"not a png")
+    good = sorted(tb.folder.rglob("*.png"))[:3]
+    lines = [str(good[0]), str(bad), str(good[1]), "", str(good[0])]
+    agent, out = agent_for(server.url, AgentConfig())
+    run_agent(agent, paths_source(lines))
+    ids = [r.id for r in out.records]
+    assert sorted(ids) == sorted([str(good[0]), str(bad), str(good[1]), f"{good[0]}#1"])
+    err = out.by_id()[str(bad)]
+    assert err.decided_by == "error" and err.prediction is None
+    assert "cannot read image" in err.error
+
+
+def test_stop_answers_frames_in_flight_locally_and_still_summarises() -> None:
+    """Ctrl-C: the agent takes no new input; frames waiting on a stalled server get the
+    best exit's answer, marked interrupted; nothing is lost or answered twice."""
+    tb = device_bundle()
+    with FaultServer("stall", tb) as srv:
+        config = AgentConfig(thresholds=NO_EXITS, window=4, probe_interval_s=0)
+        agent, out = agent_for(srv.url, config, timeout_s=10.0, budget_s=10.0)
+        timer = threading.Timer(1.0, agent.stop)  # like a signal handler, from elsewhere
+        timer.start()
+        start = time.monotonic()
+        summary = run_agent(agent, folder_source(tb.folder))
+        assert time.monotonic() - start < 3.0
+        timer.join()
+    taken = summary.inputs
+    assert 5 <= taken < len(tb.images)  # 4 in flight, 1 waiting for a slot
+    assert len(out.records) == len(out.by_id()) == taken
+    assert {r.reason for r in out.records} == {"interrupted"}
+    assert all(r.decided_by == "fallback" and r.prediction is not None for r in out.records)
+    assert summary.to_dict()["fallback_reasons"] == {"interrupted": taken}
+
+
+def test_cancelling_the_run_still_records_every_input_taken(server: TailServer) -> None:
+    tb = device_bundle()
+    agent, out = agent_for(server.url, AgentConfig(policy="fixed"))
+
+    async def go() -> None:
+        await agent.start()
+        task = asyncio.create_task(agent.run(folder_source(tb.folder)))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await agent.client.aclose()  # type: ignore[union-attr]
+
+    asyncio.run(go())
+    assert 0 < len(out.records) < len(tb.images)
+    assert len(out.by_id()) == len(out.records)
+    assert agent.summary.inputs == len(out.records)

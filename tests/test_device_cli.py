@@ -1,0 +1,163 @@
+"""`splitexit-device run`: the exit status and messages a user (or systemd) acts on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from device_fixtures import FaultServer, TailServer, device_bundle, free_port
+
+from device.cli import EXIT_OK, EXIT_SERVER, main
+
+
+def run(*args: str) -> int:
+    return main(["run", "--bundle", str(device_bundle().path), "--no-progress", *args])
+
+
+def test_help_explains_sources_and_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for words in ("--deadline-ms", "--accuracy-floor", "--local-only", "camera:N", "exit status"):
+        assert words in text
+
+
+def test_local_only_writes_records_and_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tb = device_bundle()
+    out, summary = tmp_path / "out" / "records.jsonl", tmp_path / "summary.json"
+    code = run(
+        "--local-only", "--source", str(tb.folder), "--limit", "25",
+        "--out", str(out), "--summary-json", str(summary),
+    )  # fmt: skip
+    assert code == EXIT_OK
+    lines = out.read_text().splitlines()
+    assert len(lines) == 25 and all(json.loads(line)["class"] is not None for line in lines)
+    assert json.loads(summary.read_text())["inputs"] == 25
+    err = capsys.readouterr().err
+    assert "summary" in err and "accuracy" in err
+
+
+def test_offloads_through_an_emulated_link(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tb = device_bundle()
+    out = tmp_path / "r.jsonl"
+    with TailServer(tb.path) as srv:
+        code = run(
+            "--server", srv.url, "--source", str(tb.folder), "--limit", "30",
+            "--link", "20mbit:2ms", "--policy", "fixed", "--channels", "4", "--bits", "4",
+            "--out", str(out),
+        )  # fmt: skip
+    assert code == EXIT_OK
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    offloaded = [r for r in records if r["decided_by"] == "server"]
+    assert offloaded and all((r["channels"], r["bits"]) == (4, 4) for r in offloaded)
+    assert "emulated link 20mbit:2ms" in capsys.readouterr().err
+
+
+def test_a_server_with_another_bundle_exits_3_with_a_clear_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tb = device_bundle()
+    with FaultServer("ok", tb, fingerprint="ab" * 32) as srv:
+        assert run("--server", srv.url, "--source", str(tb.folder)) == EXIT_SERVER
+    err = capsys.readouterr().err
+    assert "fingerprint abababababababab" in err and "--local-only" in err
+
+
+def test_no_server_exits_3_and_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
+    tb = device_bundle()
+    url = f"http://127.0.0.1:{free_port()}"
+    assert run("--server", url, "--source", str(tb.folder), "--retries", "0") == EXIT_SERVER
+    assert "start the tail server" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--source", "x"],  # no --server, not --local-only
+        ["--local-only", "--source", "x", "--threshold", "layer1"],
+        ["--local-only", "--source", "x", "--policy", "greedy"],
+    ],
+)
+def test_bad_usage_exits_2(args: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        run(*args)
+    assert e.value.code == 2
+
+
+def test_a_missing_source_is_an_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("--local-only", "--source", "/nonexistent/images") == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_ctrl_c_answers_what_was_taken_prints_the_summary_and_exits_130(tmp_path: Path) -> None:
+    """A real process and a real SIGINT, while frames wait on a stalled server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tb = device_bundle()
+    out = tmp_path / "records.jsonl"
+    with FaultServer("stall", tb) as srv:
+        cmd = [
+            sys.executable, "-m", "device.cli", "run", "--bundle", str(tb.path),
+            "--server", srv.url, "--source", str(tb.folder), "--out", str(out),
+            "--timeout-ms", "20000", "--budget-ms", "20000", "--no-progress",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while not srv.attempts:  # wait until frames are in flight
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130
+    assert "stopping" in err and "summary" in err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records and len({r["id"] for r in records}) == len(records)
+    assert any(r["reason"] == "interrupted" for r in records)
+    assert len(records) < len(tb.images)
+
+
+def test_the_systemd_unit_runs_a_valid_command_line() -> None:
+    import shlex
+    import shutil
+    import subprocess
+
+    from device.cli import build_parser
+
+    unit = Path(__file__).parent.parent / "device" / "splitexit-device.service"
+    text = unit.read_text()
+    exec_start = text.split("ExecStart=", 1)[1].split("\n#", 1)[0].replace("\\\n", " ")
+    argv = shlex.split(exec_start.splitlines()[0])
+    assert argv[0].endswith("/splitexit-device")
+    env = {"${SPLITEXIT_DEADLINE_MS}": "100"}
+    args = build_parser().parse_args([env.get(a, a) for a in argv[1:]])
+    assert args.command == "run" and args.deadline_ms == 100 and args.progress is False
+    assert "SuccessExitStatus=130" in text and "RestartPreventExitStatus=2" in text
+    if shutil.which("systemd-analyze"):
+        check = subprocess.run(
+            ["systemd-analyze", "verify", "--man=no", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        problems = [
+            line
+            for line in (check.stdout + check.stderr).splitlines()
+            if line.strip() and "is not executable" not in line
+        ]
+        assert not problems, problems

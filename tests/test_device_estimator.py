@@ -1,0 +1,183 @@
+"""The link estimate follows what the agent's own requests show, and the circuit breaker
+opens, holds and closes as the server fails and recovers."""
+
+from __future__ import annotations
+
+import pytest
+
+from device.breaker import CircuitBreaker
+from device.estimator import EwmaEstimator, LinkEstimator, Measurements
+from device.policy import Costs
+
+PROBE, REQUEST = 300, 1300  # bytes both ways
+
+
+def feed(est: LinkEstimator, rate_bps: float, rtt_s: float, t0: float, n: int = 20) -> float:
+    """Alternate probes and requests over an ideal link; returns the time reached."""
+    t = t0
+    for i in range(n):
+        nbytes = PROBE if i % 2 else REQUEST
+        seconds = rtt_s + nbytes * 8 / rate_bps
+        est.observe(t, t + seconds, nbytes)
+        t += seconds + 0.05
+    return t
+
+
+def test_ewma_weights_recent_samples_more_and_can_restart() -> None:
+    e = EwmaEstimator(prior=5.0, halflife=1.0)
+    assert e.value == 5.0 and not e.seen
+    e.observe(1.0)
+    assert e.value == 1.0  # the prior is no sample
+    e.observe(3.0)
+    assert 2.0 < e.value < 3.0
+    e.reset(10.0)
+    assert e.value == 10.0
+
+
+@pytest.mark.parametrize(("rate", "rtt"), [(64e3, 0.02), (1e6, 0.05), (20e6, 0.005)])
+def test_estimate_recovers_rate_and_rtt_of_a_steady_link(rate: float, rtt: float) -> None:
+    est = LinkEstimator()
+    feed(est, rate, rtt, 0.0)
+    predicted = est.predict(REQUEST)
+    assert predicted == pytest.approx(rtt + REQUEST * 8 / rate, rel=0.1)
+    # the base latency is the probe's time: the RTT plus a small request's transfer
+    assert est.base_latency_s == pytest.approx(rtt + PROBE * 8 / rate, rel=0.01)
+    assert est.bandwidth_bps == pytest.approx(rate, rel=0.01)
+
+
+def test_estimate_follows_a_link_that_degrades_and_recovers_within_a_few_samples() -> None:
+    est = LinkEstimator()
+    t = feed(est, 10e6, 0.01, 0.0)
+    fast = est.predict(REQUEST)
+    t = feed(est, 32e3, 0.02, t, n=6)
+    assert est.predict(REQUEST) > 10 * fast
+    assert est.predict(REQUEST) == pytest.approx(0.02 + REQUEST * 8 / 32e3, rel=0.3)
+    feed(est, 10e6, 0.01, t + 3.0, n=6)  # later than the base latency's window
+    assert est.predict(REQUEST) == pytest.approx(fast, rel=0.3)
+
+
+def test_one_outlier_does_not_move_the_estimate_much() -> None:
+    est = LinkEstimator()
+    t = feed(est, 10e6, 0.01, 0.0)
+    before = est.predict(REQUEST)
+    est.observe(t, t + 0.3, REQUEST)  # a scheduling hiccup
+    assert before <= est.predict(REQUEST) < 0.5 * 0.3
+
+
+def test_a_deadline_miss_counts_as_a_lower_bound() -> None:
+    est = LinkEstimator()
+    t = feed(est, 10e6, 0.01, 0.0)
+    for i in range(3):
+        est.observe_late(t + i, t + i + 0.5, REQUEST)
+    assert est.predict(REQUEST) >= 0.25
+    est.observe_late(t + 10, t + 10.001, REQUEST)  # quicker than predicted: says nothing
+    assert est.predict(REQUEST) >= 0.25
+
+
+def test_invalid_samples_are_ignored() -> None:
+    est = LinkEstimator()
+    est.observe(1.0, 0.5, 100)
+    est.observe(0.0, float("nan"), 100)
+    est.observe(0.0, 1.0, 0)
+    assert est.samples == 0
+
+
+def test_measurements_turn_answers_into_policy_costs() -> None:
+    m = Measurements({(8, 8): 1000.0}, overhead_bytes=500)
+    assert m.costs(0.0) == Costs(0.01, 10e6, 0.0, 0.0, 500)
+    m.observe_frame((8, 8), 800, encode_s=0.001)
+    m.observe_answer(
+        frame_bytes=800, request_bytes=1200, response_bytes=300, sent=0.0, done=0.05, server_s=0.01
+    )
+    c = m.costs(0.0)
+    assert c.encode_s == pytest.approx(0.001)
+    assert c.server_s == pytest.approx(0.01)
+    assert c.overhead_bytes == pytest.approx(700)
+    assert m.mean_frame_bytes((8, 8)) == pytest.approx(800)
+    assert m.snapshot()["samples"] == 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_breaker_opens_after_consecutive_failures_and_lets_one_trial_through() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=3, reset_s=1.0, max_reset_s=4.0, clock=clock)
+    for _ in range(2):
+        assert b.allow()
+        b.failure()
+    assert b.state == "closed"
+    b.failure()
+    assert b.state == "open" and not b.allow()
+    clock.t += 1.0
+    assert b.state == "half_open"
+    assert b.allow()  # the trial
+    assert not b.allow()  # only one at a time
+    b.success()
+    assert b.state == "closed" and b.allow()
+    assert b.opened == 1
+
+
+def test_a_failed_trial_doubles_the_wait_up_to_the_maximum() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=1, reset_s=1.0, max_reset_s=3.0, clock=clock)
+    b.failure()
+    waits = []
+    for _ in range(3):
+        start = clock.t
+        while not b.allow():
+            clock.t += 0.25
+        waits.append(clock.t - start)
+        b.failure()
+    assert waits == [1.0, 2.0, 3.0]
+
+
+def test_success_resets_the_failure_count() -> None:
+    b = CircuitBreaker(failure_threshold=2, clock=Clock())
+    b.failure()
+    b.success()
+    b.failure()
+    assert b.state == "closed"
+
+
+def test_hold_pauses_offloading_without_counting_a_failure() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=1, clock=clock)
+    b.hold(2.0)
+    assert not b.allow() and b.state == "closed"
+    clock.t += 2.0
+    assert b.allow()
+
+
+def test_a_cancelled_trial_lets_another_one_try() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failure_threshold=1, reset_s=1.0, clock=clock)
+    b.failure()
+    clock.t += 1.0
+    assert b.allow() and not b.allow()
+    b.release()
+    assert b.allow()
+
+
+def test_breaker_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker(failure_threshold=0)
+    with pytest.raises(ValueError):
+        CircuitBreaker(reset_s=5.0, max_reset_s=1.0)
+
+
+def test_after_a_change_a_small_probe_and_similar_requests_are_enough() -> None:
+    """Recovered link: one probe, then requests all of one size (no more probes)."""
+    est = LinkEstimator()
+    t = feed(est, 32e3, 0.02, 0.0)
+    for i in range(4):  # fast again: a probe, then requests of one size only
+        nbytes, seconds = (PROBE, 0.002) if i == 0 else (REQUEST, 0.005)
+        est.observe(t, t + seconds, nbytes)
+        t += 0.05
+    assert est.predict(REQUEST) < 0.01
+    assert est.bandwidth_bps > 1e6
