@@ -42,7 +42,7 @@ from .policy import AdaptiveRule, Decision, FixedRule, Point, best_point, decide
 from .records import ERROR, FALLBACK, SERVER, Record, RecordWriter, Summary
 from .sources import Input, label_index
 
-_RESPONSE_BYTES_GUESS = 250.0
+_RESPONSE_BYTES_GUESS = 350.0
 _LOCAL_MARGIN_S = 0.002  # time kept back from a deadline to answer locally
 
 

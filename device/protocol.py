@@ -3,11 +3,14 @@
     request body  = JSON header (Inference-Header-Content-Length bytes) + binary data
     binary data   = the frame as one BYTES element: u32 little-endian length + frame bytes
 
-    {"id": "<request id>",
-     "inputs": [{"name": "frame", "shape": [1], "datatype": "BYTES",
+    {"inputs": [{"name": "frame", "shape": [1], "datatype": "BYTES",
                  "parameters": {"binary_data_size": 4 + len(frame)}}],
-     "outputs": [{"name": "class"}, {"name": "probability"}],
      "parameters": {"timeout": <microseconds left, when the input has a deadline>}}
+
+The header is the least the protocol needs, since every byte of it crosses the link with
+every frame: the request id travels in the `X-Request-ID` HTTP header (which the server logs
+and echoes), and no `outputs` are named: the splitexit server answers `class` and
+`probability` by default (a server that answers more outputs is still read).
 
 The answer's `class` (INT64) and `probability` (FP32) come as JSON `data` arrays, or as
 binary data after a JSON header when the response carries `Inference-Header-Content-Length`
@@ -43,25 +46,24 @@ class Answer:
 
 
 def encode_request(
-    frame: bytes, request_id: str, timeout_us: int | None = None
+    frame: bytes, request_id: str | None = None, timeout_us: int | None = None
 ) -> tuple[bytes, int]:
     """The request body and its JSON header's length (the `Inference-Header-Content-Length`).
 
-    `timeout_us` (Triton's `timeout` parameter) tells the server when the answer stops
-    being useful, so it can drop the work (504) instead of computing it late.
+    `request_id` goes into the header as its `id` only when given (the client sends it as
+    `X-Request-ID` instead). `timeout_us` (Triton's `timeout` parameter) tells the server
+    when the answer stops being useful, so it can drop the work (504) instead of computing
+    it late.
     """
-    header: dict[str, Any] = {
-        "id": request_id,
-        "inputs": [
-            {
-                "name": INPUT_NAME,
-                "shape": [1],
-                "datatype": "BYTES",
-                "parameters": {"binary_data_size": 4 + len(frame)},
-            }
-        ],
-        "outputs": [{"name": name} for name in OUTPUTS],
-    }
+    header: dict[str, Any] = {} if request_id is None else {"id": request_id}
+    header["inputs"] = [
+        {
+            "name": INPUT_NAME,
+            "shape": [1],
+            "datatype": "BYTES",
+            "parameters": {"binary_data_size": 4 + len(frame)},
+        }
+    ]
     if timeout_us is not None:
         header["parameters"] = {"timeout": max(0, int(timeout_us))}
     head = json.dumps(header, separators=(",", ":")).encode()

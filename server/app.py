@@ -9,7 +9,13 @@
 
     request ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
             ─ bearer auth (401) ─ handler ─ parse (400 / 415) ─ frame headers (400 / 409)
-            ─ batcher (429 full, 504 deadline) ─ worker thread ─ answer
+            ─ batcher (429 full, 504 deadline) ─ worker thread ─ answer + Server-Timing
+
+An answer carries `Server-Timing: queue;dur=<ms>,compute;dur=<ms>,total;dur=<ms>`: the wait
+for a batch, the batch's decode + model time, and the server's time from the whole body
+received to the answer (so a client can tell its link's time from the server's). A client
+that disconnects before its body arrives (a device giving up at its deadline) is counted
+under the outcome `client_disconnect` and logged in one line (see `server.middleware`).
 
 `create_app(settings)` loads the bundles in the background; `create_app(settings, bundles=...)`
 serves bundles already loaded (the CLI loads them first, to refuse bad ones before binding).
@@ -31,6 +37,7 @@ from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server import openapi
 from server.batcher import BatcherFactory, Expired, QueueFull, Stopped
@@ -47,7 +54,7 @@ from server.errors import (
 from server.limits import BodyLimitMiddleware
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.middleware import RequestContextMiddleware
-from server.model import ServedModel
+from server.model import Answer, ServedModel
 from server.protocol import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from server.settings import Settings
 from server.state import ServerState
@@ -58,6 +65,7 @@ from splitexit.errors import ConfigError, FingerprintMismatch, FrameError
 log = logging.getLogger("server.app")
 
 _PARSE_IN_THREAD_BYTES = 1 << 20  # parse bodies larger than this off the event loop
+CLIENT_DISCONNECT = "client_disconnect"  # outcome: the client left before its body arrived
 
 
 def create_app(
@@ -213,7 +221,7 @@ def create_app(
         **infer_doc,
     )
     async def infer_version(name: ModelName, version: Version, request: Request) -> Response:
-        return await infer_request(state, request, model_at(name, version))
+        return await infer_request(state, request, model_at(name, version), versioned=True)
 
     return app
 
@@ -235,8 +243,13 @@ def _model_ready(state: ServerState, name: str, version: str | None) -> JSONResp
     return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
 
-async def infer_request(state: ServerState, request: Request, model: ServedModel) -> Response:
-    """Answer one inference request; every failure becomes its ServerError (see module doc)."""
+async def infer_request(
+    state: ServerState, request: Request, model: ServedModel, *, versioned: bool = False
+) -> Response:
+    """Answer one inference request; every failure becomes its ServerError (see module doc).
+
+    The answer names the model version only when the request did (`versioned`).
+    """
     settings, metrics = state.settings, state.metrics
     start = time.perf_counter()
     deadline = time.monotonic() + settings.request_timeout_s
@@ -258,6 +271,10 @@ async def infer_request(state: ServerState, request: Request, model: ServedModel
             body = await asyncio.wait_for(request.body(), deadline - time.monotonic())
         except asyncio.TimeoutError:
             raise DeadlineExceeded("the request body did not arrive before the deadline") from None
+        except ClientDisconnect:  # nobody to answer: RequestContextMiddleware logs it
+            outcome = CLIENT_DISCONNECT
+            raise
+        received = time.perf_counter()
         metrics.received_bytes.inc(len(body), model=model.name)
         headers = request.headers
         parse = {
@@ -289,7 +306,7 @@ async def infer_request(state: ServerState, request: Request, model: ServedModel
             raise state.not_ready("the server is shutting down; retry on another replica") from None
         content, out_headers = encode_infer_response(
             model_name=model.name,
-            model_version=model.version,
+            model_version=model.version if versioned else None,
             request_id=req.id,
             outputs=req.outputs,
             tensors={
@@ -298,6 +315,7 @@ async def infer_request(state: ServerState, request: Request, model: ServedModel
                 "logits": answer.logits,
             },
         )
+        out_headers["Server-Timing"] = server_timing(answer, time.perf_counter() - received)
         outcome = "success"
         return Response(content, headers=out_headers)
     except FingerprintMismatch as e:
@@ -311,7 +329,14 @@ async def infer_request(state: ServerState, request: Request, model: ServedModel
         raise
     finally:
         metrics.requests.inc(model=model.name, outcome=outcome)
-        metrics.request_duration.observe(time.perf_counter() - start, model=model.name)
+        if outcome != CLIENT_DISCONNECT:  # no answer: its time says how long the client waited
+            metrics.request_duration.observe(time.perf_counter() - start, model=model.name)
+
+
+def server_timing(answer: Answer, total_s: float) -> str:
+    """The `Server-Timing` value (W3C; milliseconds): queue and compute when known, total."""
+    parts = [("queue", answer.queue_s), ("compute", answer.compute_s), ("total", total_s)]
+    return ",".join(f"{name};dur={s * 1e3:.2f}" for name, s in parts if s is not None)
 
 
 def _mismatch_message(state: ServerState, e: FingerprintMismatch) -> str:

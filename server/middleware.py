@@ -2,6 +2,9 @@
 
 request ─ X-Request-ID (the client's if it is a sane token, else a fresh one)
         ─ app ─ response + X-Request-ID ─ access log line ─ http_requests_total
+        ├ client disconnected (ClientDisconnect while reading the body) ─ nothing to answer:
+        │                      access log line only (status 499, client_disconnect: true, no
+        │                      traceback) ─ counted as 499, not a 5xx
         └ unhandled exception ─ logged with its traceback and the request id
                               ─ client gets {"error": "internal server error ..."} only
 """
@@ -14,6 +17,8 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
+
 from server.limits import ASGIApp, Message, Receive, Scope, Send
 from server.logs import request_id_var
 from server.metrics import ServerMetrics
@@ -24,6 +29,7 @@ errors = logging.getLogger("server.error")
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client closed the connection first"
 
 
 def request_id_from(scope: Scope) -> str:
@@ -66,6 +72,8 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # e.g. a device that gave up at its deadline: nobody to answer
+            status = CLIENT_CLOSED_REQUEST
         except Exception:
             errors.exception("unhandled error", extra={"path": scope.get("path")})
             if not started:
@@ -87,14 +95,15 @@ class RequestContextMiddleware:
             method = method if method in _METHODS else "OTHER"
             self.metrics.http_requests.inc(route=route, method=method, code=status)
             if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "request",
-                    extra={
-                        "method": method,
-                        "path": scope.get("path"),
-                        "status": status,
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-                        "client": (scope.get("client") or ("", 0))[0],
-                    },
-                )
+                extra = {
+                    "request_id": rid,
+                    "method": method,
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+                    "client": (scope.get("client") or ("", 0))[0],
+                }
+                if status == CLIENT_CLOSED_REQUEST:
+                    extra["client_disconnect"] = True
+                log.info("request", extra=extra)
             request_id_var.reset(token)

@@ -15,6 +15,7 @@ everything" baseline) at the bundle's best operating point.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -51,11 +52,14 @@ class Work:
 
 @dataclass(frozen=True)
 class Answer:
-    """One request's answer: logits [n, K] f32, class [n] i64, probability [n] f32."""
+    """One request's answer: logits [n, K] f32, class [n] i64, probability [n] f32; with
+    seconds waited for the batch and the batch's decode + model time, when run batched."""
 
     logits: np.ndarray
     prediction: np.ndarray
     probability: np.ndarray
+    queue_s: float | None = None
+    compute_s: float | None = None
 
 
 def load_bundles(settings: Settings) -> list[Bundle]:
@@ -196,6 +200,12 @@ class ServedModel:
             self._runners.put(runner)
         if jobs is not None:
             self._record(jobs, works, results, start, decoded_images - start, done - decoded_images)
+            results = [
+                dataclasses.replace(r, queue_s=start - job.enqueued, compute_s=done - start)
+                if isinstance(r, Answer)
+                else r
+                for r, job in zip(results, jobs, strict=True)
+            ]
         return results
 
     def _decode_images(

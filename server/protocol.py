@@ -277,12 +277,16 @@ def _bool(value: Any, what: str) -> bool:
 def encode_infer_response(
     *,
     model_name: str,
-    model_version: str,
+    model_version: str | None,
     request_id: str | None,
     outputs: Sequence[RequestedOutput],
     tensors: Mapping[str, np.ndarray],
 ) -> tuple[bytes, dict[str, str]]:
-    """The response body and its headers (Content-Type, and the header length if binary)."""
+    """The response body and its headers (Content-Type, and the header length if binary).
+
+    `model_version` and `id` are left out when None (both are optional in the protocol).
+    FP32 values in JSON take their shortest decimal form that reads back as the same float32.
+    """
     specs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for out in outputs:
@@ -294,9 +298,11 @@ def encode_infer_response(
             spec["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            spec["data"] = array.reshape(-1).tolist()
+            spec["data"] = _json_data(array)
         specs.append(spec)
-    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    doc: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        doc["model_version"] = model_version
     if request_id is not None:
         doc["id"] = request_id
     doc["outputs"] = specs
@@ -305,6 +311,15 @@ def encode_infer_response(
         return header, {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
     return b"".join([header, *blobs]), headers
+
+
+def _json_data(array: np.ndarray) -> list[Any]:
+    """A tensor's elements as JSON values; float32 ones as their shortest round-trip repr
+    (0.11455438, not the float64 repr 0.11455437541007996 of the same number)."""
+    flat = array.reshape(-1)
+    if flat.dtype == np.float32:
+        return [float(str(v)) for v in flat]
+    return flat.tolist()
 
 
 def encode_bytes_tensor(elements: Sequence[bytes]) -> bytes:

@@ -57,7 +57,8 @@ def make_server(
         log_level=settings.log_level,
         access_log=False,  # RequestContextMiddleware logs each request, with its id
         timeout_graceful_shutdown=settings.graceful_timeout_s,
-        server_header=False,
+        server_header=False,  # bytes on every response, for nobody
+        date_header=False,  # likewise; answers are never cached (RFC 9110 asks for Date)
         lifespan="on",
     )
     return GracefulServer(config, app.state.splitexit, drain_s=settings.drain_s)

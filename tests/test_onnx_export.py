@@ -1,5 +1,6 @@
 """ONNX graphs of a bundle compute what its TorchScript pieces compute, at any batch size, and
-the Triton raw tail (dequantization in the graph) answers frames like the TailRunner."""
+the Triton raw tail (dequantization in the graph) answers frames like the TailRunner; whether
+exported from a net or from a loaded bundle (TorchScript pieces)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import nn
 
 from splitexit.bottleneck import Bottleneck
 from splitexit.bundle import export_bundle, load_bundle
-from splitexit.bundle.onnx import export_onnx
+from splitexit.bundle.load import Bundle
+from splitexit.bundle.onnx import RAW_TAIL_INPUTS, export_onnx
 from splitexit.exits import ExitBranch
 from splitexit.runtime import HeadRunner, TailRunner
 from splitexit.splitnet import SplitExitNet
@@ -22,6 +24,7 @@ ort = pytest.importorskip("onnxruntime")
 
 INPUT_SHAPE = (1, 16, 16)
 ATOL = 1e-4
+RAW_ATTRS = ("values", "scale", "zero_point")  # QuantizedTensor fields, in input order
 
 
 def tiny_net() -> SplitExitNet:
@@ -83,41 +86,62 @@ def test_export_bundle_with_onnx_lists_and_verifies_the_graphs(bundle_dir: Path)
             assert model.opset_import[0].version >= 17
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-def test_onnx_pieces_match_torchscript_at_any_batch_size(bundle_dir: Path, batch: int) -> None:
-    bundle = load_bundle(bundle_dir)
+def shipped_paths(bundle_dir: Path, bundle: Bundle) -> dict[str, Path]:
+    """The ONNX graphs a bundle exported with `onnx=True` holds, keyed like `export_onnx`."""
     onnx_dir = bundle_dir / "onnx"
+    paths = {f"segment_{i}": onnx_dir / "head" / f"segment_{i}.onnx" for i in range(2)}
+    paths |= {
+        f"exit_{e.name}": onnx_dir / "exits" / f"{e.name}.onnx" for e in bundle.manifest.exits
+    }
+    paths["tail"] = onnx_dir / "tail.onnx"
+    paths["raw_tail"] = onnx_dir / "triton/tiny_net_tail/1/model.onnx"
+    return paths
+
+
+def assert_graphs_match_bundle(bundle: Bundle, paths: dict[str, Path], batch: int) -> None:
+    """Every graph in `paths` answers like the bundle's TorchScript piece, within ATOL; the
+    raw tail (dequantization in the graph) like the TailRunner, at 4 and 8 bits."""
+    exit_at = {e.segment: e.name for e in bundle.manifest.exits}
     x = torch.randn(batch, *INPUT_SHAPE)
     with torch.no_grad():
         f = x
         for i, segment in enumerate(bundle.segments):
-            [got] = session(onnx_dir / "head" / f"segment_{i}.onnx").run(None, {"input": f.numpy()})
+            [got] = session(paths[f"segment_{i}"]).run(None, {"input": f.numpy()})
             f = segment(f)
             torch.testing.assert_close(torch.from_numpy(got), f, atol=ATOL, rtol=0)
-            exit_name = {e.segment: e.name for e in bundle.manifest.exits}.get(i)
+            exit_name = exit_at.get(i)
             if exit_name:
-                path = onnx_dir / "exits" / f"{exit_name}.onnx"
-                [got] = session(path).run(None, {"features": f.numpy()})
+                [got] = session(paths[f"exit_{exit_name}"]).run(None, {"features": f.numpy()})
                 want = bundle.exits[exit_name](f)
                 torch.testing.assert_close(torch.from_numpy(got), want, atol=ATOL, rtol=0)
-        [got] = session(onnx_dir / "tail.onnx").run(None, {"code": f.numpy()})
+        [got] = session(paths["tail"]).run(None, {"code": f.numpy()})
         torch.testing.assert_close(torch.from_numpy(got), bundle.tail(f), atol=ATOL, rtol=0)
+    head, tail = HeadRunner(bundle), TailRunner(bundle)
+    for bits in (4, 8):
+        qt = head.encode(head.run(x).z, bits)
+        feeds = {n: getattr(qt, a).numpy() for n, a in zip(RAW_TAIL_INPUTS, RAW_ATTRS, strict=True)}
+        [got] = session(paths["raw_tail"]).run(None, feeds)
+        [want] = tail.run_codes([qt])
+        torch.testing.assert_close(torch.from_numpy(got), want.logits, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_raw_tail_dequantizes_in_the_graph_like_the_tail_runner(
-    bundle_dir: Path, bits: int
+@pytest.mark.parametrize("batch", [1, 5])
+def test_shipped_graphs_match_torchscript_at_any_batch_size(bundle_dir: Path, batch: int) -> None:
+    bundle = load_bundle(bundle_dir)
+    assert_graphs_match_bundle(bundle, shipped_paths(bundle_dir, bundle), batch)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_export_from_a_loaded_bundle_exports_its_torchscript_pieces(
+    bundle_dir: Path, tmp_path: Path, batch: int
 ) -> None:
     bundle = load_bundle(bundle_dir)
-    head, tail = HeadRunner(bundle), TailRunner(bundle)
-    qt = head.encode(head.run(torch.randn(3, *INPUT_SHAPE)).z, bits)
-    raw = session(bundle_dir / "onnx/triton/tiny_net_tail/1/model.onnx")
-    [got] = raw.run(
-        None,
-        {"code": qt.values.numpy(), "scale": qt.scale.numpy(), "zero_point": qt.zero_point.numpy()},
-    )
-    [want] = tail.run_codes([qt])
-    torch.testing.assert_close(torch.from_numpy(got), want.logits, atol=ATOL, rtol=0)
+    assert isinstance(bundle.tail, torch.jit.ScriptModule)
+    paths = export_onnx(bundle, tmp_path / "onnx", max_batch_size=8)
+    assert set(shipped_paths(bundle_dir, bundle)) | {"triton_config"} == set(paths)
+    assert_graphs_match_bundle(bundle, paths, batch)
+    config = paths["triton_config"].read_text()
+    assert 'name: "tiny_net_tail"' in config and "max_batch_size: 8" in config
 
 
 def test_triton_config_declares_the_raw_tail_with_dynamic_batching(bundle_dir: Path) -> None:

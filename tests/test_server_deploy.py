@@ -120,13 +120,18 @@ def test_server_never_imports_the_device():
             assert not any(n == "device" or n.startswith("device.") for n in names), path
 
 
-def test_triton_export_answers_like_the_server(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "shipped"), [("tiny-onnx", True), ("tiny-a", False)], ids=["shipped", "exported"]
+)
+def test_triton_export_answers_like_the_server(tmp_path, name, shipped):
+    """The bundle's shipped Triton model is copied; a bundle without one is exported now."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from server.triton.export import export_repository
     from splitexit.codec import decode_frame
 
-    a = tiny_bundle("tiny-onnx", 0, onnx=True)
+    a = tiny_bundle(name, 0, onnx=shipped)
+    assert (a.path / "onnx").exists() == shipped
     model_dir = export_repository(a.path, tmp_path / "repo", max_batch_size=16)
     config = (model_dir / "config.pbtxt").read_text()
     c, h, w = a.bundle.manifest.bottleneck.code_shape

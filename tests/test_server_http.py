@@ -1,12 +1,17 @@
 """The tail server over real HTTP (uvicorn on a loopback port, httpx and tritonclient):
 right answers at every operating point, batching without cross-talk across two models,
-and every bad input answered with its 4xx while the server stays healthy."""
+Server-Timing on answers, every bad input answered with its 4xx while the server stays
+healthy, and a client that disconnects mid-body logged in one line and counted apart."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import logging
+import re
+import socket
+import time
 
 import httpx
 import numpy as np
@@ -14,6 +19,7 @@ import pytest
 import torch
 from server_fixtures import OPERATING_POINTS, LiveServer, settings, tiny_bundles
 
+from server.logs import JsonFormatter
 from server.protocol import HEADER_LENGTH, build_binary_request, decode_infer_response
 from splitexit.bottleneck.quantize import QuantizedTensor, quantize
 from splitexit.codec import encode_frame
@@ -114,6 +120,7 @@ def test_json_request_with_base64_frames_answers_in_json(client, bundles):
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     body = r.json()
     assert body["id"] == "req-7" and body["model_name"] == a.name
+    assert "model_version" not in body  # not asked for: the URL names no version
     assert [o["name"] for o in body["outputs"]] == ["class", "probability"]  # no logits unasked
     want = [int(a.local(f).prediction[0]) for f in frames]
     assert body["outputs"][0]["data"] == want
@@ -134,6 +141,30 @@ def test_image_input_runs_the_whole_model_at_the_best_operating_point(client, bu
             x = segment(x)
     local = a.tail.run_codes([quantize(x, 8, channels=4)])[0]
     np.testing.assert_allclose(got["logits"], local.logits.numpy(), atol=ATOL)
+
+
+def test_answers_carry_server_timing_in_milliseconds(client, bundles):
+    from device.client import server_seconds  # what the device reads from it
+
+    a, _ = bundles
+    frame = a.frame(a.inputs(1, seed=21), 4, 8)
+    start = time.perf_counter()
+    r = infer(client, a.name, [frame])
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    assert r.status_code == 200, r.text
+    timings = {}
+    for entry in r.headers["server-timing"].split(","):
+        m = re.fullmatch(r"\s*([A-Za-z][\w-]*);dur=(\d+(?:\.\d+)?)\s*", entry)
+        assert m, r.headers["server-timing"]
+        timings[m[1]] = float(m[2])
+    assert set(timings) == {"queue", "compute", "total"}
+    assert 0 < timings["total"] <= elapsed_ms
+    assert timings["queue"] + timings["compute"] <= timings["total"] + 0.02  # each rounded
+    assert server_seconds(r) == pytest.approx(timings["total"] / 1e3)
+    version = a.fingerprint[:16]
+    body, headers = build_binary_request("frame", [frame], binary_outputs=False)
+    r = client.post(f"/v2/models/{a.name}/versions/{version}/infer", content=body, headers=headers)
+    assert r.json()["model_version"] == version and "total;dur=" in r.headers["server-timing"]
 
 
 # -------------------------------------------------------------------------- tritonclient
@@ -328,3 +359,41 @@ def test_request_id_is_echoed_or_made_up(client):
     assert len(made_up.headers["x-request-id"]) == 32
     r = client.post("/v2/models/nope/infer", content=b"{}")
     assert r.status_code == 404 and r.headers["x-request-id"]
+
+
+def test_a_client_gone_mid_body_is_logged_in_one_line_and_counted_apart(
+    live, client, bundles, caplog
+):
+    a, _ = bundles
+    metrics = live.state.metrics
+    route = {"route": "/v2/models/{name}/infer", "method": "POST"}
+    errors, gone = (metrics.http_requests.value(**route, code=c) for c in (500, 499))
+    outcome = metrics.requests.value(model=a.name, outcome="client_disconnect")
+    caplog.set_level(logging.INFO, logger="server")
+    body, headers = build_binary_request("frame", [a.frame(a.inputs(1, 1), 4, 8)])
+    host, port = live.url.removeprefix("http://").rsplit(":", 1)
+    head = f"POST /v2/models/{a.name}/infer HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: gone-1\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    head += f"Content-Length: {len(body) + 1000}\r\n\r\n"  # 1000 bytes never come
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head.encode() + body)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 10
+    while metrics.http_requests.value(**route, code=499) == gone:  # counted after the log line
+        assert time.monotonic() < deadline, "the server never noticed the client leave"
+        time.sleep(0.02)
+    assert metrics.requests.value(model=a.name, outcome="client_disconnect") == outcome + 1
+    assert metrics.http_requests.value(**route, code=500) == errors
+    assert 'outcome="client_disconnect"' in client.get("/metrics").text
+    lines = [r for r in caplog.records if getattr(r, "request_id", None) == "gone-1"]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO  # its access log line only
+    doc = json.loads(JsonFormatter().format(lines[0]))
+    assert doc["path"] == f"/v2/models/{a.name}/infer" and doc["status"] == 499
+    assert doc["client_disconnect"] is True and "exception" not in doc
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in caplog.text
+    assert client.get("/v2/health/ready").status_code == 200
+    good = a.frame(a.inputs(1, 2), 4, 8)
+    np.testing.assert_array_equal(
+        answer(infer(client, a.name, [good]))["class"], a.local(good).prediction.numpy()
+    )

@@ -13,7 +13,9 @@
             ─ (code - zero_point) * scale ─ decoder ─ tail stages ─► logits FLOAT [N, K]
 
 Every graph has a dynamic batch axis. The TorchScript-based exporter (`dynamo=False`, no
-onnxscript needed) is tried first, the torch.export-based one second. Needs the `export`
+onnxscript needed) is tried first, the torch.export-based one second. A loaded bundle's
+pieces are TorchScript modules: they go through the TorchScript-based exporter only, and the
+raw tail wraps the scripted tail in a scripted wrapper. Needs the `export`
 extra (`pip install 'splitexit[export]'`) to check the graphs and run them.
 """
 
@@ -31,7 +33,7 @@ from torch import nn
 
 from splitexit.splitnet import SplitExitNet
 
-from .load import Bundle
+from .load import Bundle, quiet_torchscript
 
 DEFAULT_OPSET = 17
 RAW_TAIL_INPUTS = ("code", "scale", "zero_point")
@@ -52,6 +54,20 @@ class RawTail(nn.Module):
         return self.tail(x)
 
 
+def raw_tail(tail: nn.Module) -> nn.Module:
+    """`RawTail(tail)`, scripted when `tail` is TorchScript (a loaded bundle's tail).
+
+    The TorchScript-based exporter traces an eager module, and a trace cannot call into a
+    ScriptModule held by an eager wrapper ("not part of the active trace"); a scripted
+    wrapper around the scripted tail is one ScriptModule, which it exports as is.
+    """
+    wrapper = RawTail(tail).eval()
+    if isinstance(tail, torch.jit.ScriptModule):
+        with quiet_torchscript():
+            return torch.jit.script(wrapper)
+    return wrapper
+
+
 def export_onnx(
     bundle_or_net: Bundle | SplitExitNet,
     out_dir: str | os.PathLike[str],
@@ -64,8 +80,9 @@ def export_onnx(
 ) -> dict[str, Path]:
     """Export head segments, exits, tail and a Triton raw-tail model to `out_dir`.
 
-    A `Bundle` (loaded with all parts) supplies the name, input shape and class names; a
-    `SplitExitNet` needs `example_input_shape` (C, H, W). Returns {piece: path}, pieces being
+    A `Bundle` (loaded with all parts; its pieces are TorchScript, exported as such)
+    supplies the name, input shape and class names; a `SplitExitNet` needs
+    `example_input_shape` (C, H, W). Returns {piece: path}, pieces being
     "segment_<i>", "exit_<name>", "tail", "raw_tail" and "triton_config".
     """
     segments, exits, tail, input_shape, name, class_names = _pieces(
@@ -99,7 +116,7 @@ def export_onnx(
             torch.randint(0, 256, (2,), dtype=torch.uint8, generator=gen),
         )
         paths["raw_tail"] = triton / "1" / "model.onnx"
-        _export(RawTail(tail), raw, paths["raw_tail"], list(RAW_TAIL_INPUTS), ["logits"], opset)
+        _export(raw_tail(tail), raw, paths["raw_tail"], list(RAW_TAIL_INPUTS), ["logits"], opset)
     num_classes = int(logits.shape[1])
     labels = bool(class_names) and len(class_names) == num_classes  # type: ignore[arg-type]
     if labels:
@@ -223,6 +240,8 @@ def _export(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # a ScriptModule's forward has no Python signature to match the inputs against
+            warnings.filterwarnings("ignore", "no signature found", UserWarning)
             torch.onnx.export(
                 module,
                 args,
