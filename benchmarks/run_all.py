@@ -1,0 +1,334 @@
+"""The benchmark suite in one command (`make bench`): every strategy, every link rate, one run.
+
+    python benchmarks/run_all.py [--bundle PATH] [--large-bundle PATH] [--inputs N]
+        [--rates 1,5,20,100] [--rtt-ms 20] [--device-speed F] [--quick]
+
+Per track (small: `--bundle`, default the shipped `splitexit/zoo/fmnist-small`; large:
+`--large-bundle`, skipped with a note when not given), on the same Fashion-MNIST test
+images: local-only, full offload (JPEG q95, PNG), split-only, split + exit and split + exit
++ adaptive policy, at each link rate with `--rtt-ms` of RTT through the loopback link
+emulator; the analytic floor of each split run, the wire size of every format, the
+device-side cost, and where split + exit wins. Writes `suite_<track>.md`, `.json` and two
+PNG plots to benchmarks/results/ (`--quick`: a temporary folder, unless `--out`).
+
+`--device-speed F` (>= 1) models a device F times slower at compute by sleeping (F - 1) x
+each device-side piece's time; section 5 of the report also projects other speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import torch
+
+# benchmarks/ is on sys.path when this runs as a script: `suite` and `track_report` import
+from suite import analysis, plots, report
+from suite.inputs import Inputs, load_inputs
+from suite.services import tail_server
+from suite.split_runs import AdaptiveSettings, BareRequests, run_bare_requests, run_split
+from suite.strategies import BY_KEY, GAP_S, STRATEGIES, run_full_offload, run_local
+from suite.wire import measure_wire
+
+from splitexit.bundle import Bundle, load_bundle
+from splitexit.errors import SplitexitError
+from splitexit.link import LinkEmulator
+from splitexit.runtime import HeadRunner
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK_OUT = Path(tempfile.gettempdir()) / "splitexit-bench-quick"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/run_all.py",
+        description="splitexit's benchmark suite: split + exit against local-only and full "
+        "offload, over an emulated link, in one run.",
+    )
+    p.add_argument("--bundle", type=Path, help="small-track bundle (default: the shipped one)")
+    p.add_argument("--large-bundle", type=Path, help="large-track bundle (default: skip it)")
+    p.add_argument("--inputs", type=int, help="test images per cell, each track (300; quick 30)")
+    p.add_argument("--rates", default="1,5,20,100", help="link rates, Mbit/s (1,5,20,100)")
+    p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time (20)")
+    p.add_argument(
+        "--device-speed",
+        type=float,
+        default=1.0,
+        help="device F times slower than this CPU: sleeps (F-1) x device compute (1.0)",
+    )
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        help="adaptive policy's per-input deadline (default: 2 x RTT)",
+    )
+    p.add_argument("--accuracy-floor", type=float, help="adaptive policy's accuracy floor")
+    p.add_argument(
+        "--reference-rate",
+        type=float,
+        default=5.0,
+        help="rate for the device-cost table and plot (nearest measured; 5)",
+    )
+    p.add_argument(
+        "--strategies",
+        default=",".join(s.key for s in STRATEGIES),
+        help="comma-separated subset (default: all)",
+    )
+    p.add_argument("--cell-timeout-s", type=float, help="longest one cell may run (180; quick 30)")
+    p.add_argument("--out", type=Path, help=f"results folder ({RESULTS}; --quick: {QUICK_OUT})")
+    p.add_argument("--quick", action="store_true", help="30 inputs per cell: about a minute")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        keys = [k.strip() for k in args.strategies.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in BY_KEY]
+        if unknown or not rates or min(rates) <= 0 or args.device_speed < 1:
+            raise ValueError(f"unknown strategies {unknown}" if unknown else "bad rates or speed")
+    except ValueError as e:
+        print(f"run_all: {e}; strategies: {list(BY_KEY)}, device speed >= 1", file=sys.stderr)
+        return 2
+    args.rates, args.keys = rates, keys
+    args.inputs = args.inputs or (30 if args.quick else 300)
+    args.cell_timeout_s = args.cell_timeout_s or (30.0 if args.quick else 180.0)
+    out = args.out or (QUICK_OUT if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # the device side: one core; the server gets the other
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    tracks: list[tuple[str, Path | None]] = [("small", args.bundle), ("large", args.large_bundle)]
+    written = []
+    for track, path in tracks:
+        if track == "small" and path is None:
+            from splitexit.zoo import default_bundle_path
+
+            try:
+                path = default_bundle_path()
+            except SplitexitError as e:
+                print(f"run_all: {e}; or pass --bundle PATH", file=sys.stderr)
+                return 1
+        if path is None:
+            print(f"[{track}] skipped: no --large-bundle given", flush=True)
+            continue
+        written += run_track(track, path, args, out)
+    print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
+    return 0
+
+
+def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> list[Path]:
+    """Every measurement of one track; returns the files written."""
+    began = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    machine = report.machine()
+    bundle = load_bundle(path)
+    inputs = load_inputs(bundle, args.inputs)
+    say = _sayer(track)
+    say(f"bundle {bundle.manifest.name} ({path}), {len(inputs)} inputs")
+    warm_up(bundle, inputs)
+    tail_ms = analysis.tail_compute_ms(bundle, inputs)
+    deadline_ms = args.deadline_ms if args.deadline_ms is not None else 2 * args.rtt_ms
+    adaptive = AdaptiveSettings(deadline_ms / 1e3, args.accuracy_floor)
+    notes: list[str] = []
+    if all(t > 1 for t in bundle.manifest.thresholds.values()):
+        notes.append(
+            "every exit threshold is above 1: the bundle is not calibrated, so no input exits "
+            "and split + exit is split-only (run `splitexit calibrate` on it first)"
+        )
+        say(notes[-1])
+    cells, bare, direct = measure(track, path, bundle, inputs, args, adaptive, notes)
+    say("wire sizes and accuracy per format (offline)")
+    wire = measure_wire(bundle, inputs, tail_ms=tail_ms, frame_http=_frame_overhead(cells))
+
+    m = bundle.manifest
+    ref = min(args.rates, key=lambda r: abs(r - args.reference_rate))
+    speed = args.device_speed
+    doc: dict[str, Any] = {
+        "track": track,
+        "bundle": {
+            "name": m.name,
+            "path": str(path),
+            "fingerprint": m.fingerprint,
+            "thresholds": m.thresholds,
+            "teacher_accuracy": m.teacher_accuracy,
+        },
+        "command": "python benchmarks/run_all.py " + shlex.join(sys.argv[1:]),
+        "started": started,
+        "config": {
+            "inputs": len(inputs),
+            "rates_mbit": args.rates,
+            "rtt_ms": args.rtt_ms,
+            "device_speed": speed,
+            "quick": args.quick,
+            "reference_rate_mbit": ref,
+            "gap_ms": GAP_S * 1e3,
+            "cell_timeout_s": args.cell_timeout_s,
+        },
+        "adaptive": {"deadline_ms": deadline_ms, "accuracy_floor": args.accuracy_floor},
+        "machine": machine,
+        "link": report.LINK_NOTE,
+        "cells": [
+            {"strategy": c.strategy, "rate_mbit": c.rate_mbit, "stats": c.stats, "extra": c.extra}
+            for c in cells
+        ],
+        "tail_compute_ms": round(tail_ms, 4),
+        "ideal_vs_achieved": analysis.ideal_vs_achieved(cells, args.rtt_ms, tail_ms, speed),
+        "bare_requests": analysis.bare_floors(bare, args.rtt_ms, tail_ms, direct),
+        "wire": wire,
+        "device_cost": analysis.device_cost(cells, ref, speed),
+        "projections": analysis.projections(cells, args.rates, speed),
+        "notes": sorted(set(notes)),
+    }
+    doc["seconds"] = round(time.perf_counter() - began, 1)
+    doc["machine"]["load_average_end"] = report.machine()["load_average"]
+    pngs = [
+        plots.latency_plot(doc, out / f"suite_{track}_latency.png"),
+        plots.accuracy_plot(doc, out / f"suite_{track}_accuracy_bytes.png"),
+    ]
+    md, js = report.write_report(doc, out, pngs)
+    say(f"done in {doc['seconds']:.0f} s")
+    return [md, js, *pngs]
+
+
+def measure(
+    track: str,
+    path: Path,
+    bundle: Bundle,
+    inputs: Inputs,
+    args: argparse.Namespace,
+    adaptive: AdaptiveSettings,
+    notes: list[str],
+) -> tuple[list[analysis.Cell], dict[float, BareRequests], BareRequests]:
+    """Local-only once, then per rate: bare requests and every other strategy's cell."""
+    say = _sayer(track)
+    cells: list[analysis.Cell] = []
+    bare: dict[float, BareRequests] = {}
+    if "local" in args.keys:
+        cells.append(analysis.Cell("local", None, run_local(bundle, inputs, args.device_speed)))
+        say(_line(cells[-1]))
+    logs = Path(tempfile.mkdtemp(prefix=f"splitexit-bench-{track}-"))
+    spec = f"{args.rates[0]:g}mbit:{args.rtt_ms:g}ms"
+    with tail_server(path, logs / "server.log") as url, LinkEmulator(_target(url), spec) as link:
+        say(f"tail server at {url}, link emulator at {link.url} (server log {logs})")
+        direct = asyncio.run(asyncio.wait_for(run_bare_requests(bundle, inputs, url), 60))
+        say(f"bare requests  direct (no link)  mean {direct.mean_ms:7.2f} ms")
+        for rate in args.rates:
+            link.set(f"{rate:g}mbit:{args.rtt_ms:g}ms")
+            run = run_bare_requests(bundle, inputs, link.url)
+            bare[rate] = asyncio.run(asyncio.wait_for(run, 60))
+            say(f"bare requests   {rate:>5g} Mbit/s  mean {bare[rate].mean_ms:7.2f} ms")
+            for key in args.keys:
+                if key != "local":
+                    cell = _run_cell(bundle, inputs, link.url, key, rate, args, adaptive, notes)
+                    cells.append(asyncio.run(cell))
+                    say(_line(cells[-1]))
+    return cells, bare, direct
+
+
+async def _run_cell(
+    bundle: Bundle,
+    inputs: Inputs,
+    url: str,
+    key: str,
+    rate: float,
+    args: argparse.Namespace,
+    adaptive: AdaptiveSettings,
+    notes: list[str],
+) -> analysis.Cell:
+    """One strategy at one rate, bounded by the cell timeout; a failure leaves it empty
+    with a note (the run goes on)."""
+    strategy = BY_KEY[key]
+    limit = args.cell_timeout_s
+    where = f"{key} at {rate:g} Mbit/s"
+    try:
+        if strategy.kind == "image":
+            run = run_full_offload(
+                bundle.manifest.name, inputs, url, strategy, speed=args.device_speed
+            )
+            return analysis.Cell(key, rate, await asyncio.wait_for(run, limit))
+        samples, summary = await run_split(
+            bundle,
+            inputs,
+            url,
+            strategy,
+            adaptive=adaptive,
+            speed=args.device_speed,
+            timeout_s=limit,
+            log=lambda msg: notes.append(f"{where}: {msg}"),
+        )
+    except (asyncio.TimeoutError, SplitexitError, httpx.HTTPError, OSError) as e:
+        why = str(e) or "ran over the timeout"
+        notes.append(f"{where}: no samples ({type(e).__name__}: {why})")
+        print(f"  {notes[-1]}", file=sys.stderr)
+        return analysis.Cell(key, rate, [])
+    keep = ("fallback_reasons", "retries", "link", "client_sent_bytes", "client_received_bytes")
+    return analysis.Cell(key, rate, samples, {k: summary.get(k) for k in keep})
+
+
+@torch.inference_mode()
+def warm_up(bundle: Bundle, inputs: Inputs, rounds: int = 3) -> None:
+    """Run every TorchScript piece a few times at batch 1 (the profiling executor optimises
+    on the first calls) so no strategy pays for it in its first inputs."""
+    head = HeadRunner(bundle)
+    small = Inputs(inputs.pixels[:rounds], inputs.labels[:rounds], inputs.class_names)
+    for _ in range(2):
+        run_local(bundle, small, gap_s=0.0)
+        for i in range(len(small)):
+            head.run(bundle.preprocess(small.pixels[i][None]), thresholds=None)
+
+
+def _frame_overhead(cells: list[analysis.Cell]) -> float | None:
+    """Mean HTTP bytes around a frame in split-only's requests (None if it sent none)."""
+    sent = [
+        s.request_bytes - s.payload_bytes
+        for c in cells
+        if c.strategy == "split"
+        for s in c.samples
+        if s.offloaded
+    ]
+    return sum(sent) / len(sent) if sent else None
+
+
+def _target(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1" and parts.port is not None
+    return parts.hostname, parts.port
+
+
+def _line(c: analysis.Cell) -> str:
+    st = c.stats
+    if not st.get("inputs"):
+        return f"{c.strategy:<20} {'-' if c.rate_mbit is None else c.rate_mbit:>5}  no samples"
+    lat = st["latency_ms"]
+    acc = "-" if st["accuracy"] is None else f"{st['accuracy']:.3f}"
+    rate = "-" if c.rate_mbit is None else f"{c.rate_mbit:g}"
+    return (
+        f"{c.strategy:<20} {rate:>5} Mbit/s  mean {lat['mean']:7.2f} ms  p95 {lat['p95']:7.2f} ms"
+        f"  acc {acc}  up {st['bytes_per_input']['request']:7.0f} B/input"
+        f"  offloaded {100 * st['offload_rate']:5.1f}%"
+    )
+
+
+def _sayer(track: str) -> Any:
+    def say(msg: str) -> None:
+        print(f"[{track}] {msg}", flush=True)
+
+    return say
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
+    raise SystemExit(130)

@@ -1,0 +1,272 @@
+"""What the measurements say: analytic floors, device-side cost, and where each strategy wins.
+
+Analytic floor of one input (split strategies), with its own measured compute and bytes:
+
+    exited:     F x (preprocess + head segments + exits)
+    offloaded:  F x (preprocess + head + exits + quantize + frame)
+                + (request + response bytes) x 8 / rate + RTT + tail compute (server, median)
+
+F is `--device-speed`. The gap between the measured latency and the floor is what the
+framework adds. For each offloaded input it splits, from the agent's own record, into
+
+    server     its Server-Timing total - tail compute   (parsing, batcher, decode, answer)
+    network    round trip - server - bytes x 8 / rate - RTT   (httpx, the link emulator,
+               the OS; uvicorn before and after the server's own timing)
+    agent      latency - device compute - round trip   (threads, event loop, policy, records)
+
+Bare requests (`OffloadClient.infer` of one frame alone) time the transport without the
+agent, straight to the server and through the link.
+
+Projection to another device speed F' scales the measured device compute only:
+
+    latency(F') = measured latency + (F' - F) x device compute (unslowed)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from splitexit.bundle import Bundle
+from splitexit.runtime import HeadRunner, TailRunner
+
+from .inputs import Inputs
+from .samples import Sample, summarize
+from .split_runs import BareRequests
+from .strategies import BY_KEY
+
+PROJECTED_SPEEDS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class Cell:
+    """The samples of one strategy at one link rate (None: no link, local-only)."""
+
+    strategy: str
+    rate_mbit: float | None
+    samples: list[Sample]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return summarize(self.samples)
+
+    def mean_ms(self) -> float:
+        return float(np.mean([s.total_ms for s in self.samples]))
+
+    def device_ms(self) -> float:
+        """Mean device compute per input, unslowed."""
+        return float(np.mean([sum(s.device_ms.values()) for s in self.samples]))
+
+
+@torch.inference_mode()
+def tail_compute_ms(bundle: Bundle, inputs: Inputs, repeats: int = 30) -> float:
+    """Median time the server computes one frame: decode, dequantize, tail (batch of one)."""
+    head, tail = HeadRunner(bundle), TailRunner(bundle)
+    x = bundle.preprocess(inputs.pixels[:1])
+    z = head.run(x, exits=False).z
+    assert z is not None
+    b = bundle.manifest.bottleneck
+    frame = head.frame(z, max(b.bits), b.channels)
+    times = []
+    for i in range(repeats + 3):
+        start = time.perf_counter()
+        tail.run_frames([frame])
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def floor_ms(s: Sample, rate_mbit: float, rtt_ms: float, tail_ms: float, speed: float) -> float:
+    device = speed * sum(s.device_ms.values())
+    if not s.offloaded:
+        return device
+    wire = (s.request_bytes + s.response_bytes) * 8 / (rate_mbit * 1e3)
+    return device + wire + rtt_ms + tail_ms
+
+
+def ideal_vs_achieved(
+    cells: Sequence[Cell], rtt_ms: float, tail_ms: float, speed: float
+) -> list[dict[str, Any]]:
+    """Per split cell: mean floor and mean measured latency, over all inputs and offloaded;
+    for offloaded inputs, the gap split into server, network and agent."""
+    rows = []
+    for c in cells:
+        if BY_KEY[c.strategy].kind != "split" or c.rate_mbit is None or not c.samples:
+            continue
+        floors = np.array([floor_ms(s, c.rate_mbit, rtt_ms, tail_ms, speed) for s in c.samples])
+        measured = np.array([s.total_ms for s in c.samples])
+        off = np.array([s.offloaded for s in c.samples])
+        row: dict[str, Any] = {
+            "strategy": c.strategy,
+            "rate_mbit": c.rate_mbit,
+            "offload_rate": round(float(off.mean()), 4),
+            "floor_ms": round(float(floors.mean()), 3),
+            "measured_ms": round(float(measured.mean()), 3),
+            "gap_ms": round(float(measured.mean() - floors.mean()), 3),
+            "gap_pct": round(100 * float(measured.mean() / floors.mean() - 1), 1),
+        }
+        if off.any():
+            f, m = float(floors[off].mean()), float(measured[off].mean())
+            row["offloaded"] = {
+                "floor_ms": round(f, 3),
+                "measured_ms": round(m, 3),
+                "gap_pct": round(100 * (m / f - 1), 1),
+                **_gap_parts(
+                    [s for s in c.samples if s.offloaded], c.rate_mbit, rtt_ms, tail_ms, speed
+                ),
+            }
+        rows.append(row)
+    return rows
+
+
+def _gap_parts(
+    offloaded: Sequence[Sample], rate_mbit: float, rtt_ms: float, tail_ms: float, speed: float
+) -> dict[str, float]:
+    """Mean ms of the gap spent in the server, the network path and the agent (see the
+    module docstring); {} when the records lack the round trip."""
+    server, network, agent = [], [], []
+    for s in offloaded:
+        if s.network_ms is None:
+            continue
+        srv = s.server_ms if s.server_ms is not None else tail_ms  # unknown: all in network
+        wire = (s.request_bytes + s.response_bytes) * 8 / (rate_mbit * 1e3)
+        device = speed * sum(s.device_ms.values())
+        server.append(srv - tail_ms)
+        network.append(s.network_ms - wire - rtt_ms)
+        agent.append(s.total_ms - device - s.network_ms - srv)
+    if not server:
+        return {}
+    return {
+        "server_ms": round(float(np.mean(server)), 3),
+        "network_ms": round(float(np.mean(network)), 3),
+        "agent_ms": round(float(np.mean(agent)), 3),
+    }
+
+
+def bare_floors(
+    bare: dict[float, BareRequests],
+    rtt_ms: float,
+    tail_ms: float,
+    direct: BareRequests | None = None,
+) -> list[dict[str, Any]]:
+    """Bare requests per rate (and `direct`: no emulator, rate None) against their floor,
+    bytes x 8 / rate + RTT + tail (direct: the tail alone)."""
+    runs: list[tuple[float | None, BareRequests]] = sorted(bare.items())
+    if direct is not None:
+        runs.insert(0, (None, direct))
+    rows = []
+    for rate, b in runs:
+        wire = 0.0 if rate is None else (b.request_bytes + b.response_bytes) * 8 / (rate * 1e3)
+        floor = wire + (0.0 if rate is None else rtt_ms) + tail_ms
+        rows.append(
+            {
+                "rate_mbit": rate,
+                "requests": b.count,
+                "request_bytes": round(b.request_bytes, 1),
+                "response_bytes": round(b.response_bytes, 1),
+                "floor_ms": round(floor, 3),
+                "measured_ms": round(b.mean_ms, 3),
+                "gap_ms": round(b.mean_ms - floor, 3),
+                "gap_pct": round(100 * (b.mean_ms / floor - 1), 1),
+            }
+        )
+    return rows
+
+
+def device_cost(cells: Sequence[Cell], rate_mbit: float, speed: float) -> list[dict[str, Any]]:
+    """Mean device-side ms per input by piece (slowed by F) and their share of the latency,
+    for every strategy at `rate_mbit` (local-only: its one cell)."""
+    rows = []
+    for c in cells:
+        if c.rate_mbit not in (None, rate_mbit) or not c.samples:
+            continue
+        n = len(c.samples)
+        pieces: dict[str, float] = {}
+        for s in c.samples:
+            for k, v in s.device_ms.items():
+                pieces[k] = pieces.get(k, 0.0) + speed * v / n
+        total = c.mean_ms()
+        device = sum(pieces.values())
+        rows.append(
+            {
+                "strategy": c.strategy,
+                "rate_mbit": c.rate_mbit,
+                "pieces_ms": {k: round(v, 4) for k, v in pieces.items()},
+                "device_ms": round(device, 4),
+                "latency_ms": round(total, 3),
+                "device_share": round(device / total, 4) if total else None,
+            }
+        )
+    return rows
+
+
+def projections(cells: Sequence[Cell], rates: Sequence[float], speed: float) -> dict[str, Any]:
+    """Projected mean latency per strategy, rate and device speed F', the fastest strategy at
+    each (rate, F'), and the range of F' where each split + exit variant beats local-only and
+    both full offloads."""
+    local = next((c for c in cells if c.rate_mbit is None and c.samples), None)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    fastest: dict[str, dict[str, str]] = {}
+    ranges: dict[str, dict[str, Any]] = {}
+    for rate in rates:
+        here = [c for c in cells if c.rate_mbit == rate and c.samples]
+        if local is not None:
+            here.append(local)
+        if not here:
+            continue
+        key = f"{rate:g}"
+        table[key] = {
+            c.strategy: {
+                f"{f:g}": round(c.mean_ms() + (f - speed) * c.device_ms(), 3)
+                for f in PROJECTED_SPEEDS
+            }
+            for c in here
+        }
+        fastest[key] = {
+            f"{f:g}": min(table[key], key=lambda s, f=f: table[key][s][f"{f:g}"])
+            for f in PROJECTED_SPEEDS
+        }
+        ranges[key] = {
+            k: _winning_range(here, speed, k) for k in ("split-exit", "split-exit-adaptive")
+        }
+    return {
+        "speeds": list(PROJECTED_SPEEDS),
+        "latency_ms": table,
+        "fastest": fastest,
+        "split_exit_wins": ranges,
+    }
+
+
+def _winning_range(cells: Sequence[Cell], speed: float, key: str) -> dict[str, Any]:
+    """The device speeds F' (from, to; to None: unbounded) where strategy `key` is faster
+    than local-only and than both full offloads, by the linear projection."""
+    by = {c.strategy: c for c in cells}
+    se = by.get(key)
+    if se is None:
+        return {}
+    lo, hi = 0.0, float("inf")
+    for other in ("local", "offload-jpeg95", "offload-png"):
+        o = by.get(other)
+        if o is None:
+            continue
+        # se wins at F' when  t_se + (F' - F) c_se < t_o + (F' - F) c_o
+        dt, dc = se.mean_ms() - o.mean_ms(), se.device_ms() - o.device_ms()
+        if abs(dc) < 1e-9:
+            if dt >= 0:
+                lo, hi = float("inf"), 0.0
+            continue
+        cross = speed - dt / dc
+        if dc < 0:  # se needs less device compute: wins on slower devices
+            lo = max(lo, cross)
+        else:
+            hi = min(hi, cross)
+    if lo >= hi:
+        return {"wins": False}
+    return {"wins": True, "from": round(lo, 2), "to": None if hi == float("inf") else round(hi, 2)}

@@ -1,0 +1,182 @@
+"""The strategies a user could pick, each run over the same inputs, one input at a time.
+
+    local-only    preprocess ─ head segments ─ tail (float code), all on the device
+    full offload  encode JPEG-95 / PNG ─ POST `image` ─► server: decode ─ whole model
+    split-*       the device agent (`device.Agent`) itself, posting `frame`s (`split_runs`)
+
+Every run is closed-loop: the next input arrives GAP_S after the previous one is answered,
+so a latency is that of an input alone on the link (no queueing behind earlier ones), which
+is what the analytic floor describes, and every strategy idles between inputs alike (compute
+right after an idle spell runs with cold caches; back-to-back, local compute would run
+hot, faster than a device that waits for its camera). Each input's latency runs from its
+pixels in memory to its answer on the device; the gap is not part of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+import httpx
+import torch
+
+from device.client import request_wire_bytes, response_wire_bytes, server_seconds
+from device.protocol import (
+    CONTENT_TYPE,
+    HEADER_LENGTH,
+    INPUT_NAME,
+    ProtocolError,
+    decode_response,
+    encode_request,
+)
+from splitexit.bundle import Bundle
+from splitexit.preprocess import encode_image
+
+from .device_side import DeviceClock, TimedPreprocess
+from .inputs import Inputs
+from .samples import Sample
+
+GAP_S = 0.010  # an input arrives this long after the previous answer, in every strategy
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One strategy: its key, its label in tables and plots, and how it runs."""
+
+    key: str
+    label: str
+    kind: str  # "local", "image" or "split"
+    image_format: str | None = None
+    quality: int = 95
+    exits: bool = True
+    policy: str = "fixed"
+
+
+STRATEGIES = (
+    Strategy("local", "local-only", "local"),
+    Strategy("offload-jpeg95", "full offload, JPEG q95", "image", "jpeg", 95),
+    Strategy("offload-png", "full offload, PNG", "image", "png"),
+    Strategy("split", "split-only", "split", exits=False),
+    Strategy("split-exit", "split + exit", "split"),
+    Strategy("split-exit-adaptive", "split + exit + adaptive", "split", policy="adaptive"),
+)
+BY_KEY = {s.key: s for s in STRATEGIES}
+
+
+# ------------------------------------------------------------------------------- local
+
+
+@torch.inference_mode()
+def run_local(
+    bundle: Bundle, inputs: Inputs, speed: float = 1.0, gap_s: float = GAP_S
+) -> list[Sample]:
+    """The whole model on the device: head segments, then the tail on the float code z."""
+    clock = DeviceClock(speed)
+    pre = TimedPreprocess(bundle.preprocess, clock)
+    out = []
+    for i in range(len(inputs)):
+        time.sleep(gap_s)
+        start = time.perf_counter()
+        f = pre(inputs.pixels[i][None])
+        for segment in bundle.segments:
+            f = clock.timed("head", segment, f)
+        logits = clock.timed("tail", bundle.tail, f)
+        total = (time.perf_counter() - start) * 1e3
+        pred = int(logits.argmax(dim=1)[0])
+        out.append(
+            Sample(
+                inputs.id(i),
+                total,
+                pred == int(inputs.labels[i]),
+                "device",
+                device_ms=clock.entries[-1],
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------ full offload
+
+
+def image_request(
+    http: httpx.AsyncClient, model: str, data: bytes, request_id: str
+) -> httpx.Request:
+    """The `image` inference request, built by the agent's own request encoder with the
+    input renamed and sent with the agent's headers: both baselines pay the same overhead."""
+    body, n = encode_request(data)
+    head = body[:n].replace(f'"{INPUT_NAME}"'.encode(), b'"image"', 1)
+    headers = {
+        HEADER_LENGTH: str(len(head)),
+        "Content-Type": CONTENT_TYPE,
+        "X-Request-ID": request_id,
+    }
+    path = f"/v2/models/{model}/infer"
+    return http.build_request("POST", path, content=head + body[n:], headers=headers)
+
+
+def lean_client(url: str, timeout_s: float = 10.0) -> httpx.AsyncClient:
+    """An httpx client without its default headers, as `device.OffloadClient` has."""
+    http = httpx.AsyncClient(base_url=url, timeout=timeout_s, trust_env=False)
+    http.headers.clear()
+    return http
+
+
+async def run_full_offload(
+    model: str,
+    inputs: Inputs,
+    url: str,
+    strategy: Strategy,
+    *,
+    speed: float = 1.0,
+    timeout_s: float = 10.0,
+    gap_s: float = GAP_S,
+) -> list[Sample]:
+    """Encode each image on the device, send it as the `image` input, the server does the rest."""
+    assert strategy.image_format is not None
+    clock = DeviceClock(speed)
+    out = []
+    async with lean_client(url, timeout_s) as http:
+        for i in range(min(2, len(inputs))):  # open the connection, warm the server's path
+            data = encode_image(inputs.pixels[i], strategy.image_format, strategy.quality)
+            with contextlib.suppress(httpx.HTTPError):
+                await http.send(image_request(http, model, data, f"warmup-{i}"))
+        for i in range(len(inputs)):
+            await asyncio.sleep(gap_s)
+            start = time.perf_counter()
+            clock.begin()
+            data = clock.timed(
+                "image_encode",
+                encode_image,
+                inputs.pixels[i],
+                strategy.image_format,
+                strategy.quality,
+            )
+            request = image_request(http, model, data, f"bench-{i:06d}")
+            sent = time.perf_counter()
+            pred, response_bytes, server_s = None, 0, None
+            with contextlib.suppress(httpx.HTTPError, ProtocolError):
+                response = await http.send(request)
+                response_bytes = response_wire_bytes(response)
+                server_s = server_seconds(response)
+                if response.status_code == 200:
+                    pred = decode_response(response.content, response.headers).prediction
+            done = time.perf_counter()
+            server_ms = None if server_s is None else server_s * 1e3
+            out.append(
+                Sample(
+                    inputs.id(i),
+                    (done - start) * 1e3,
+                    pred == int(inputs.labels[i]),
+                    "server" if pred is not None else "error",
+                    None,
+                    len(data),
+                    request_wire_bytes(request),
+                    response_bytes,
+                    (done - sent) * 1e3 - (server_ms or 0.0),
+                    clock.entries[-1],
+                    server_ms,
+                )
+            )
+    return out
