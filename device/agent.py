@@ -242,9 +242,25 @@ class Agent:
         if not await self._acquire(window):
             self.net.release()
             return self._local(work, FALLBACK, "interrupted", encode_s=encode_s)
+        late = self._blocked_while_waiting()
+        if late is not None:  # an answer that came while this frame waited for the window
+            window.release()
+            self.net.release()
+            return self._local(work, FALLBACK, late, encode_s=encode_s)
         task = asyncio.create_task(self._offload(work, point, frame, encode_s))
         tasks.add(task)
         task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+        return None
+
+    def _blocked_while_waiting(self) -> str | None:
+        """Why a frame that already passed `blocked()` must not go out after all, or None."""
+        assert self.net is not None
+        if self.net.disabled is not None:
+            return self.net.disabled
+        if self.net.breaker.held:
+            return "busy"
+        if self.net.breaker.state == "open":
+            return "circuit_open"
         return None
 
     async def _acquire(self, window: asyncio.Semaphore) -> bool:

@@ -27,7 +27,7 @@ from ..preprocess import Preprocess
 from ..splitnet import SplitExitNet
 from .batches import ArraySplit
 from .config import ExperimentConfig
-from .distributed import DistInfo, check_ranks_agree, init_distributed, shutdown
+from .distributed import DistInfo, barrier, check_ranks_agree, init_distributed, shutdown
 from .evaluate import accuracy, evaluate_split, mean_frame_bytes
 from .loop import OperatingPoints, StageRun, checkpoint_path, run_stage, stage_done
 from .objectives import ExitObjective, FinetuneObjective, HeadDistillObjective, TeacherObjective
@@ -142,7 +142,9 @@ def run_experiment(cfg: ExperimentConfig, *, export: bool = True, log=print) -> 
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     try:
-        return _run(cfg, device, dist, export=export, log=log)
+        results = _run(cfg, device, dist, export=export, log=log)
+        barrier(dist)  # rank 0 evaluates and exports last: every rank leaves together
+        return results
     finally:
         shutdown(dist)
 
