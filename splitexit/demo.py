@@ -96,6 +96,8 @@ def tail_server(bundle: Path, port: int, log: Path, *, max_batch: int = 16) -> I
         str(port),
         "--max-batch-size",
         str(max_batch),
+        "--torch-threads",
+        "1",
     ]
     with log.open("w") as log_file:
         proc = subprocess.Popen(
@@ -163,6 +165,8 @@ def run_agent(
         policy,
         "--window",
         "8",
+        "--threads",
+        "1",
     ]
     cmd += ["--server", url] if url else ["--local-only"]
     if link:
