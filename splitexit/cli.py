@@ -90,6 +90,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    agent_args = []
+    if args.deadline_ms is not None:
+        agent_args += ["--deadline-ms", str(args.deadline_ms)]
+    if args.accuracy_floor is not None:
+        agent_args += ["--accuracy-floor", str(args.accuracy_floor)]
     return run_demo(
         bundle=args.bundle,
         data=args.data,
@@ -98,6 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=args.out,
         policy=args.policy,
         local_only=args.local_only,
+        agent_args=agent_args,
     )
 
 
@@ -187,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["adaptive", "fixed"],
         default="adaptive",
         help="the agent's offload policy (default: adaptive)",
+    )
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        help="adaptive policy: per-input latency budget (answer locally when no "
+        "offload can meet it)",
+    )
+    p.add_argument(
+        "--accuracy-floor",
+        type=float,
+        help="adaptive policy: lowest accuracy an operating point may have",
     )
     p.add_argument("--local-only", action="store_true", help="no server: answer on the device")
     p.set_defaults(func=cmd_demo)
