@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -55,7 +57,7 @@ from splitexit.zoo import default_bundle_path
 BUNDLE = Path(os.environ.get("SPLITEXIT_BUNDLE") or default_bundle_path())
 TABLES = Path(os.environ.get("SPLITEXIT_TABLES") or Path("data") / BUNDLE.name)
 bundle = load_bundle(BUNDLE)
-print(bundle.manifest.name, bundle.fingerprint[:16], "exits:", [e.name for e in bundle.manifest.exits])
+print(bundle.manifest.name, bundle.fingerprint[:16], [e.name for e in bundle.manifest.exits])
 
 # %%
 def tables(limit: int | None = None) -> dict[str, CalibrationTable]:
