@@ -33,23 +33,13 @@ from fastapi.responses import JSONResponse
 
 from splitexit.bundle import export_bundle, load_bundle, write_thresholds
 from splitexit.bundle.load import Bundle
+from splitexit.data import FASHION_MNIST_CLASSES
 from splitexit.runtime import HeadRunner, TailRunner
 
 LOOPBACK = "127.0.0.1"
 N_IMAGES = 240
 CHANNELS, BITS = (2, 4, 8), (2, 4, 8)
-CLASS_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+CLASS_NAMES = FASHION_MNIST_CLASSES
 
 
 def grid_accuracy(k: int, bits: int) -> float:
