@@ -200,3 +200,30 @@ def test_torchrun_two_cpu_ranks_train_the_same_model(tmp_path) -> None:
     assert "all 2 ranks agree on the final weights" in proc.stdout + proc.stderr
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     assert results["teacher_accuracy"] > 0
+
+
+def test_batchnorm_recalibration_averages_the_statistics_of_the_given_batches() -> None:
+    from splitexit.models import build_model
+    from splitexit.preprocess import Preprocess
+    from splitexit.train.batches import ArraySplit, epoch_generator, iterate_batches
+    from splitexit.train.config import Optim
+    from splitexit.train.loop import StageRun, recalibrate_batchnorm
+    from splitexit.train.objectives import TeacherObjective
+
+    torch.manual_seed(0)
+    model = build_model("small_resnet", width=8)
+    images = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8)
+    split = ArraySplit(images, torch.randint(0, 10, (96,)))
+    pre = Preprocess(size=(28, 28), mean=(0.5,), std=(0.25,), channels=1)
+    optim = Optim(batch_size=32, bn_recalibration_batches=2)
+    run = StageRun("t", optim, split, pre, Path("."), seed=1, device=torch.device("cpu"))
+    bn = model.stem.bn
+    bn.running_mean.fill_(123.0)
+    recalibrate_batchnorm(run, TeacherObjective(model), epoch=0)
+    g = epoch_generator(1, "t-bn", 0)
+    means = [
+        model.stem.conv(x).mean(dim=(0, 2, 3))
+        for _, (x, _) in zip(range(2), iterate_batches(split, pre, 32, generator=g))
+    ]
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
+    assert bn.momentum == 0.1  # restored

@@ -37,6 +37,10 @@ class Optim:
     warmup_epochs: float = 0.0
     batch_size: int = 128
     label_smoothing: float = 0.0
+    # After each epoch, re-estimate BatchNorm statistics over this many training batches
+    # (0: off). Needed where BN momentum is low (TF-ported models such as EfficientNet:
+    # 0.01) and the bottleneck shifts what the tail's BN layers see.
+    bn_recalibration_batches: int = 0
 
 
 @dataclass

@@ -69,6 +69,49 @@ class StageRun:
     evaluate: Callable[[], dict[str, float]] | None = None
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(run: StageRun, objective: nn.Module, epoch: int) -> None:
+    """Re-estimate the running statistics of the BatchNorm layers this stage trains.
+
+    Their statistics are reset and averaged (momentum None: a plain cumulative mean) over
+    `bn_recalibration_batches` training batches, drawn and given operating points the way
+    training does; frozen (eval-mode) layers are left alone.
+    """
+    objective.train()
+    for m in objective.frozen():
+        m.eval()
+    layers = [
+        m
+        for m in objective.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+    ]
+    if not layers:
+        return
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    g = epoch_generator(run.seed, f"{run.name}-bn", epoch)
+    batches = iterate_batches(
+        run.train,
+        run.preprocess,
+        run.optim.batch_size,
+        generator=g,
+        augment_data=run.augment,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+        device=run.device,
+        drop_last=True,
+    )
+    for i, (x, y) in enumerate(batches):
+        if i >= run.optim.bn_recalibration_batches:
+            break
+        bits, keep = run.points.sample(len(y), g) if run.points else (None, None)
+        objective(x, y, bits, keep)
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+
+
 def make_optimizer(params: list[nn.Parameter], optim: Optim) -> torch.optim.Optimizer:
     if optim.optimizer == "sgd":
         return torch.optim.SGD(
@@ -171,6 +214,8 @@ def run_stage(run: StageRun, objective: nn.Module, model: nn.Module) -> dict[str
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
         bar.close()
+        if run.optim.bn_recalibration_batches > 0:
+            recalibrate_batchnorm(run, objective, epoch)
         sync_buffers(model, run.dist)
         loss_sum, correct, count = all_reduce_sum(sums, run.dist)
         record = {
