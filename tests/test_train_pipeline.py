@@ -223,7 +223,7 @@ def test_batchnorm_recalibration_averages_the_statistics_of_the_given_batches() 
     g = epoch_generator(1, "t-bn", 0)
     means = [
         model.stem.conv(x).mean(dim=(0, 2, 3))
-        for _, (x, _) in zip(range(2), iterate_batches(split, pre, 32, generator=g))
+        for _, (x, _) in zip(range(2), iterate_batches(split, pre, 32, generator=g), strict=False)
     ]
     torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
     assert bn.momentum == 0.1  # restored
