@@ -44,7 +44,8 @@ def test_slow_link_moves_the_policy_local_and_back_when_it_recovers() -> None:
 
     # (the last inputs of a phase may still be on the wire when the link changes)
     fast, slow, recovered = records[20:38], records[80:120], records[-20:]
-    assert all((r.decided_by, r.channels, r.bits) == ("server", 8, 8) for r in fast)
+    widest = [r for r in fast if (r.decided_by, r.channels, r.bits) == ("server", 8, 8)]
+    assert len(widest) >= 0.8 * len(fast), [(r.decided_by, r.channels, r.bits) for r in fast]
     local = [r for r in slow if r.decided_by != "server"]
     assert len(local) >= 0.7 * len(slow)
     assert all(r.reason == "deadline" for r in local), [(r.decided_by, r.reason) for r in local]
