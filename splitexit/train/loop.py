@@ -69,6 +69,21 @@ class StageRun:
     evaluate: Callable[[], dict[str, float]] | None = None
 
 
+def epoch_batches(run: StageRun, g: torch.Generator):
+    """This rank's shuffled, augmented training batches for one pass, drawn from `g`."""
+    return iterate_batches(
+        run.train,
+        run.preprocess,
+        run.optim.batch_size,
+        generator=g,
+        augment_data=run.augment,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+        device=run.device,
+        drop_last=True,
+    )
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(run: StageRun, objective: nn.Module, epoch: int) -> None:
     """Re-estimate the running statistics of the BatchNorm layers this stage trains.
@@ -92,17 +107,7 @@ def recalibrate_batchnorm(run: StageRun, objective: nn.Module, epoch: int) -> No
         m.reset_running_stats()
         m.momentum = None
     g = epoch_generator(run.seed, f"{run.name}-bn", epoch)
-    batches = iterate_batches(
-        run.train,
-        run.preprocess,
-        run.optim.batch_size,
-        generator=g,
-        augment_data=run.augment,
-        rank=run.dist.rank,
-        world_size=run.dist.world_size,
-        device=run.device,
-        drop_last=True,
-    )
+    batches = epoch_batches(run, g)
     for i, (x, y) in enumerate(batches):
         if i >= run.optim.bn_recalibration_batches:
             break
@@ -177,17 +182,7 @@ def run_stage(run: StageRun, objective: nn.Module, model: nn.Module) -> dict[str
         for m in objective.frozen():
             m.eval()
         g = epoch_generator(run.seed, run.name, epoch)
-        batches = iterate_batches(
-            run.train,
-            run.preprocess,
-            run.optim.batch_size,
-            generator=g,
-            augment_data=run.augment,
-            rank=run.dist.rank,
-            world_size=run.dist.world_size,
-            device=run.device,
-            drop_last=True,
-        )
+        batches = epoch_batches(run, g)
         sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
         began = time.perf_counter()
         bar = tqdm(
