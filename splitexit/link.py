@@ -12,6 +12,12 @@ at about 1 ms of link time (at least 1460 bytes), so data flows while a big tran
 still arriving. Rate and RTT can change at runtime (`set`), e.g. to emulate a link that
 degrades and recovers; a new rate applies to the bytes not yet sent (within 5 ms).
 
+It runs on plain threads and blocking sockets (an accept thread, then per connection and
+direction a transmit and a deliver thread), not asyncio: `time.sleep`-like waits are late
+by ~0.2 ms where an event loop's timers are late by ~1 ms, which would add 2-4 ms to every
+round trip. Half-closes pass through (EOF one way is delivered, the other way goes on); a
+reset or a failed write closes the connection both ways; a dead target closes the client's.
+
 Use it from tests, the demo and benchmarks::
 
     with LinkEmulator(("127.0.0.1", server_port), "5mbit:20ms") as link:
@@ -26,18 +32,21 @@ no jitter, no kernel queues).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import math
 import re
+import socket
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 LOOPBACK = "127.0.0.1"
 _READ_BYTES = 64 * 1024
 _MIN_SLICE = 1460  # one Ethernet TCP segment
-_QUEUE_SLICES = 1024
+_QUEUE_SLICES = 1024  # slices in flight per direction of a connection
+_CONNECT_TIMEOUT_S = 30.0
 _LOOKAHEAD_S = 0.005  # the transmitter reserves the link this far ahead of time
 _RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -111,6 +120,7 @@ class _Shaper:
 
     def __init__(self, link: LinkEmulator) -> None:
         self._link = link
+        self._lock = threading.Lock()
         self._free_at = 0.0  # when the link has serialized everything scheduled so far
         self.bytes = 0
 
@@ -123,12 +133,13 @@ class _Shaper:
     def transmit(self, n: int, now: float) -> float:
         """Reserve the link for n bytes from now on; returns when they are all sent."""
         spec = self._link.spec
-        self.bytes += n
-        if spec.rate_bps is None:
-            return now
-        credit = self._link.burst_bytes * 8 / spec.rate_bps
-        self._free_at = max(self._free_at, now - credit) + n * 8 / spec.rate_bps
-        return max(self._free_at, now)
+        with self._lock:
+            self.bytes += n
+            if spec.rate_bps is None:
+                return now
+            credit = self._link.burst_bytes * 8 / spec.rate_bps
+            self._free_at = max(self._free_at, now - credit) + n * 8 / spec.rate_bps
+            return max(self._free_at, now)
 
 
 class LinkEmulator:
@@ -163,10 +174,11 @@ class LinkEmulator:
         self.up = _Shaper(self)
         self.down = _Shaper(self)
         self.connections = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._lock = threading.RLock()  # guards the fields below
+        self._listener: socket.socket | None = None
+        self._stopping = False
+        self._conns: set[_Connection] = set()
+        self._threads: set[threading.Thread] = set()
 
     # ------------------------------------------------------------------------ control
 
@@ -188,67 +200,43 @@ class LinkEmulator:
             rate = None
         self.spec = LinkSpec(rate, self.spec.rtt_s if rtt_s is None else rtt_s)
 
-    async def start_async(self) -> LinkEmulator:
-        """Start listening on the running event loop (use `start` for a background thread)."""
-        self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop_async(self) -> None:
-        """Stop listening and close every proxied connection."""
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-            self._server = None
-
     def start(self, timeout_s: float = 10.0) -> LinkEmulator:
-        """Run the proxy in a daemon thread with its own event loop; returns once listening."""
-        if self._thread is not None:
-            raise RuntimeError("this LinkEmulator is already running")
-        ready = threading.Event()
-        error: list[BaseException] = []
+        """Listen and serve from daemon threads; returns once listening.
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self.start_async())
-            except BaseException as e:  # reported to the starting thread
-                error.append(e)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(self.stop_async())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="splitexit-link", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout_s):
-            raise RuntimeError(f"the link emulator did not start within {timeout_s} s")
-        if error:
-            self._thread = None
-            raise error[0]
+        `timeout_s` is kept for compatibility: binding the port is immediate.
+        """
+        del timeout_s
+        with self._lock:
+            if self._listener is not None:
+                raise RuntimeError("this LinkEmulator is already running")
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            listener = socket.create_server((self.host, self.port), family=family, backlog=128)
+            self.port = listener.getsockname()[1]
+            self._listener = listener
+            self._stopping = False
+            self._spawn(self._accept, "accept", listener)
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the background thread started by `start` (idempotent)."""
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None:
-            return
-        with contextlib.suppress(RuntimeError):  # loop already closed
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout_s)
-        self._thread = None
+        """Close the listener and every proxied connection, join the threads (idempotent)."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            if listener is None:
+                return
+            self._stopping = True
+            conns = list(self._conns)
+        _shutdown(listener)  # wakes the accept thread
+        for conn in conns:
+            conn.abort()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                threads = [t for t in self._threads if t is not threading.current_thread()]
+            left = deadline - time.monotonic()
+            if not threads or left <= 0:
+                break
+            threads[0].join(left)
+        listener.close()
 
     def __enter__(self) -> LinkEmulator:
         return self.start()
@@ -262,88 +250,178 @@ class LinkEmulator:
 
     # ------------------------------------------------------------------------- proxying
 
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        server_w: asyncio.StreamWriter | None = None
-        try:
+    def _spawn(self, fn: Callable[..., None], name: str, *args: object) -> None:
+        """Run fn(*args) in a daemon thread that `stop` joins."""
+
+        def run() -> None:
             try:
-                server_r, server_w = await asyncio.open_connection(*self.target)
-            except OSError:
-                return  # the target is down: close the client's connection, like a dead link
-            pipes = {
-                asyncio.create_task(self._pipe(client_r, server_w, self.up)),
-                asyncio.create_task(self._pipe(server_r, client_w, self.down)),
-            }
-            try:
-                pending = pipes
-                while pending:  # one direction may end (half-close) while the other goes on
-                    done, pending = await asyncio.wait(pending, return_when="FIRST_COMPLETED")
-                    if any(t.cancelled() or t.exception() is not None for t in done):
-                        break  # a reset or a failed write: tear the connection down
+                fn(*args)
             finally:
-                for t in pipes:
-                    t.cancel()
-                await asyncio.gather(*pipes, return_exceptions=True)
-        except asyncio.CancelledError:
-            pass  # stop_async: end quietly, the connection closes below
+                with self._lock:
+                    self._threads.discard(thread)
+
+        thread = threading.Thread(target=run, name=f"splitexit-link-{name}", daemon=True)
+        with self._lock:  # started before `stop` can see it, listed before it can end
+            self._threads.add(thread)
+            thread.start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                with self._lock:
+                    if self._stopping:
+                        return
+                time.sleep(0.01)  # a transient error (a connection aborted, out of fds)
+                continue
+            with self._lock:
+                if self._stopping:
+                    client.close()
+                    return
+                self.connections += 1
+                conn = _Connection(self, client, self.connections)
+                self._conns.add(conn)
+            self._spawn(conn.run, f"{conn.number}-connect")
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+
+def _shutdown(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(how)
+
+
+class _Direction:
+    """One way through one connection, two threads and a queue between them.
+
+    src ─ transmit (recv, cut, reserve the shared link at its rate now) ─ air queue
+        ─ deliver (RTT/2 after it was sent; shutdown(SHUT_WR) at EOF) ─ dst
+    """
+
+    def __init__(self, src: socket.socket, dst: socket.socket, shaper: _Shaper) -> None:
+        self.src, self.dst, self.shaper = src, dst, shaper
+        self.air: deque[tuple[float, bytes] | None] = deque()  # (deliver at, data); None: EOF
+        self.cond = threading.Condition()
+
+
+class _Connection:
+    """A proxied connection: per direction, a transmit thread and a deliver thread."""
+
+    def __init__(self, link: LinkEmulator, client: socket.socket, number: int) -> None:
+        self.link, self.client, self.number = link, client, number
+        self.server: socket.socket | None = None
+        self.closed = threading.Event()  # torn down (a reset, a failed write, stop)
+        self._lock = threading.Lock()
+        self._running = 0  # pipe threads still running; the last one closes the sockets
+        self._ways: list[_Direction] = []
+
+    def run(self) -> None:
+        """Connect to the target, then start the four pipe threads."""
+        link = self.link
+        try:
+            self.server = socket.create_connection(link.target, timeout=_CONNECT_TIMEOUT_S)
+            self.server.settimeout(None)
+            for sock in (self.client, self.server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self.closed.set()  # the target is down: close the client's connection
+        with self._lock:
+            if not self.closed.is_set():
+                assert self.server is not None
+                self._ways = [
+                    _Direction(self.client, self.server, link.up),
+                    _Direction(self.server, self.client, link.down),
+                ]
+                self._running = 4
+        if not self._ways:
+            self._close()
+            return
+        for way, name in zip(self._ways, ("up", "down"), strict=True):
+            link._spawn(self._transmit, f"{self.number}-{name}-transmit", way)
+            link._spawn(self._deliver, f"{self.number}-{name}-deliver", way)
+
+    def abort(self) -> None:
+        """Tear the connection down both ways; the pipe threads wake up and end."""
+        with self._lock:
+            self.closed.set()
+            socks = [s for s in (self.client, self.server) if s is not None]
+            ways = list(self._ways)
+        for sock in socks:
+            _shutdown(sock)  # unblocks recv and sendall; the last thread out closes
+        for way in ways:
+            with way.cond:
+                way.cond.notify_all()
+
+    def _transmit(self, way: _Direction) -> None:
+        """Read, cut into ~1 ms slices, reserve the shared link, queue for delivery."""
+        try:
+            while data := way.src.recv(_READ_BYTES):
+                step = way.shaper.slice_size()
+                for i in range(0, len(data), step):
+                    if not self._send(way, data[i : i + step]):
+                        return
+            with way.cond:
+                way.air.append(None)  # EOF: half-close once everything is delivered
+                way.cond.notify_all()
+        except OSError:
+            self.abort()  # a reset
         finally:
-            for w in (client_w, server_w):
-                if w is not None:
-                    w.close()
-            self._tasks.discard(task)
+            self._done()
 
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shaper: _Shaper
-    ) -> None:
-        """Copy one direction through the link; half-closes the writer at EOF.
+    def _send(self, way: _Direction, data: bytes) -> bool:
+        with way.cond:
+            while len(way.air) >= _QUEUE_SLICES and not self.closed.is_set():
+                way.cond.wait()
+            if self.closed.is_set():
+                return False
+            sent = way.shaper.transmit(len(data), time.monotonic())
+            way.air.append((sent + self.link.spec.rtt_s / 2, data))
+            way.cond.notify_all()
+        # take the next slice shortly before this one is out: a rate change applies
+        # within _LOOKAHEAD_S, and a late wake-up does not idle the link
+        wait = sent - _LOOKAHEAD_S - time.monotonic()
+        return not (wait > 0 and self.closed.wait(wait))
 
-        reader ─ wire queue ─ transmit (the shared link, at its rate now) ─ air queue
-               ─ deliver (RTT/2 after it was sent) ─ writer
-        """
-        wire: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE_SLICES)
-        air: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
-
-        async def transmit() -> None:
-            while (data := await wire.get()) is not None:
-                sent = shaper.transmit(len(data), time.monotonic())
-                await air.put((sent + self.spec.rtt_s / 2, data))
-                # take the next slice shortly before this one is out: a rate change applies
-                # within _LOOKAHEAD_S, and a late wake-up does not idle the link
-                wait = sent - _LOOKAHEAD_S - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-            await air.put(None)
-
-        async def deliver() -> None:
-            while (item := await air.get()) is not None:
+    def _deliver(self, way: _Direction) -> None:
+        """Hand each slice to dst at its delivery time; half-close dst at EOF."""
+        try:
+            while True:
+                with way.cond:
+                    while not way.air and not self.closed.is_set():
+                        way.cond.wait()
+                    if self.closed.is_set():
+                        return
+                    item = way.air.popleft()
+                    way.cond.notify_all()  # room for the transmitter
+                if item is None:
+                    way.dst.shutdown(socket.SHUT_WR)
+                    return
                 at, data = item
                 delay = at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                writer.write(data)
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-
-        me = asyncio.current_task()
-        assert me is not None
-        stages = [asyncio.create_task(transmit()), asyncio.create_task(deliver())]
-        for stage in stages:  # a failed write ends this pipe, even while it waits on a queue
-            stage.add_done_callback(lambda t: t.cancelled() or t.exception() is None or me.cancel())
-        try:
-            while data := await reader.read(_READ_BYTES):
-                step = shaper.slice_size()
-                for i in range(0, len(data), step):
-                    await wire.put(data[i : i + step])
-            await wire.put(None)
-            await asyncio.gather(*stages)
+                if delay > 0 and self.closed.wait(delay):
+                    return
+                way.dst.sendall(data)
+        except OSError:
+            self.abort()  # a failed write
         finally:
-            for stage in stages:
-                stage.cancel()
-            await asyncio.gather(*stages, return_exceptions=True)
+            self._done()
+
+    def _done(self) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self._close()
+
+    def _close(self) -> None:
+        for sock in (self.client, self.server):
+            if sock is not None:
+                _shutdown(sock)
+                sock.close()
+        self.link._forget(self)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,18 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", required=True, help="HOST:PORT of the server behind the link")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: free)")
     args = parser.parse_args(argv)
-    link = LinkEmulator(args.target, args.spec, port=args.port)
-
-    async def serve() -> None:
-        await link.start_async()
+    with LinkEmulator(args.target, args.spec, port=args.port) as link:
         print(f"link {link.spec}: {link.url} -> {args.target} (Ctrl-C stops)", flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await link.stop_async()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
     return 0
 
 

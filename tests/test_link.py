@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -121,6 +123,23 @@ def test_added_round_trip_is_observed_and_changes_at_runtime(sink: int) -> None:
         assert 0.02 <= min(rtts) < 0.02 + 0.05
 
 
+@pytest.mark.parametrize("spec", ["unlimited:20ms", "unlimited:20.2ms"])
+def test_the_delay_is_met_within_a_fraction_of_a_millisecond(sink: int, spec: str) -> None:
+    """No round trip is early, and the median is not ~1 ms late each way.
+
+    An event loop's timers wake ~1 ms late when a delay is not whole milliseconds (epoll's
+    timeout is rounded up): 20.2 ms took ~22.6 ms with asyncio; threads take ~20.6 ms.
+    """
+    with (
+        LinkEmulator((LOOPBACK, sink), spec) as link,
+        socket.create_connection((LOOPBACK, link.port), timeout=30) as conn,
+    ):
+        rtts = [exchange(conn, 0) for _ in range(20)]
+        rtt = link.spec.rtt_s
+    assert min(rtts) >= rtt
+    assert statistics.median(rtts) < rtt + 0.0015  # loose for a loaded machine
+
+
 def test_rate_and_delay_add_up_for_a_request(sink: int) -> None:
     """A 10 kB request at 400 kbit/s with 50 ms RTT takes 0.2 s + 0.05 s."""
     with (
@@ -182,3 +201,56 @@ def test_stop_is_idempotent_and_frees_the_port(sink: int) -> None:
     link.stop()
     with pytest.raises(OSError):
         socket.create_connection((LOOPBACK, port), timeout=1).close()
+
+
+def test_a_half_close_is_delivered_and_the_answer_comes_back() -> None:
+    """The client's EOF reaches the server after its data; the server's answer still flows."""
+    with socket.create_server((LOOPBACK, 0)) as srv:
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                got = 0
+                while chunk := conn.recv(1 << 16):
+                    got += len(chunk)
+                conn.sendall(f"got {got}".encode())
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        with (
+            LinkEmulator((LOOPBACK, srv.getsockname()[1]), "10mbit:10ms") as link,
+            socket.create_connection((LOOPBACK, link.port), timeout=10) as conn,
+        ):
+            conn.sendall(bytes(30_000))
+            conn.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := conn.recv(100):
+                reply += chunk
+        t.join(5)
+    assert reply == b"got 30000"
+    assert link.up.bytes == 30_000 and link.down.bytes == len(reply)
+
+
+def test_stop_is_prompt_while_a_transfer_is_in_flight(sink: int) -> None:
+    """A 1 MB upload at 100 kbit/s would take 80 s: stop() ends it and its threads at once."""
+    link = LinkEmulator((LOOPBACK, sink), "100kbit:50ms").start()
+    conn = socket.create_connection((LOOPBACK, link.port), timeout=30)
+
+    def upload() -> None:
+        with contextlib.suppress(OSError):  # the link goes away mid-way
+            conn.sendall((1_000_000).to_bytes(8, "little") + bytes(1_000_000))
+            answers.append(conn.recv(1))
+
+    answers: list[bytes] = []
+
+    t = threading.Thread(target=upload, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    start = time.perf_counter()
+    link.stop()
+    seconds = time.perf_counter() - start
+    t.join(5)
+    conn.close()
+    assert seconds < 1.0
+    assert not t.is_alive() and answers in ([], [b""])
+    assert not [t for t in threading.enumerate() if t.name.startswith("splitexit-link")]
