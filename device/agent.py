@@ -329,6 +329,7 @@ class Agent:
                 confidence=res.answer.probability,
                 network_s=res.seconds - (res.server_s or 0.0),
                 server_s=res.server_s,
+                tail_s=res.compute_s,
                 frame_bytes=res.frame_bytes,
                 overhead_bytes=res.request_bytes - res.frame_bytes,
                 response_bytes=res.response_bytes,
@@ -370,6 +371,7 @@ class Agent:
         encode_s: float | None = None,
         network_s: float | None = None,
         server_s: float | None = None,
+        tail_s: float | None = None,
         **fields: Any,
     ) -> Record:
         name = None
@@ -380,6 +382,7 @@ class Agent:
             "encode": None if encode_s is None else encode_s * 1e3,
             "network": None if network_s is None else network_s * 1e3,
             "server": None if server_s is None else server_s * 1e3,
+            "tail": None if tail_s is None else tail_s * 1e3,
             "total": (time.monotonic() - work.t0) * 1e3,
         }
         source = None if work.item.path is None else str(work.item.path)

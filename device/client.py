@@ -92,6 +92,7 @@ class Exchange:
     sent_at: float  # time.monotonic() when the request went out
     seconds: float
     server_s: float | None
+    compute_s: float | None = None  # the server's model compute for it (its batch's)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class InferResult:
     sent_at: float  # time.monotonic() when the last attempt went out
     seconds: float
     server_s: float | None
+    compute_s: float | None = None
 
 
 class OffloadClient:
@@ -197,6 +199,7 @@ class OffloadClient:
                     ex.sent_at,
                     ex.seconds,
                     ex.server_s,
+                    ex.compute_s,
                 )
             except _AttemptFailed as e:
                 tally.add(e.request_bytes, e.response_bytes, len(frame))
@@ -319,7 +322,10 @@ class OffloadClient:
         resp_bytes = response_wire_bytes(response)
         self.sent_bytes += req_bytes
         self.received_bytes += resp_bytes
-        ex = Exchange(req_bytes, resp_bytes, start, seconds, server_seconds(response))
+        timing = server_timings(response)
+        ex = Exchange(
+            req_bytes, resp_bytes, start, seconds, _total_s(timing), timing.get("compute")
+        )
         if method == "POST" and response.status_code != 200:
             raise _AttemptFailed(_status_error(response, "inference"), req_bytes, resp_bytes)
         return response, ex
@@ -402,24 +408,33 @@ def _retry_after(response: httpx.Response) -> float:
     return value if math.isfinite(value) and value > 0 else 0.0
 
 
-def server_seconds(response: httpx.Response) -> float | None:
-    """The server's own time for this request from `Server-Timing` (`total;dur=` ms, or
-    the sum of all durations), None if it does not say."""
+def server_timings(response: httpx.Response) -> dict[str, float]:
+    """The durations a `Server-Timing` header gives, in seconds by lower-case name
+    (`{"queue": ..., "compute": ..., "total": ...}` from our server); {} if none."""
     header = response.headers.get("server-timing")
-    if not header:
-        return None
     durations: dict[str, float] = {}
-    for entry in header.split(","):
+    for entry in (header or "").split(","):
         name, *params = (p.strip() for p in entry.split(";"))
         for p in params:
             key, _, value = p.partition("=")
             if key.strip().lower() == "dur":
                 with contextlib.suppress(ValueError):
-                    durations[name.lower()] = float(value.strip().strip('"'))
+                    ms = float(value.strip().strip('"'))
+                    if math.isfinite(ms) and ms >= 0:
+                        durations[name.lower()] = ms / 1e3
+    return durations
+
+
+def server_seconds(response: httpx.Response) -> float | None:
+    """The server's own time for this request from `Server-Timing` (`total`, or the sum of
+    all durations), None if it does not say."""
+    return _total_s(server_timings(response))
+
+
+def _total_s(durations: dict[str, float]) -> float | None:
     if not durations:
         return None
-    ms = durations.get("total", sum(durations.values()))
-    return ms / 1e3 if math.isfinite(ms) and ms >= 0 else None
+    return durations.get("total", sum(durations.values()))
 
 
 def metadata_fingerprint(meta: dict[str, Any]) -> str | None:

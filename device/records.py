@@ -6,7 +6,8 @@ A record (keys in this order; absent values are null):
      "decided_by": "server", "exit": null, "reason": null,
      "channels": 4, "bits": 4, "frame_bytes": 69, "overhead_bytes": 341,
      "response_bytes": 236, "attempts": 1, "label": 4,
-     "timings_ms": {"head": 3.1, "encode": 0.2, "network": 5.0, "server": 1.2, "total": 9.8},
+     "timings_ms": {"head": 3.1, "encode": 0.2, "network": 5.0, "server": 1.2, "tail": 0.6,
+                    "total": 9.8},
      "source": "/data/Coat/0042.png", "error": null}
 
 `decided_by` is the exit that answered ("layer1", ...), "server", "fallback" (an offload
@@ -23,7 +24,9 @@ offloading stopped), "refused" (401 / 403 / 404: stopped), "local_only", "interr
 (HTTP/1.1 request line and headers, the inference JSON header, the BYTES length prefix),
 summed over attempts; `response_bytes` the whole response. TCP/IP headers are not counted.
 Timings: `network` is the successful request's round trip minus `server` (the server's own
-time, null unless the server reports it); `total` runs from taking the input to its record.
+time, null unless the server reports it); `tail` is the part of `server` spent computing
+(the tail model on the request's batch; null unless reported); `total` runs from taking the
+input to its record.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 SERVER = "server"
 FALLBACK = "fallback"
 ERROR = "error"
-TIMING_KEYS = ("head", "encode", "network", "server", "total")
+TIMING_KEYS = ("head", "encode", "network", "server", "tail", "total")
 
 
 @dataclass

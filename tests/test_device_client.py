@@ -26,6 +26,7 @@ from device.client import (
     ServerUnreachable,
     metadata_fingerprint,
     server_seconds,
+    server_timings,
 )
 from device.protocol import ProtocolError, decode_response, encode_request
 from server.protocol import RequestedOutput, encode_infer_response, parse_infer_request
@@ -113,8 +114,11 @@ def test_garbage_answers_are_protocol_errors(body: bytes, match: str) -> None:
 def test_server_timing_and_metadata_fingerprint_are_read() -> None:
     import httpx
 
-    r = httpx.Response(200, headers={"Server-Timing": "queue;dur=1.5, total;dur=4"})
+    r = httpx.Response(
+        200, headers={"Server-Timing": "queue;dur=1.5, compute;dur=2, total;dur=4, x;dur=-1"}
+    )
     assert server_seconds(r) == pytest.approx(0.004)
+    assert server_timings(r) == pytest.approx({"queue": 0.0015, "compute": 0.002, "total": 0.004})
     assert server_seconds(httpx.Response(200, headers={"Server-Timing": "a;dur=1,b;dur=2"})) == (
         pytest.approx(0.003)
     )

@@ -33,12 +33,17 @@ def test_notebook_executes_without_error(name: str, monkeypatch, tmp_path) -> No
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = jupytext.read(NOTEBOOKS / f"{name}.ipynb")
     client = nbclient.NotebookClient(
-        notebook, timeout=600, kernel_name="python3",
+        notebook,
+        timeout=600,
+        kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
     client.execute()
     errors = [
-        out for cell in notebook.cells if cell.cell_type == "code"
-        for out in cell.get("outputs", []) if out.get("output_type") == "error"
+        out
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "error"
     ]
     assert not errors

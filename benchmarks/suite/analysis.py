@@ -4,12 +4,17 @@ Analytic floor of one input (split strategies), with its own measured compute an
 
     exited:     F x (preprocess + head segments + exits)
     offloaded:  F x (preprocess + head + exits + quantize + frame)
-                + (request + response bytes) x 8 / rate + RTT + tail compute (server, median)
+                + (request + response bytes) x 8 / rate + RTT + tail compute
+
+Tail compute is what the server reports computing for that very request (its Server-Timing
+`compute`: the tail model on the request's batch, as it ran there), so the floor holds both
+halves' compute as measured, cold or warm; the in-process median stands in for a record
+without it.
 
 F is `--device-speed`. The gap between the measured latency and the floor is what the
 framework adds. For each offloaded input it splits, from the agent's own record, into
 
-    server     its Server-Timing total - tail compute   (parsing, batcher, decode, answer)
+    server     its Server-Timing total - its compute   (parsing, batcher, decode, answer)
     network    round trip - server - bytes x 8 / rate - RTT   (httpx, the link emulator,
                the OS; uvicorn before and after the server's own timing)
     agent      latency - device compute - round trip   (threads, event loop, policy, records)
@@ -84,11 +89,16 @@ def tail_compute_ms(bundle: Bundle, inputs: Inputs, repeats: int = 30) -> float:
 
 
 def floor_ms(s: Sample, rate_mbit: float, rtt_ms: float, tail_ms: float, speed: float) -> float:
+    """The analytic floor of one input; `tail_ms` stands in for a sample without its own."""
     device = speed * sum(s.device_ms.values())
     if not s.offloaded:
         return device
     wire = (s.request_bytes + s.response_bytes) * 8 / (rate_mbit * 1e3)
-    return device + wire + rtt_ms + tail_ms
+    return device + wire + rtt_ms + _tail(s, tail_ms)
+
+
+def _tail(s: Sample, fallback_ms: float) -> float:
+    return s.tail_ms if s.tail_ms is not None else fallback_ms
 
 
 def ideal_vs_achieved(
@@ -135,10 +145,11 @@ def _gap_parts(
     for s in offloaded:
         if s.network_ms is None:
             continue
-        srv = s.server_ms if s.server_ms is not None else tail_ms  # unknown: all in network
+        tail = _tail(s, tail_ms)
+        srv = s.server_ms if s.server_ms is not None else tail  # unknown: all in network
         wire = (s.request_bytes + s.response_bytes) * 8 / (rate_mbit * 1e3)
         device = speed * sum(s.device_ms.values())
-        server.append(srv - tail_ms)
+        server.append(srv - tail)
         network.append(s.network_ms - wire - rtt_ms)
         agent.append(s.total_ms - device - s.network_ms - srv)
     if not server:
@@ -157,14 +168,16 @@ def bare_floors(
     direct: BareRequests | None = None,
 ) -> list[dict[str, Any]]:
     """Bare requests per rate (and `direct`: no emulator, rate None) against their floor,
-    bytes x 8 / rate + RTT + tail (direct: the tail alone)."""
+    bytes x 8 / rate + RTT + tail compute as the server reported it (direct: the tail
+    alone; `tail_ms` where not reported)."""
     runs: list[tuple[float | None, BareRequests]] = sorted(bare.items())
     if direct is not None:
         runs.insert(0, (None, direct))
     rows = []
     for rate, b in runs:
         wire = 0.0 if rate is None else (b.request_bytes + b.response_bytes) * 8 / (rate * 1e3)
-        floor = wire + (0.0 if rate is None else rtt_ms) + tail_ms
+        tail = b.tail_ms if b.tail_ms is not None else tail_ms
+        floor = wire + (0.0 if rate is None else rtt_ms) + tail
         rows.append(
             {
                 "rate_mbit": rate,

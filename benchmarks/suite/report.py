@@ -173,10 +173,12 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
         "## 2. Ideal vs achieved (split strategies)",
         "",
         "Floor per input = its own device compute x F + (request + response bytes) x 8 / rate "
-        f"+ RTT + tail compute ({tail:.2f} ms, median, measured in-process) for an offloaded "
-        "input; its device compute x F for one answered at an exit. The gap is what the "
-        "framework and the machine add; for offloaded inputs, the agent's records split it "
-        "(means, ms): *server* = the server's own time (its Server-Timing) beyond the tail "
+        "+ RTT + tail compute for an offloaded input, the tail compute being what the server "
+        "reported computing for that request (Server-Timing `compute`; warm in-process median: "
+        f"{tail:.2f} ms); its device compute x F for one answered at an exit. Both halves' "
+        "compute counts as it ran, so the gap is what the framework and the machine add "
+        "around it; for offloaded inputs, the agent's records split it "
+        "(means, ms): *server* = the server's own time (its Server-Timing) beyond its "
         "compute: parsing, batcher, decoding; *network* = the round trip beyond the server's "
         "time, bytes x 8 / rate and RTT: httpx, the link emulator, uvicorn's I/O, the OS; "
         "*agent* = the rest: the agent's worker thread, event loop, policy and records.",

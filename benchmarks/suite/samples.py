@@ -21,7 +21,8 @@ class Sample:
     machine, before any `--device-speed` slowdown (the run slept the extra on top of it).
     Bytes are as HTTP/1.1 puts them on the wire (TCP/IP headers not counted); `payload_bytes`
     is the frame or the image alone. `network_ms` is the request's round trip less
-    `server_ms`, the server's own time (its `Server-Timing`; None if it did not say).
+    `server_ms`, the server's own time (its `Server-Timing`; None if it did not say), of
+    which `tail_ms` computing (its `compute`).
     """
 
     id: str
@@ -35,6 +36,7 @@ class Sample:
     network_ms: float | None = None
     device_ms: dict[str, float] = field(default_factory=dict)
     server_ms: float | None = None
+    tail_ms: float | None = None
 
     @property
     def offloaded(self) -> bool:

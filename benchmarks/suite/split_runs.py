@@ -53,6 +53,7 @@ class BareRequests:
     request_bytes: float
     response_bytes: float
     count: int
+    tail_ms: float | None = None  # the server's mean reported compute, None if not reported
 
 
 async def run_bare_requests(bundle: Bundle, inputs: Inputs, url: str, n: int = 30) -> BareRequests:
@@ -63,7 +64,7 @@ async def run_bare_requests(bundle: Bundle, inputs: Inputs, url: str, n: int = 3
     assert z is not None
     channels, bits = widest_point(bundle)
     frame = head.frame(z, bits, channels)
-    times, up, down = [], 0, 0
+    times, computes, up, down = [], [], 0, 0
     async with OffloadClient(url, bundle.manifest.name) as client:
         for i in range(3):
             await client.infer(frame, f"warmup-{i:06d}")
@@ -73,7 +74,10 @@ async def run_bare_requests(bundle: Bundle, inputs: Inputs, url: str, n: int = 3
             times.append((time.perf_counter() - start) * 1e3)
             up += res.request_bytes
             down += res.response_bytes
-    return BareRequests(sum(times) / n, up / n, down / n, n)
+            if res.compute_s is not None:
+                computes.append(res.compute_s * 1e3)
+    tail = sum(computes) / len(computes) if len(computes) == n else None
+    return BareRequests(sum(times) / n, up / n, down / n, n, tail)
 
 
 # ------------------------------------------------------------------------------- split
@@ -185,4 +189,5 @@ def _sample(r: Record, device_ms: dict[str, float]) -> Sample:
         r.timings_ms.get("network"),
         device_ms,
         r.timings_ms.get("server"),
+        r.timings_ms.get("tail"),
     )

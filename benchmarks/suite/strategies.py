@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from device.client import request_wire_bytes, response_wire_bytes, server_seconds
+from device.client import request_wire_bytes, response_wire_bytes, server_timings
 from device.protocol import (
     CONTENT_TYPE,
     HEADER_LENGTH,
@@ -155,15 +155,15 @@ async def run_full_offload(
             )
             request = image_request(http, model, data, f"bench-{i:06d}")
             sent = time.perf_counter()
-            pred, response_bytes, server_s = None, 0, None
+            pred, response_bytes, timing = None, 0, {}
             with contextlib.suppress(httpx.HTTPError, ProtocolError):
                 response = await http.send(request)
                 response_bytes = response_wire_bytes(response)
-                server_s = server_seconds(response)
+                timing = server_timings(response)
                 if response.status_code == 200:
                     pred = decode_response(response.content, response.headers).prediction
             done = time.perf_counter()
-            server_ms = None if server_s is None else server_s * 1e3
+            server_ms = timing["total"] * 1e3 if "total" in timing else None
             out.append(
                 Sample(
                     inputs.id(i),
@@ -177,6 +177,7 @@ async def run_full_offload(
                     (done - sent) * 1e3 - (server_ms or 0.0),
                     clock.entries[-1],
                     server_ms,
+                    timing["compute"] * 1e3 if "compute" in timing else None,
                 )
             )
     return out
