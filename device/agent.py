@@ -2,17 +2,18 @@
 
     source ─► [worker thread] load ─ preprocess ─ head (exits) ─┬─ confident exit ─► record
                                                                └─ policy ─┬─ local ─► record
-                                   [worker thread] encode (k, bits) ◄─────┘ offload
+                      [worker thread, or inline if small] encode (k, bits) ◄┘ offload
                                          │
                                          ▼  (at most `window` frames in flight)
                                [event loop] client.infer ─┬─ answer ─► record ("server")
                                                           └─ failed ─► best exit ("fallback")
 
 The head runs in one worker thread, so it computes the next inputs while earlier frames are
-on the wire. A circuit breaker answers locally while the server is down and lets a trial
-through now and then, so offloading resumes by itself; a 409 (fingerprint) or 401/403/404
-stops offloading for the run. `stop()` (Ctrl-C) stops taking inputs; frames in flight are
-answered locally, and the summary still comes.
+on the wire; a small code (up to 4,096 values) is framed on the event loop, where the
+thread hop would cost more than the work. A circuit breaker answers locally while the
+server is down and lets a trial through now and then, so offloading resumes by itself; a
+409 (fingerprint) or 401/403/404 stops offloading for the run. `stop()` (Ctrl-C) stops
+taking inputs; frames in flight are answered locally, and the summary still comes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .sources import Input, label_index
 
 _RESPONSE_BYTES_GUESS = 350.0
 _LOCAL_MARGIN_S = 0.002  # time kept back from a deadline to answer locally
+_INLINE_ENCODE_ELEMENTS = 4096  # codes up to this size are framed on the event loop (~0.1 ms)
 
 
 @dataclass
@@ -230,10 +232,14 @@ class Agent:
         point = decision.point
         assert point is not None and work.result is not None and work.result.z is not None
         start = time.monotonic()
+        z = work.result.z
         try:
-            frame = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.head.frame, work.result.z, point.bits, point.channels
-            )
+            if z.numel() <= _INLINE_ENCODE_ELEMENTS:  # a thread hop would cost more than this
+                frame = self.head.frame(z, point.bits, point.channels)
+            else:
+                frame = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self.head.frame, z, point.bits, point.channels
+                )
         except BaseException:
             self.net.release()
             raise
