@@ -1,6 +1,7 @@
 """The benchmark suite in one command (`make bench`): every strategy, every link rate, one run.
 
     python benchmarks/run_all.py [--bundle PATH] [--large-bundle PATH] [--inputs N]
+        [--point K,BITS] [--large-point K,BITS]
         [--rates 1,5,20,100] [--rtt-ms 20] [--device-speed F] [--quick]
 
 Per track (small: `--bundle`, default the shipped `splitexit/zoo/fmnist-small`; large:
@@ -37,10 +38,17 @@ import torch
 from suite import analysis, plots, report
 from suite.inputs import Inputs, load_inputs
 from suite.services import tail_server
-from suite.split_runs import AdaptiveSettings, BareRequests, run_bare_requests, run_split
+from suite.split_runs import (
+    AdaptiveSettings,
+    BareRequests,
+    run_bare_requests,
+    run_split,
+    widest_point,
+)
 from suite.strategies import BY_KEY, GAP_S, STRATEGIES, run_full_offload, run_local
 from suite.wire import measure_wire
 
+from device.config import operating_points
 from splitexit.bundle import Bundle, load_bundle
 from splitexit.errors import SplitexitError
 from splitexit.link import LinkEmulator
@@ -58,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", type=Path, help="small-track bundle (default: the shipped one)")
     p.add_argument("--large-bundle", type=Path, help="large-track bundle (default: skip it)")
+    for flag, track in (("--point", "small"), ("--large-point", "large")):
+        p.add_argument(
+            flag,
+            metavar="K,BITS",
+            help=f"operating point split-only and split + exit send at, {track} track (default: "
+            "all channels, most bits; calibrate the bundle at it: `splitexit calibrate --point`)",
+        )
     p.add_argument("--inputs", type=int, help="test images per cell, each track (300; quick 30)")
     p.add_argument("--rates", default="1,5,20,100", help="link rates, Mbit/s (1,5,20,100)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time (20)")
@@ -102,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_all: {e}; strategies: {list(BY_KEY)}, device speed >= 1", file=sys.stderr)
         return 2
     args.rates, args.keys = rates, keys
+    try:
+        args.points = {"small": parse_point(args.point), "large": parse_point(args.large_point)}
+    except ValueError as e:
+        print(f"run_all: {e}", file=sys.stderr)
+        return 2
     args.inputs = args.inputs or (30 if args.quick else 300)
     args.cell_timeout_s = args.cell_timeout_s or (30.0 if args.quick else 180.0)
     out = args.out or (QUICK_OUT if args.quick else RESULTS)
@@ -128,15 +148,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse_point(text: str | None) -> tuple[int, int] | None:
+    """ "K,BITS" (or "KxBITS") -> (K, BITS); None stays None (the widest point)."""
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        k, bits = (int(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"cannot read the point {text!r}: use K,BITS, e.g. 12,4") from None
+    return k, bits
+
+
 def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> list[Path]:
     """Every measurement of one track; returns the files written."""
     began = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     machine = report.machine()
     bundle = load_bundle(path)
+    point = args.points[track] or widest_point(bundle)
+    grid = {(p.channels, p.bits) for p in operating_points(bundle)}
+    if point not in grid:
+        raise SystemExit(
+            f"run_all: ({point[0]}, {point[1]}) is not an operating point of {path}; "
+            f"its points: {sorted(grid)}"
+        )
     inputs = load_inputs(bundle, args.inputs)
     say = _sayer(track)
-    say(f"bundle {bundle.manifest.name} ({path}), {len(inputs)} inputs")
+    say(f"bundle {bundle.manifest.name} ({path}), {len(inputs)} inputs, sends at {point}")
     warm_up(bundle, inputs)
     tail_ms = analysis.tail_compute_ms(bundle, inputs)
     deadline_ms = args.deadline_ms if args.deadline_ms is not None else 2 * args.rtt_ms
@@ -148,7 +187,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "and split + exit is split-only (run `splitexit calibrate` on it first)"
         )
         say(notes[-1])
-    cells, bare, direct = measure(track, path, bundle, inputs, args, adaptive, notes)
+    cells, bare, direct = measure(track, path, bundle, inputs, point, args, adaptive, notes)
     say("wire sizes and accuracy per format (offline)")
     wire = measure_wire(bundle, inputs, tail_ms=tail_ms, frame_http=_frame_overhead(cells))
 
@@ -163,6 +202,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "fingerprint": m.fingerprint,
             "thresholds": m.thresholds,
             "teacher_accuracy": m.teacher_accuracy,
+            "split_point": list(point),
         },
         "command": "python benchmarks/run_all.py " + shlex.join(sys.argv[1:]),
         "started": started,
@@ -207,6 +247,7 @@ def measure(
     path: Path,
     bundle: Bundle,
     inputs: Inputs,
+    point: tuple[int, int],
     args: argparse.Namespace,
     adaptive: AdaptiveSettings,
     notes: list[str],
@@ -222,16 +263,18 @@ def measure(
     spec = f"{args.rates[0]:g}mbit:{args.rtt_ms:g}ms"
     with tail_server(path, logs / "server.log") as url, LinkEmulator(_target(url), spec) as link:
         say(f"tail server at {url}, link emulator at {link.url} (server log {logs})")
-        direct = asyncio.run(asyncio.wait_for(run_bare_requests(bundle, inputs, url), 60))
+        direct = asyncio.run(asyncio.wait_for(run_bare_requests(bundle, inputs, url, point), 60))
         say(f"bare requests  direct (no link)  mean {direct.mean_ms:7.2f} ms")
         for rate in args.rates:
             link.set(f"{rate:g}mbit:{args.rtt_ms:g}ms")
-            run = run_bare_requests(bundle, inputs, link.url)
+            run = run_bare_requests(bundle, inputs, link.url, point)
             bare[rate] = asyncio.run(asyncio.wait_for(run, 60))
             say(f"bare requests   {rate:>5g} Mbit/s  mean {bare[rate].mean_ms:7.2f} ms")
             for key in args.keys:
                 if key != "local":
-                    cell = _run_cell(bundle, inputs, link.url, key, rate, args, adaptive, notes)
+                    cell = _run_cell(
+                        bundle, inputs, link.url, key, rate, point, args, adaptive, notes
+                    )
                     cells.append(asyncio.run(cell))
                     say(_line(cells[-1]))
     return cells, bare, direct
@@ -243,6 +286,7 @@ async def _run_cell(
     url: str,
     key: str,
     rate: float,
+    point: tuple[int, int],
     args: argparse.Namespace,
     adaptive: AdaptiveSettings,
     notes: list[str],
@@ -263,6 +307,7 @@ async def _run_cell(
             inputs,
             url,
             strategy,
+            point=point,
             adaptive=adaptive,
             speed=args.device_speed,
             timeout_s=limit,

@@ -24,8 +24,9 @@ PIECE_LABELS = {
 }
 LINK_NOTE = (
     "`splitexit.link.LinkEmulator`, a user-space TCP shaping proxy on 127.0.0.1 (one token "
-    "bucket per direction at the link rate, RTT/2 of delay each way; no loss, no jitter, no "
-    "kernel queues). Not `tc netem`: no root-namespace shaping on this machine."
+    "bucket per direction at the link rate, RTT/2 of delay each way, delivered by threads "
+    "within about 0.3 ms of the due time; no loss, no jitter, no kernel queues). Not `tc "
+    "netem`: the kernel of the machines this suite was built on has no `sch_netem`."
 )
 
 
@@ -201,7 +202,8 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
             rows,
         ),
         "",
-        "Bare requests: `OffloadClient.infer` of one frame at the widest point, closed loop, "
+        "Bare requests: `OffloadClient.infer` of one frame at the split strategies' point, "
+        "closed loop, "
         "no agent, through the same link (floor = bytes x 8 / rate + RTT + tail), and "
         "straight to the server (floor = tail):",
         "",
@@ -368,7 +370,8 @@ def write_report(doc: dict[str, Any], out: Path, plots: Sequence[Path]) -> tuple
         f"({m['torch_threads']} thread on the device side; the server, on the same machine, "
         "one torch thread, no batching wait).",
         f"- Bundle: `{doc['bundle']['path']}`, fingerprint {doc['bundle']['fingerprint'][:16]}, "
-        f"exit thresholds {doc['bundle']['thresholds']}; adaptive policy: {doc['adaptive']}.",
+        f"exit thresholds {doc['bundle']['thresholds']}; split-only and split + exit send at "
+        f"{_point(doc['bundle'])}; adaptive policy: {doc['adaptive']}.",
         *(f"- Note: {n}" for n in doc.get("notes", [])),
         "",
         *_strategies(doc),
@@ -389,3 +392,9 @@ def write_report(doc: dict[str, Any], out: Path, plots: Sequence[Path]) -> tuple
     md.write_text("\n".join(lines))
     js.write_text(json.dumps(doc, indent=2) + "\n")
     return md, js
+
+
+def _point(bundle: dict[str, Any]) -> str:
+    """ "k x bits" of the point the fixed-policy split strategies send at."""
+    point = bundle.get("split_point")
+    return "the widest point" if not point else f"k={point[0]} x {point[1]} bits"

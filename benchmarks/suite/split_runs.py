@@ -56,13 +56,16 @@ class BareRequests:
     tail_ms: float | None = None  # the server's mean reported compute, None if not reported
 
 
-async def run_bare_requests(bundle: Bundle, inputs: Inputs, url: str, n: int = 30) -> BareRequests:
-    """Time `n` inference requests of one real frame at the widest point, closed loop."""
+async def run_bare_requests(
+    bundle: Bundle, inputs: Inputs, url: str, point: tuple[int, int] | None = None, n: int = 30
+) -> BareRequests:
+    """Time `n` inference requests of one real frame at `point` (default: the widest),
+    closed loop."""
     head = HeadRunner(bundle)
     with torch.inference_mode():
         z = head.run(bundle.preprocess(inputs.pixels[:1]), exits=False).z
     assert z is not None
-    channels, bits = widest_point(bundle)
+    channels, bits = point or widest_point(bundle)
     frame = head.frame(z, bits, channels)
     times, computes, up, down = [], [], 0, 0
     async with OffloadClient(url, bundle.manifest.name) as client:
@@ -135,14 +138,16 @@ async def run_split(
     url: str,
     strategy: Strategy,
     *,
+    point: tuple[int, int] | None = None,
     adaptive: AdaptiveSettings,
     speed: float = 1.0,
     timeout_s: float = 600.0,
     log: Callable[[str], None] = print,
 ) -> tuple[list[Sample], dict]:
-    """Run the device agent over the inputs; returns the samples and the agent's summary."""
+    """Run the device agent over the inputs; returns the samples and the agent's summary.
+    The fixed policy sends at `point` (default: the widest)."""
     is_adaptive = strategy.policy == "adaptive"
-    channels, bits = widest_point(bundle)
+    channels, bits = point or widest_point(bundle)
     config = AgentConfig(
         policy="adaptive" if is_adaptive else "fixed",
         channels=None if is_adaptive else channels,
