@@ -39,8 +39,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: setup data
-	$(VENV)/bin/python benchmarks/run_all.py
+bench: setup data  # BENCH_ARGS="--large-bundle runs/fmnist-efficientnet/bundle --large-point 8,4"
+	$(VENV)/bin/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
