@@ -50,6 +50,7 @@ from suite.wire import measure_wire
 
 from device.config import operating_points
 from splitexit.bundle import Bundle, load_bundle
+from splitexit.calibrate.command import parse_point
 from splitexit.errors import SplitexitError
 from splitexit.link import LinkEmulator
 from splitexit.runtime import HeadRunner
@@ -146,18 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         written += run_track(track, path, args, out)
     print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
     return 0
-
-
-def parse_point(text: str | None) -> tuple[int, int] | None:
-    """ "K,BITS" (or "KxBITS") -> (K, BITS); None stays None (the widest point)."""
-    if text is None:
-        return None
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        k, bits = (int(v) for v in parts)
-    except ValueError:
-        raise ValueError(f"cannot read the point {text!r}: use K,BITS, e.g. 12,4") from None
-    return k, bits
 
 
 def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> list[Path]:

@@ -324,7 +324,7 @@ class OffloadClient:
         self.received_bytes += resp_bytes
         timing = server_timings(response)
         ex = Exchange(
-            req_bytes, resp_bytes, start, seconds, _total_s(timing), timing.get("compute")
+            req_bytes, resp_bytes, start, seconds, timing_total(timing), timing.get("compute")
         )
         if method == "POST" and response.status_code != 200:
             raise _AttemptFailed(_status_error(response, "inference"), req_bytes, resp_bytes)
@@ -428,10 +428,12 @@ def server_timings(response: httpx.Response) -> dict[str, float]:
 def server_seconds(response: httpx.Response) -> float | None:
     """The server's own time for this request from `Server-Timing` (`total`, or the sum of
     all durations), None if it does not say."""
-    return _total_s(server_timings(response))
+    return timing_total(server_timings(response))
 
 
-def _total_s(durations: dict[str, float]) -> float | None:
+def timing_total(durations: dict[str, float]) -> float | None:
+    """The server's own seconds from `server_timings`: `total`, or the sum of all durations;
+    None if there are none."""
     if not durations:
         return None
     return durations.get("total", sum(durations.values()))

@@ -200,12 +200,8 @@ class LinkEmulator:
             rate = None
         self.spec = LinkSpec(rate, self.spec.rtt_s if rtt_s is None else rtt_s)
 
-    def start(self, timeout_s: float = 10.0) -> LinkEmulator:
-        """Listen and serve from daemon threads; returns once listening.
-
-        `timeout_s` is kept for compatibility: binding the port is immediate.
-        """
-        del timeout_s
+    def start(self) -> LinkEmulator:
+        """Listen and serve from daemon threads; returns once listening."""
         with self._lock:
             if self._listener is not None:
                 raise RuntimeError("this LinkEmulator is already running")

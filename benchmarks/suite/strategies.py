@@ -22,7 +22,12 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from device.client import request_wire_bytes, response_wire_bytes, server_timings
+from device.client import (
+    request_wire_bytes,
+    response_wire_bytes,
+    server_timings,
+    timing_total,
+)
 from device.protocol import (
     CONTENT_TYPE,
     HEADER_LENGTH,
@@ -163,7 +168,8 @@ async def run_full_offload(
                 if response.status_code == 200:
                     pred = decode_response(response.content, response.headers).prediction
             done = time.perf_counter()
-            server_ms = timing["total"] * 1e3 if "total" in timing else None
+            total_s = timing_total(timing)
+            server_ms = None if total_s is None else total_s * 1e3
             out.append(
                 Sample(
                     inputs.id(i),

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     goal = _goal(args, cal, bundle)
     options: dict[str, Any] = {
         "measure": args.measure,
-        "point": _parse_point(args.point),
+        "point": parse_point(args.point),
         "confidence": args.confidence,
         "candidates": args.candidates,
     }
@@ -261,7 +261,8 @@ def _timings(args: argparse.Namespace, table: CalibrationTable, bundle: Any) -> 
     return measured
 
 
-def _parse_point(text: str | None) -> tuple[int, int] | None:
+def parse_point(text: str | None) -> tuple[int, int] | None:
+    """ "K,BITS" -> (K, BITS); None stays None. Raises CalibrationError (a ValueError)."""
     if text is None:
         return None
     try:
