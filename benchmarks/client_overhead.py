@@ -1,13 +1,14 @@
-"""What the device's HTTP client costs: one frame to the tail server, three ways, same bytes.
+"""What the device's HTTP client costs: one frame to the tail server, four ways, same bytes.
 
     python benchmarks/client_overhead.py [--requests 200] [--gap-ms 10]
 
 Starts `splitexit-server` on the shipped small-track bundle (as the suite does: one torch
 thread, no batching wait) and times, closed loop with `--gap-ms` of idle between requests
 (as the suite's inputs arrive), the median round trip of one real frame at the widest point
-sent by: `device.OffloadClient.infer` (httpx underneath), a plain `httpx.AsyncClient.post`,
-and a minimal keep-alive HTTP/1.1 exchange on an asyncio stream (no parsing beyond the
-Content-Length). The difference is what a leaner client could save per offload. Writes
+sent by: `device.OffloadClient.infer` on its own transport (`device.transport.
+KeepAliveTransport`), the same client on httpx's default transport (httpcore), a plain
+`httpx.AsyncClient.post`, and a minimal keep-alive HTTP/1.1 exchange on an asyncio stream (no
+parsing beyond the Content-Length): the floor a Python client can reach. Writes
 benchmarks/results/client_overhead.md.
 """
 
@@ -55,12 +56,17 @@ async def measure(url: str, model: str, frame: bytes, n: int, gap_s: float) -> d
     headers = {HEADER_LENGTH: str(header_len), "Content-Type": CONTENT_TYPE}
     out: dict[str, float] = {}
 
-    async with OffloadClient(url, model) as client:
+    transports = {
+        "device.OffloadClient (KeepAliveTransport)": None,
+        "device.OffloadClient on httpcore": httpx.AsyncHTTPTransport(retries=0),
+    }
+    for name, transport in transports.items():
+        async with OffloadClient(url, model, transport=transport) as client:
 
-        async def agent_client(i: int) -> None:
-            await client.infer(frame, f"r{i:06d}")
+            async def agent_client(i: int) -> None:
+                await client.infer(frame, f"r{i:06d}")
 
-        out["device.OffloadClient (httpx)"] = await timed(agent_client, n, gap_s)
+            out[name] = await timed(agent_client, n, gap_s)
 
     async with httpx.AsyncClient(base_url=url) as http:
 

@@ -36,6 +36,7 @@ from device.protocol import (
     decode_response,
     encode_request,
 )
+from device.transport import KeepAliveTransport, fetch, timeouts
 from splitexit.bundle import Bundle
 from splitexit.preprocess import encode_image
 
@@ -106,10 +107,11 @@ def run_local(
 
 
 def image_request(
-    http: httpx.AsyncClient, model: str, data: bytes, request_id: str
+    url: str, model: str, data: bytes, request_id: str, timeout_s: float = 10.0
 ) -> httpx.Request:
     """The `image` inference request, built by the agent's own request encoder with the
-    input renamed and sent with the agent's headers: both baselines pay the same overhead."""
+    input renamed, with the agent's headers, and sent on the agent's transport
+    (`device.transport.KeepAliveTransport`): both baselines pay the same HTTP overhead."""
     body, n = encode_request(data)
     head = body[:n].replace(f'"{INPUT_NAME}"'.encode(), b'"image"', 1)
     headers = {
@@ -117,15 +119,13 @@ def image_request(
         "Content-Type": CONTENT_TYPE,
         "X-Request-ID": request_id,
     }
-    path = f"/v2/models/{model}/infer"
-    return http.build_request("POST", path, content=head + body[n:], headers=headers)
-
-
-def lean_client(url: str, timeout_s: float = 10.0) -> httpx.AsyncClient:
-    """An httpx client without its default headers, as `device.OffloadClient` has."""
-    http = httpx.AsyncClient(base_url=url, timeout=timeout_s, trust_env=False)
-    http.headers.clear()
-    return http
+    return httpx.Request(
+        "POST",
+        f"{url.rstrip('/')}/v2/models/{model}/infer",
+        content=head + body[n:],
+        headers=headers,
+        extensions={"timeout": timeouts(timeout_s)},
+    )
 
 
 async def run_full_offload(
@@ -142,11 +142,12 @@ async def run_full_offload(
     assert strategy.image_format is not None
     clock = DeviceClock(speed)
     out = []
-    async with lean_client(url, timeout_s) as http:
+    transport = KeepAliveTransport()
+    try:
         for i in range(min(2, len(inputs))):  # open the connection, warm the server's path
             data = encode_image(inputs.pixels[i], strategy.image_format, strategy.quality)
             with contextlib.suppress(httpx.HTTPError):
-                await http.send(image_request(http, model, data, f"warmup-{i}"))
+                await fetch(transport, image_request(url, model, data, f"warmup-{i}", timeout_s))
         for i in range(len(inputs)):
             await asyncio.sleep(gap_s)
             start = time.perf_counter()
@@ -158,11 +159,11 @@ async def run_full_offload(
                 strategy.image_format,
                 strategy.quality,
             )
-            request = image_request(http, model, data, f"bench-{i:06d}")
+            request = image_request(url, model, data, f"bench-{i:06d}", timeout_s)
             sent = time.perf_counter()
             pred, response_bytes, timing = None, 0, {}
             with contextlib.suppress(httpx.HTTPError, ProtocolError):
-                response = await http.send(request)
+                response = await fetch(transport, request)
                 response_bytes = response_wire_bytes(response)
                 timing = server_timings(response)
                 if response.status_code == 200:
@@ -186,4 +187,6 @@ async def run_full_offload(
                     timing["compute"] * 1e3 if "compute" in timing else None,
                 )
             )
+    finally:
+        await transport.aclose()
     return out

@@ -29,7 +29,7 @@ from splitexit.preprocess import decode_image, encode_image
 from splitexit.runtime import HeadRunner, TailRunner
 
 from .inputs import Inputs
-from .strategies import image_request, lean_client
+from .strategies import image_request
 
 IMAGE_CODECS = (
     ("JPEG q75", "jpeg", 75),
@@ -78,11 +78,11 @@ async def _overheads(model: str, sample: dict[str, bytes]) -> tuple[int, dict[st
     each kind of image."""
     async with OffloadClient("http://127.0.0.1:9", model) as client:
         frame = client.request_overhead()
-    async with lean_client("http://127.0.0.1:9") as http:
-        images = {
-            k: request_wire_bytes(image_request(http, model, v, "bench-000000")) - len(v)
-            for k, v in sample.items()
-        }
+    url = "http://127.0.0.1:9"
+    images = {
+        k: request_wire_bytes(image_request(url, model, v, "bench-000000")) - len(v)
+        for k, v in sample.items()
+    }
     return frame, images
 
 
