@@ -37,6 +37,7 @@ import torch
 # benchmarks/ is on sys.path when this runs as a script: `suite` and `track_report` import
 from suite import analysis, plots, report
 from suite.inputs import Inputs, load_inputs
+from suite.link_check import LinkCost, link_cost
 from suite.services import tail_server
 from suite.split_runs import (
     AdaptiveSettings,
@@ -176,7 +177,9 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "and split + exit is split-only (run `splitexit calibrate` on it first)"
         )
         say(notes[-1])
-    cells, bare, direct = measure(track, path, bundle, inputs, point, args, adaptive, notes)
+    cells, bare, direct, emulator = measure(
+        track, path, bundle, inputs, point, args, adaptive, notes
+    )
     say("wire sizes and accuracy per format (offline)")
     wire = measure_wire(bundle, inputs, tail_ms=tail_ms, frame_http=_frame_overhead(cells))
 
@@ -213,8 +216,10 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             for c in cells
         ],
         "tail_compute_ms": round(tail_ms, 4),
-        "ideal_vs_achieved": analysis.ideal_vs_achieved(cells, args.rtt_ms, tail_ms, speed),
-        "bare_requests": analysis.bare_floors(bare, args.rtt_ms, tail_ms, direct),
+        "ideal_vs_achieved": analysis.ideal_vs_achieved(
+            cells, args.rtt_ms, tail_ms, speed, emulator
+        ),
+        "bare_requests": analysis.bare_floors(bare, args.rtt_ms, tail_ms, direct, emulator),
         "wire": wire,
         "device_cost": analysis.device_cost(cells, ref, speed),
         "projections": analysis.projections(cells, args.rates, speed),
@@ -240,11 +245,13 @@ def measure(
     args: argparse.Namespace,
     adaptive: AdaptiveSettings,
     notes: list[str],
-) -> tuple[list[analysis.Cell], dict[float, BareRequests], BareRequests]:
-    """Local-only once, then per rate: bare requests and every other strategy's cell."""
+) -> tuple[list[analysis.Cell], dict[float, BareRequests], BareRequests, dict[float, LinkCost]]:
+    """Local-only once, then per rate: bare requests, the link emulator's own cost, and
+    every other strategy's cell."""
     say = _sayer(track)
     cells: list[analysis.Cell] = []
     bare: dict[float, BareRequests] = {}
+    emulator: dict[float, LinkCost] = {}
     if "local" in args.keys:
         cells.append(analysis.Cell("local", None, run_local(bundle, inputs, args.device_speed)))
         say(_line(cells[-1]))
@@ -259,6 +266,9 @@ def measure(
             run = run_bare_requests(bundle, inputs, link.url, point)
             bare[rate] = asyncio.run(asyncio.wait_for(run, 60))
             say(f"bare requests   {rate:>5g} Mbit/s  mean {bare[rate].mean_ms:7.2f} ms")
+            b = bare[rate]
+            emulator[rate] = link_cost(link.spec, b.request_bytes, b.response_bytes)
+            say(f"link emulator   {rate:>5g} Mbit/s  own {emulator[rate].excess_ms:7.2f} ms")
             for key in args.keys:
                 if key != "local":
                     cell = _run_cell(
@@ -266,7 +276,7 @@ def measure(
                     )
                     cells.append(asyncio.run(cell))
                     say(_line(cells[-1]))
-    return cells, bare, direct
+    return cells, bare, direct, emulator
 
 
 async def _run_cell(

@@ -8,9 +8,9 @@
 
 Modules: `sources` (inputs), `agent` (the loop) and `config` (its settings), `policy` (pure
 decisions), `estimator` (link and cost measurements), `offloader` (client + circuit
-`breaker` + measurements), `client` (HTTP, timeouts, retries; `protocol` the message
-format, `errors` what goes wrong), `records` (records and summary), `cli`
-(`splitexit-device`). Names below are
+`breaker` + measurements), `client` (timeouts, retries; `transport` its keep-alive HTTP/1.1,
+`protocol` the message format, `errors` what goes wrong), `records` (records and summary),
+`cli` (`splitexit-device`). Names below are
 imported lazily, so `splitexit-device --help` does not load torch.
 """
 
@@ -25,6 +25,7 @@ _EXPORTS = {
     "CircuitBreaker": "breaker",
     "ClientConfig": "client",
     "OffloadClient": "client",
+    "KeepAliveTransport": "transport",
     "OffloadError": "errors",
     "FingerprintRejected": "errors",
     "Offloader": "offloader",

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from splitexit.link import LinkEmulator, LinkSpec, parse_link
+from splitexit.link import LinkEmulator, LinkSpec, parse_link, sleep_until
 
 LOOPBACK = "127.0.0.1"
 
@@ -254,3 +254,16 @@ def test_stop_is_prompt_while_a_transfer_is_in_flight(sink: int) -> None:
     assert seconds < 1.0
     assert not t.is_alive() and answers in ([], [b""])
     assert not [t for t in threading.enumerate() if t.name.startswith("splitexit-link")]
+
+
+def test_sleep_until_never_returns_early_and_a_wake_event_cuts_it_short() -> None:
+    for delay in (0.0, 0.0002, 0.002, 0.02):
+        at = time.monotonic() + delay
+        assert sleep_until(at) is False
+        assert time.monotonic() >= at
+    wake = threading.Event()
+    threading.Timer(0.05, wake.set).start()
+    start = time.monotonic()
+    assert sleep_until(start + 5.0, wake) is True
+    assert time.monotonic() - start < 1.0
+    assert sleep_until(time.monotonic() - 1.0, wake) is True  # already set, already due

@@ -15,12 +15,14 @@ F is `--device-speed`. The gap between the measured latency and the floor is wha
 framework adds. For each offloaded input it splits, from the agent's own record, into
 
     server     its Server-Timing total - its compute   (parsing, batcher, decode, answer)
-    network    round trip - server - bytes x 8 / rate - RTT   (httpx, the link emulator,
-               the OS; uvicorn before and after the server's own timing)
+    network    round trip - server - bytes x 8 / rate - RTT   (the HTTP client, the link
+               emulator, the OS; uvicorn before and after the server's own timing)
     agent      latency - device compute - round trip   (threads, event loop, policy, records)
 
 Bare requests (`OffloadClient.infer` of one frame alone) time the transport without the
-agent, straight to the server and through the link.
+agent, straight to the server and through the link. The link emulator's own cost (a raw TCP
+exchange of the same bytes through it, less the same exchange straight; `link_check`) is
+the measurement's share of "network": a real link has no proxy in the middle.
 
 Projection to another device speed F' scales the measured device compute only:
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,7 @@ from splitexit.bundle import Bundle
 from splitexit.runtime import HeadRunner, TailRunner
 
 from .inputs import Inputs
+from .link_check import LinkCost
 from .samples import Sample, summarize
 from .split_runs import BareRequests
 from .strategies import BY_KEY
@@ -102,10 +105,15 @@ def _tail(s: Sample, fallback_ms: float) -> float:
 
 
 def ideal_vs_achieved(
-    cells: Sequence[Cell], rtt_ms: float, tail_ms: float, speed: float
+    cells: Sequence[Cell],
+    rtt_ms: float,
+    tail_ms: float,
+    speed: float,
+    emulator: Mapping[float, LinkCost] | None = None,
 ) -> list[dict[str, Any]]:
     """Per split cell: mean floor and mean measured latency, over all inputs and offloaded;
-    for offloaded inputs, the gap split into server, network and agent."""
+    for offloaded inputs, the gap split into server, network and agent, and (given the
+    link emulator's own cost per rate) the gap without the emulator's share."""
     rows = []
     for c in cells:
         if BY_KEY[c.strategy].kind != "split" or c.rate_mbit is None or not c.samples:
@@ -132,6 +140,12 @@ def ideal_vs_achieved(
                     [s for s in c.samples if s.offloaded], c.rate_mbit, rtt_ms, tail_ms, speed
                 ),
             }
+            own = (emulator or {}).get(c.rate_mbit)
+            if own is not None:
+                row["offloaded"]["link_emulator_ms"] = round(own.excess_ms, 3)
+                row["offloaded"]["gap_pct_without_emulator"] = round(
+                    100 * ((m - own.excess_ms) / f - 1), 1
+                )
         rows.append(row)
     return rows
 
@@ -166,10 +180,11 @@ def bare_floors(
     rtt_ms: float,
     tail_ms: float,
     direct: BareRequests | None = None,
+    emulator: Mapping[float, LinkCost] | None = None,
 ) -> list[dict[str, Any]]:
     """Bare requests per rate (and `direct`: no emulator, rate None) against their floor,
     bytes x 8 / rate + RTT + tail compute as the server reported it (direct: the tail
-    alone; `tail_ms` where not reported)."""
+    alone; `tail_ms` where not reported), with the link emulator's own cost where known."""
     runs: list[tuple[float | None, BareRequests]] = sorted(bare.items())
     if direct is not None:
         runs.insert(0, (None, direct))
@@ -188,6 +203,11 @@ def bare_floors(
                 "measured_ms": round(b.mean_ms, 3),
                 "gap_ms": round(b.mean_ms - floor, 3),
                 "gap_pct": round(100 * (b.mean_ms / floor - 1), 1),
+                "link_emulator_ms": (
+                    None
+                    if rate is None or rate not in (emulator or {})
+                    else round(emulator[rate].excess_ms, 3)  # type: ignore[index]
+                ),
             }
         )
     return rows

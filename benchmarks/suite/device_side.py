@@ -5,9 +5,11 @@
                  └──── DeviceClock: ms per piece per input; sleeps (F - 1) x each piece ────┘
 
 `--device-speed F` is emulated by sleeping: every device-side piece that took t seconds is
-followed by a sleep of (F - 1) t, so measured latencies are those of a device F times slower
-at compute (the network, the server and the agent's own Python are not slowed). F < 1 cannot
-be emulated this way; the report's projections scale the analytic model instead.
+followed by a sleep of (F - 1) t (`splitexit.link.sleep_until`, on time within tens of
+microseconds where a plain sleep wakes up 0.1-0.5 ms late on a virtual machine), so measured
+latencies are those of a device F times slower at compute (the network, the server and the
+agent's own Python are not slowed). F < 1 cannot be emulated this way; the report's
+projections scale the analytic model instead.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from splitexit.bundle import Bundle
 from splitexit.codec import encode_frame
+from splitexit.link import sleep_until
 from splitexit.runtime import HeadResult, HeadRunner
 
 
@@ -46,7 +49,7 @@ class DeviceClock:
 
     def slow(self, seconds: float) -> None:
         if self.speed > 1.0 and seconds > 0:
-            time.sleep((self.speed - 1.0) * seconds)
+            sleep_until(time.monotonic() + (self.speed - 1.0) * seconds)
 
     def timed(self, piece: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs), counted as `piece`."""

@@ -25,7 +25,8 @@ PIECE_LABELS = {
 LINK_NOTE = (
     "`splitexit.link.LinkEmulator`, a user-space TCP shaping proxy on 127.0.0.1 (one token "
     "bucket per direction at the link rate, RTT/2 of delay each way, delivered by threads "
-    "within about 0.3 ms of the due time; no loss, no jitter, no kernel queues). Not `tc "
+    "that sleep and then spin to the due time; no loss, no jitter, no kernel queues; its "
+    "own cost per round trip is measured beside the results, section 2). Not `tc "
     "netem`: the kernel of the machines this suite was built on has no `sch_netem`."
 )
 
@@ -157,6 +158,12 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
                 _ms(off.get("server_ms")),
                 _ms(off.get("network_ms")),
                 _ms(off.get("agent_ms")),
+                _ms(off.get("link_emulator_ms")),
+                (
+                    "-"
+                    if off.get("gap_pct_without_emulator") is None
+                    else f"{off['gap_pct_without_emulator']:+.1f}%"
+                ),
             ]
         )
     bare = [
@@ -166,6 +173,7 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
             _ms(b["floor_ms"]),
             _ms(b["measured_ms"]),
             f"{b['gap_ms']:.1f} ({b['gap_pct']:+.1f}%)",
+            _ms(b.get("link_emulator_ms")),
         ]
         for b in doc.get("bare_requests", [])
     ]
@@ -181,8 +189,12 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
         "around it; for offloaded inputs, the agent's records split it "
         "(means, ms): *server* = the server's own time (its Server-Timing) beyond its "
         "compute: parsing, batcher, decoding; *network* = the round trip beyond the server's "
-        "time, bytes x 8 / rate and RTT: httpx, the link emulator, uvicorn's I/O, the OS; "
-        "*agent* = the rest: the agent's worker thread, event loop, policy and records.",
+        "time, bytes x 8 / rate and RTT: the HTTP client, the link emulator, uvicorn's I/O, "
+        "the OS; *agent* = the rest: the agent's worker thread, event loop, policy and "
+        "records. *Link emulator* is the emulator's own share of *network*: a raw TCP "
+        "exchange of the same bytes through it, less the same exchange straight, less "
+        "bytes x 8 / rate and RTT (`suite/link_check.py`); a real link has no proxy in the "
+        "middle, so *gap less emulator* is the framework's overhead on such a link.",
         "",
         *_table(
             [
@@ -198,6 +210,8 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
                 "of which server",
                 "network",
                 "agent",
+                "of network: link emulator",
+                "gap less emulator",
             ],
             rows,
         ),
@@ -207,7 +221,10 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
         "no agent, through the same link (floor = bytes x 8 / rate + RTT + tail), and "
         "straight to the server (floor = tail):",
         "",
-        *_table(["Mbit/s", "B up / down", "floor ms", "measured ms", "gap"], bare),
+        *_table(
+            ["Mbit/s", "B up / down", "floor ms", "measured ms", "gap", "of which link emulator"],
+            bare,
+        ),
     ]
 
 

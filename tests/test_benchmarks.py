@@ -1,0 +1,70 @@
+"""The benchmark suite runs from its one command and writes every section it promises; the
+link emulator's own cost is measured against a raw exchange, never below the link's floor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from suite.link_check import link_cost  # noqa: E402
+
+
+def test_a_raw_exchange_through_the_emulator_pays_rtt_and_bytes_and_little_more() -> None:
+    cost = link_cost("1mbit:10ms", 1000, 500, n=5)
+    assert cost.wire_ms == pytest.approx(1500 * 8 / 1e6 * 1e3)
+    assert cost.rtt_ms == 10.0
+    assert cost.through_ms >= cost.rtt_ms + cost.wire_ms  # a link is never early
+    assert 0 < cost.direct_ms < cost.through_ms
+    assert cost.excess_ms < 10.0  # loose: a loaded machine wakes threads late
+
+
+@pytest.mark.slow
+def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "run_all.py"),
+        "--quick",
+        "--inputs",
+        "4",
+        "--rates",
+        "100",
+        "--strategies",
+        "local,offload-png,split,split-exit",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    md = (tmp_path / "suite_small.md").read_text()
+    for section in (
+        "## 1. Strategies",
+        "## 2. Ideal vs achieved",
+        "## 3. Wire size",
+        "## 4. Device-side cost",
+        "## 5. Where split + exit wins",
+    ):
+        assert section in md
+    doc = json.loads((tmp_path / "suite_small.json").read_text())
+    cells = {(c["strategy"], c["rate_mbit"]): c for c in doc["cells"]}
+    assert set(cells) == {
+        ("local", None),
+        ("offload-png", 100.0),
+        ("split", 100.0),
+        ("split-exit", 100.0),
+    }
+    split = next(r for r in doc["ideal_vs_achieved"] if r["strategy"] == "split")
+    assert split["offload_rate"] == 1.0
+    off = split["offloaded"]
+    assert off["measured_ms"] >= off["floor_ms"] - 1.0  # nothing beats the analytic floor
+    assert "link_emulator_ms" in off and "gap_pct_without_emulator" in off
+    bare = {b["rate_mbit"]: b for b in doc["bare_requests"]}
+    assert bare[None]["link_emulator_ms"] is None and bare[100.0]["link_emulator_ms"] is not None
+    for png in ("suite_small_latency.png", "suite_small_accuracy_bytes.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
