@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from suite.report import machine, machine_line
 from suite.services import tail_server
 from suite.split_runs import widest_point
 
@@ -50,7 +51,10 @@ async def timed(send: Send, n: int, gap_s: float) -> float:
     return statistics.median(times[5:]) * 1e3
 
 
-async def measure(url: str, model: str, frame: bytes, n: int, gap_s: float) -> dict[str, float]:
+async def measure(
+    url: str, model: str, frame: bytes, n: int, gap_s: float, computes: list[float]
+) -> dict[str, float]:
+    """Median ms per client; appends the server's reported compute (ms) to `computes`."""
     body, header_len = encode_request(frame, None, 1_000_000)
     path = f"/v2/models/{model}/infer"
     headers = {HEADER_LENGTH: str(header_len), "Content-Type": CONTENT_TYPE}
@@ -64,7 +68,9 @@ async def measure(url: str, model: str, frame: bytes, n: int, gap_s: float) -> d
         async with OffloadClient(url, model, transport=transport) as client:
 
             async def agent_client(i: int) -> None:
-                await client.infer(frame, f"r{i:06d}")
+                res = await client.infer(frame, f"r{i:06d}")
+                if res.compute_s is not None:
+                    computes.append(res.compute_s * 1e3)
 
             out[name] = await timed(agent_client, n, gap_s)
 
@@ -115,13 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     frame = head.frame(z, bits, channels)
 
     rounds: list[dict[str, float]] = []
+    computes: list[float] = []
     log = Path(tempfile.mkdtemp(prefix="splitexit-client-")) / "server.log"
     with tail_server(default_bundle_path(), log) as url:
         for r in range(args.rounds):
             m = bundle.manifest.name
-            rounds.append(asyncio.run(measure(url, m, frame, args.requests, args.gap_ms / 1e3)))
+            run = measure(url, m, frame, args.requests, args.gap_ms / 1e3, computes)
+            rounds.append(asyncio.run(run))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in rounds[-1].items()))
 
+    tail_ms = statistics.median(computes) if computes else float("nan")
     lines = [
         "# Device HTTP client overhead",
         "",
@@ -129,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"One {len(frame)}-byte frame (small track, k={channels}, {bits} bits) to "
         "`splitexit-server` on loopback, no link emulator; median round trip in ms over "
-        f"{args.requests} requests, each after {args.gap_ms:g} ms idle; one column per round.",
+        f"{args.requests} requests, each after {args.gap_ms:g} ms idle; one column per round. "
+        "Every row includes the server's own time (the tail's compute, about "
+        f"{tail_ms:.1f} ms here, and its HTTP stack): the differences between rows are the "
+        "clients'.",
+        "",
+        f"Machine: {machine_line(machine())}; Python {sys.version.split()[0]}, "
+        f"torch {torch.__version__}.",
         "",
         "| client | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " |",
         "| --- | " + " | ".join("---:" for _ in rounds) + " |",

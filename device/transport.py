@@ -139,7 +139,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         try:
             await within(timeouts.get("pool"), self._slots.acquire())
         except TimeoutError as e:
-            raise httpx.PoolTimeout("no free connection within the pool timeout") from e
+            raise httpx.PoolTimeout(
+                f"no free connection within {timeouts.get('pool')} s", request=request
+            ) from e
         try:
             origin = (url.raw_scheme, url.raw_host, url.port or _default_port(url.raw_scheme))
             while True:
@@ -152,7 +154,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                     continue  # a reused connection the server had closed: once more, fresh
                 except TimeoutError as e:
                     raise httpx.ReadTimeout(
-                        f"no complete answer within {timeouts.get('read'):.3g} s", request=request
+                        f"no complete answer within {timeouts.get('read')} s", request=request
                     ) from e
         finally:
             self._slots.release()
@@ -182,7 +184,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         scheme, host, port = origin
         tls = None
         if scheme == b"https":
-            tls = self._ssl or ssl.create_default_context()
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            tls = self._ssl
         try:
             reader, writer = await within(
                 timeout,
@@ -191,9 +195,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 ),
             )
         except TimeoutError as e:
-            raise httpx.ConnectTimeout(
-                f"connecting took over {timeout:.3g} s", request=request
-            ) from e
+            raise httpx.ConnectTimeout(f"connecting took over {timeout} s", request=request) from e
         except (OSError, ssl.SSLError) as e:
             raise httpx.ConnectError(str(e) or type(e).__name__, request=request) from e
         self.connections_opened += 1

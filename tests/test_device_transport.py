@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -356,3 +359,50 @@ def test_bad_settings_are_refused() -> None:
         KeepAliveTransport(0)
     with pytest.raises(ValueError, match="server URL"):
         OffloadClient("localhost:8000", "m")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (made with openssl) and its key."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x"]
+    subprocess.run(
+        [openssl, *args, "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_origins_are_spoken_to_over_tls_and_checked(
+    tls_files: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+
+    async def go() -> None:
+        handler = answer_each(OK, OK)
+        srv = Scripted(handler)
+        server = await asyncio.start_server(srv._serve, LOOPBACK, 0, ssl=server_ctx)
+        url = f"https://{LOOPBACK}:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            trusting = KeepAliveTransport(ssl_context=ssl.create_default_context(cafile=cert))
+            for _ in range(2):
+                assert (await fetch(trusting, get(url))).content == b"ok"
+            assert trusting.connections_opened == 1
+            await trusting.aclose()
+            stranger = KeepAliveTransport()  # the system's CAs do not know this certificate
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await fetch(stranger, get(url))
+            await stranger.aclose()
+            monkeypatch.setenv("SSL_CERT_FILE", cert)  # the default context reads it
+            told = KeepAliveTransport()
+            assert (await fetch(told, get(url))).content == b"ok"
+            await told.aclose()
+
+    asyncio.run(go())

@@ -52,8 +52,15 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2, AVX512, ...
         "platform": platform.platform(),
     }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The machine in a few words: CPU, its vector unit as torch uses it, cores."""
+    isa = f" ({m['cpu_capability']})" if m.get("cpu_capability") else ""
+    return f"{m['cpu']}{isa}, {m['usable_cores']} usable of {m['cores']} cores"
 
 
 def _label(key: str) -> str:
@@ -381,7 +388,7 @@ def write_report(doc: dict[str, Any], out: Path, plots: Sequence[Path]) -> tuple
         f"{cfg['rtt_ms']:g} ms RTT, through {LINK_NOTE}",
         f"- Device speed F = {cfg['device_speed']:g}: device-side compute is followed by a "
         "sleep of (F - 1) x its time (F = 1: this machine's CPU).",
-        f"- Machine: {m['cpu']}, {m['usable_cores']} usable of {m['cores']} cores, load "
+        f"- Machine: {machine_line(m)}, load "
         f"average (1, 5, 15 min) at start {m['load_average']}, at the end "
         f"{m.get('load_average_end')}; Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} thread on the device side; the server, on the same machine, "
