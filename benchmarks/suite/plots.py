@@ -30,6 +30,8 @@ def _pyplot() -> Any:
 def latency_plot(doc: dict[str, Any], path: Path) -> Path:
     """Mean (solid) and p95 (dashed) latency against link rate, one line per strategy."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     rates = doc["config"]["rates_mbit"]
     cells = {(c["strategy"], c["rate_mbit"]): c["stats"] for c in doc["cells"]}
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
@@ -56,6 +58,10 @@ def latency_plot(doc: dict[str, Any], path: Path) -> Path:
         ax.plot(xs, [st["latency_ms"]["p95"] for _, st in pts], "--", color=COLORS[s.key], lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(  # 2, 3, 5 (x 10^n) labelled: readable milliseconds
+        FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "235" else "")
+    )
     ax.set_xticks(rates, [f"{r:g}" for r in rates])
     ax.set_xlabel("link rate (Mbit/s each way)")
     ax.set_ylabel("end-to-end latency (ms)")
