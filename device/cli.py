@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.local_only and not args.server:
         parser.error("--server is required unless --local-only is given")
+    if not args.local_only and not _is_server_url(args.server):
+        parser.error(f"--server must be http(s)://HOST[:PORT], got {args.server!r}")
     try:
         thresholds = _thresholds(args.threshold)
     except ValueError as e:
@@ -232,6 +234,17 @@ def _install_signals(agent: Agent) -> Callable[[], bool]:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows
             loop.add_signal_handler(sig, on_signal, sig)
     return lambda: count[0] > 0
+
+
+def _is_server_url(text: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 @contextlib.contextmanager

@@ -82,6 +82,9 @@ def test_no_server_exits_3_and_says_what_to_do(capsys: pytest.CaptureFixture[str
         ["--source", "x"],  # no --server, not --local-only
         ["--local-only", "--source", "x", "--threshold", "layer1"],
         ["--local-only", "--source", "x", "--policy", "greedy"],
+        ["--server", "127.0.0.1:8000", "--source", "x"],  # no scheme
+        ["--server", "ftp://tail:8000", "--source", "x"],
+        ["--server", "http://tail:99999", "--source", "x"],
     ],
 )
 def test_bad_usage_exits_2(args: list[str]) -> None:
