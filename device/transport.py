@@ -196,7 +196,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             )
         except TimeoutError as e:
             raise httpx.ConnectTimeout(f"connecting took over {timeout} s", request=request) from e
-        except (OSError, ssl.SSLError) as e:
+        except OSError as e:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
             raise httpx.ConnectError(str(e) or type(e).__name__, request=request) from e
         self.connections_opened += 1
         conn = _Connection(reader, writer)
@@ -215,9 +215,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         keep = False
         try:
             try:
-                conn.writer.write(head + body if len(body) < 65536 else head)
-                if len(body) >= 65536:
-                    conn.writer.write(body)
+                conn.writer.write(head + body)  # one write: a small request is one segment
                 await conn.writer.drain()
             except OSError as e:
                 if conn.reused:

@@ -193,6 +193,7 @@ def bare_floors(
         wire = 0.0 if rate is None else (b.request_bytes + b.response_bytes) * 8 / (rate * 1e3)
         tail = b.tail_ms if b.tail_ms is not None else tail_ms
         floor = wire + (0.0 if rate is None else rtt_ms) + tail
+        own = None if rate is None else (emulator or {}).get(rate)
         rows.append(
             {
                 "rate_mbit": rate,
@@ -203,11 +204,7 @@ def bare_floors(
                 "measured_ms": round(b.mean_ms, 3),
                 "gap_ms": round(b.mean_ms - floor, 3),
                 "gap_pct": round(100 * (b.mean_ms / floor - 1), 1),
-                "link_emulator_ms": (
-                    None
-                    if rate is None or rate not in (emulator or {})
-                    else round(emulator[rate].excess_ms, 3)  # type: ignore[index]
-                ),
+                "link_emulator_ms": None if own is None else round(own.excess_ms, 3),
             }
         )
     return rows
