@@ -9,7 +9,6 @@ splitexit inspect BUNDLE         print a bundle's manifest readably
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -64,27 +63,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
+    from .train.export import export_run, rebuild_run
 
-    from .train.config import config_from_dict
-    from .train.export import export_run
-    from .train.pipeline import build_student, build_teacher, load_data, make_preprocess
+    if args.triton and not args.onnx:
+        raise SplitexitError("--triton goes with --onnx (the Triton model is the ONNX tail)")
+    if args.onnx:
+        _require_onnx()
+    cfg, net, pre, classes, results, provenance = rebuild_run(args.run, args.class_names)
+    path = export_run(
+        cfg,
+        net,
+        pre,
+        classes,
+        results,
+        provenance,
+        args.output or Path(args.run) / "bundle",
+        onnx=args.onnx,
+        keep_calibration=not args.reset_thresholds,
+    )
+    if args.triton:
+        import shutil
 
-    run = Path(args.run)
-    for needed in ("config.json", "model.pt", "results.json"):
-        if not (run / needed).exists():
-            raise SplitexitError(
-                f"{run} is not a finished run: {needed} is missing (run `splitexit train` first)"
-            )
-    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
-    results = json.loads((run / "results.json").read_text())
-    pre = make_preprocess(cfg)
-    classes = load_data(cfg).class_names if args.class_names is None else args.class_names
-    net = build_student(cfg, build_teacher(cfg, len(classes), pre), pre, len(classes))
-    net.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
-    path = export_run(cfg, net, pre, list(classes), results, args.output or run / "bundle")
+        for model in sorted((path / "onnx" / "triton").iterdir()):  # written by onnx=True
+            shutil.copytree(model, Path(args.triton) / model.name, dirs_exist_ok=True)
+            print(f"Triton model written to {Path(args.triton) / model.name}")
     print(f"bundle written to {path}")
     return 0
+
+
+def _require_onnx() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SplitexitError(
+            f"--onnx needs {' and '.join(missing)}: pip install 'splitexit[export]'"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -145,10 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="do not write a bundle at the end")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a bundle from a finished run directory")
+    p = sub.add_parser(
+        "export",
+        help="write a bundle from a finished run directory",
+        description="Rebuild a finished run's model from its config.json (model reference and "
+        "kwargs) and model.pt, and write its bundle. Exporting over the run's bundle keeps "
+        "its fingerprint and its calibrated thresholds (same weights, same fingerprint), "
+        "so deployed devices keep working.",
+    )
     p.add_argument("run", help="run directory holding config.json, model.pt and results.json")
     p.add_argument("--output", help="bundle directory (default: RUN/bundle)")
     p.add_argument("--class-names", nargs="+", help="class names (default: the dataset's)")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write ONNX graphs of head, exits and tail into the bundle (export extra)",
+    )
+    p.add_argument(
+        "--triton",
+        metavar="DIR",
+        help="with --onnx: also write a Triton model repository for the tail to DIR",
+    )
+    p.add_argument(
+        "--reset-thresholds",
+        action="store_true",
+        help="drop the calibrated exit thresholds of the bundle being replaced",
+    )
     p.set_defaults(func=cmd_export)
 
     from . import profile as profile_cmd

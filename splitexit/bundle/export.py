@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import os
 import shutil
 import tarfile
@@ -78,6 +79,7 @@ def export_bundle(
     onnx: bool = False,
     overwrite: bool = False,
     split_point: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Write `net` as a bundle directory at `path` and return its manifest.
 
@@ -96,6 +98,8 @@ def export_bundle(
         onnx: also export ONNX graphs and a Triton model (needs the `export` extra).
         overwrite: replace an existing non-empty directory at `path`.
         split_point: name of the split; default the last head stage's name.
+        provenance: what the model was trained on (dataset, roots, classes, input shape,
+            split seed and sizes, the run's config), stored as is.
 
     Raises BundleError if `path` is taken, an argument does not fit the model, or a traced
     piece disagrees with the eager model.
@@ -173,6 +177,8 @@ def export_bundle(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             splitexit_version=_version(),
             metrics=dict(metrics or {}),
+            provenance=dict(provenance or {}),
+            weights_digest=weights_digest(model.state_dict()),
         )
         manifest = dataclasses.replace(manifest, fingerprint=manifest.compute_fingerprint())
         write_manifest(tmp, manifest)
@@ -197,7 +203,15 @@ def archive_bundle(path: str | os.PathLike[str], archive: str | os.PathLike[str]
 
 # ---------------------------------------------------------------------- manifest updates
 
-_FROZEN_FIELDS = {"format", "format_version", "fingerprint", "files", "bottleneck", "codec"}
+_FROZEN_FIELDS = {
+    "format",
+    "format_version",
+    "fingerprint",
+    "weights_digest",
+    "files",
+    "bottleneck",
+    "codec",
+}
 
 
 def update_manifest(path: str | os.PathLike[str], **changes: Any) -> Manifest:
@@ -302,6 +316,17 @@ def _write_torchscript(
     if logits.dim() != 2:
         raise BundleError(f"the tail must output logits [N, K], got shape {tuple(logits.shape)}")
     return exits, int(logits.shape[1]), code_shape  # type: ignore[return-value]
+
+
+def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over a state_dict's entries sorted by name: name, dtype, shape, then the
+    values' bytes (CPU, contiguous): the same weights give the same digest however saved."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {list(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _trace_save(

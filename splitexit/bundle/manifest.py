@@ -9,12 +9,17 @@ settings, and the sha256 of every other file in the bundle.
 
 The **fingerprint** ties a frame to the weights that made it and the settings that decode it:
 
-    sha256( for each head/exit/tail weight file, sorted by path: "<path> <sha256>\\n"
+    sha256( "weights <weights_digest>\\n"
+            + canonical JSON of {"exits": [[name, segment], ...], "segments"}
             + canonical JSON of {"bits", "channels", "code_shape", "dictionary_sha256",
                                  "zstd_level"} )
 
-Thresholds, accuracies and metrics are not part of it, so re-calibrating a bundle keeps its
-fingerprint (and the frames of deployed devices stay valid).
+`weights_digest` hashes the tensors of the state_dict (name, dtype, shape, values), not the
+bytes of any file, so re-exporting the same weights keeps the fingerprint even though the
+TorchScript files differ. (Bundles written before `weights_digest` existed hash the
+head/exit/tail files instead, "<path> <sha256>\\n" each; they load unchanged.)
+Thresholds, accuracies, metrics and provenance are not part of it, so re-calibrating a
+bundle keeps its fingerprint (and the frames of deployed devices stay valid).
 """
 
 from __future__ import annotations
@@ -121,6 +126,10 @@ class Manifest:
     created: str = ""
     splitexit_version: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    # what it was trained and calibrated on: dataset, roots, class names, input shape, seed,
+    # split sizes, file-list hashes, the run's config (how to rebuild the model)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    weights_digest: str = ""  # sha256 of the state_dict's tensors (see the module docstring)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -161,7 +170,13 @@ class Manifest:
         }
 
     def compute_fingerprint(self) -> str:
-        """The fingerprint implied by `files` and the codec settings (see module docstring)."""
+        """The fingerprint implied by the weights and the codec settings (module docstring)."""
+        if self.weights_digest:
+            h = hashlib.sha256(f"weights {self.weights_digest}\n".encode())
+            layout = {"segments": self.segments, "exits": [[e.name, e.segment] for e in self.exits]}
+            h.update(canonical_json(layout).encode())
+            h.update(canonical_json(self.codec_settings()).encode())
+            return h.hexdigest()
         return compute_fingerprint(self.files, self.model_files, self.codec_settings())
 
     # ------------------------------------------------------------------------------- json
@@ -169,7 +184,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         first = ["format", "format_version", "name", "fingerprint", "created", "splitexit_version"]
-        last = ["metrics", "files"]
+        last = ["metrics", "provenance", "files"]
         head = {k: d.pop(k) for k in first}
         tail = {k: d.pop(k) for k in last}
         return {**head, **d, **tail}
@@ -319,6 +334,8 @@ def _parse(d: Mapping[str, Any]) -> Manifest:
         created=_str(d.get("created", ""), "created"),
         splitexit_version=_str(d.get("splitexit_version", ""), "splitexit_version"),
         metrics=_dict(d.get("metrics") or {}, "metrics"),
+        provenance=_dict(d.get("provenance") or {}, "provenance"),
+        weights_digest=_str(d.get("weights_digest", ""), "weights_digest"),
         files={_str(k, "files key"): _str(v, f"files[{k!r}]") for k, v in d["files"].items()},
     )
 
@@ -327,6 +344,8 @@ def _problems(m: Manifest) -> Iterator[str]:
     b = m.bottleneck
     if not _SHA256.fullmatch(m.fingerprint):
         yield f"fingerprint must be 64 lowercase hex characters, got {m.fingerprint!r}"
+    if m.weights_digest and not _SHA256.fullmatch(m.weights_digest):
+        yield f"weights_digest must be 64 lowercase hex characters, got {m.weights_digest!r}"
     if b.channels < 1 or b.code_shape[0] != b.channels:
         yield f"bottleneck code_shape {list(b.code_shape)} must start with channels {b.channels}"
     if not b.bits or any(bits not in SUPPORTED_BITS for bits in b.bits):

@@ -14,6 +14,8 @@ Head and tail share the model's modules, hence its weights.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -21,7 +23,7 @@ from torch import nn
 from splitexit.errors import SplitPointError
 from splitexit.models.staged import StagedModel
 
-__all__ = ["cut_model", "valid_split_points"]
+__all__ = ["cut_model", "stage_name", "staged_at", "valid_split_points"]
 
 
 def _is_plain_sequential(model: nn.Module) -> bool:
@@ -126,47 +128,108 @@ def _graph_module(model: nn.Module, graph: fx.Graph, name: str) -> fx.GraphModul
     return module
 
 
-def _cut_graph(model: nn.Module, point: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+def _graph_cuts(
+    model: nn.Module, points: Sequence[str]
+) -> tuple[fx.Graph, list[tuple[str, fx.Node]]]:
+    """Trace ``model``; (point, its cut node) for each of ``points``, in execution order."""
     traced = _trace(model)
-    points = _graph_points(model, traced)
-    if point not in points:
-        reason = (
-            "more than one value would cross the cut there (a skip connection, a reused "
-            "input or a module called more than once)"
-            if point in dict(model.named_modules())
-            else "no submodule has that name"
-        )
-        raise SplitPointError(
-            f"cannot cut {type(model).__name__} at {point!r}: {reason}; valid split points "
-            f"(where exactly one tensor crosses) are: {', '.join(points) or '(none)'}"
-        )
-    cut = points[point]
-    nodes = list(traced.graph.nodes)
-    head_nodes = _head_set(traced.graph, cut)
-    assert head_nodes is not None  # checked by _graph_points
+    valid = _graph_points(model, traced)
+    for point in points:
+        if point not in valid:
+            reason = (
+                "more than one value would cross the cut there (a skip connection, a reused "
+                "input or a module called more than once)"
+                if point in dict(model.named_modules())
+                else "no submodule has that name"
+            )
+            raise SplitPointError(
+                f"cannot cut {type(model).__name__} at {point!r}: {reason}; valid split points "
+                f"(where exactly one tensor crosses) are: {', '.join(valid) or '(none)'}"
+            )
+    order = {node: i for i, node in enumerate(traced.graph.nodes)}
+    cuts = sorted({p: valid[p] for p in points}.items(), key=lambda pc: order[pc[1]])
+    return traced.graph, cuts
 
-    head_graph = fx.Graph()
+
+def _segment(
+    nodes: list[fx.Node], members: set[fx.Node], start: fx.Node | None, end: Any
+) -> fx.Graph:
+    """The sub-graph of ``members`` fed by ``start`` (None: the model's input) returning
+    ``end`` (a node, or the output node's argument structure for the last segment)."""
+    graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    if start is not None:
+        env[start] = graph.placeholder("x")
     for node in nodes:
-        if node in head_nodes or node.op == "placeholder":
-            env[node] = head_graph.node_copy(node, lambda n: env[n])
-    head_graph.output(env[cut])
-
-    tail_graph = fx.Graph()
-    env = {cut: tail_graph.placeholder("x")}
-    output = nodes[-1]
-    for node in nodes:
-        if node.op in ("placeholder", "output") or node is cut:
+        if node in env or node.op == "output":
             continue
-        in_tail = node not in head_nodes
-        if in_tail or (node.op == "get_attr" and any(u not in head_nodes for u in node.users)):
-            env[node] = tail_graph.node_copy(node, lambda n: env[n])
-    tail_graph.output(fx.map_arg(output.args[0], lambda n: env[n]))
+        used_here = node.op == "get_attr" and any(u in members for u in node.users)
+        if node in members or used_here or (start is None and node.op == "placeholder"):
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(fx.map_arg(end, lambda n: env[n]))
+    return graph
 
+
+def _graph_segments(
+    model: nn.Module, points: Sequence[str]
+) -> list[tuple[str | None, fx.GraphModule]]:
+    """``model`` as consecutive fx segments ending after each of ``points`` (in execution
+    order), then the rest: [(point, segment), ..., (None, last segment)]."""
+    graph, named_cuts = _graph_cuts(model, points)
+    cuts = [node for _, node in named_cuts]
+    nodes = list(graph.nodes)
+    output = nodes[-1]
     name = type(model).__name__
-    return _graph_module(model, head_graph, f"{name}Head"), _graph_module(
-        model, tail_graph, f"{name}Tail"
-    )
+    segments, done, start = [], set(), None
+    for i, cut in enumerate([*cuts, None]):
+        if cut is None:
+            members = {n for n in nodes if n not in done and n.op != "output"}
+            end = output.args[0]
+        else:
+            head = _head_set(graph, cut)
+            assert head is not None  # checked by _graph_points
+            members, end = head - done, cut
+        members.discard(start)
+        sub = _segment(nodes, members, start, end)
+        point = named_cuts[i][0] if cut is not None else None
+        segments.append((point, _graph_module(model, sub, f"{name}Segment{i}")))
+        done |= members | ({start} if start is not None else set())
+        start = cut
+    return segments
+
+
+def _cut_graph(model: nn.Module, point: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    (_, head), (_, tail) = _graph_segments(model, [point])
+    name = type(model).__name__
+    head.__class__.__name__, tail.__class__.__name__ = f"{name}Head", f"{name}Tail"
+    return head, tail
+
+
+def stage_name(point: str) -> str:
+    """The stage name a (possibly dotted) point gets in :func:`staged_at`."""
+    return point.replace(".", "_")
+
+
+def staged_at(model: nn.Module, points: Sequence[str]) -> StagedModel:
+    """``model`` as a :class:`StagedModel` whose stages end after each of ``points``.
+
+    A StagedModel comes back as it is and a plain ``nn.Sequential`` as its children (every
+    child a stage); any other model is traced with ``torch.fx`` and cut after each point
+    (dots in a point's name become underscores: :func:`stage_name`), the last stage named
+    ``classifier``. The stages share the model's modules, hence its weights.
+    Raises :class:`~splitexit.errors.SplitPointError` naming the valid points.
+    """
+    if isinstance(model, StagedModel):
+        return model
+    if _is_plain_sequential(model):
+        return _as_staged(model)
+    segments = _graph_segments(model, points)
+    names = [stage_name(p) for p, _ in segments[:-1]]
+    last = "classifier" if "classifier" not in names else "output"
+    stages = OrderedDict(zip([*names, last], (seg for _, seg in segments), strict=True))
+    staged = StagedModel(stages)
+    staged.training = model.training
+    return staged
 
 
 def cut_model(model: nn.Module, point: str) -> tuple[nn.Module, nn.Module]:

@@ -9,7 +9,7 @@ same batches as an uninterrupted one, and every DDP rank takes its own slice of 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,18 +41,34 @@ def epoch_generator(seed: int, stage: str, epoch: int) -> torch.Generator:
     return g
 
 
-def augment(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random crop (reflect-pad `pad` pixels) and horizontal flip, per sample, on [N, C, H, W]."""
+def augment(
+    x: torch.Tensor,
+    g: torch.Generator,
+    transforms: Sequence[str] = ("crop", "hflip"),
+    pad: int = 2,
+) -> torch.Tensor:
+    """Per-sample random augmentation of [N, C, H, W], in this order and drawing from `g`:
+    "crop" (reflect-pad `pad` pixels, crop back), "hflip", "vflip" (each with p = 1/2)."""
     n, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
-    flip = torch.rand(n, generator=g) < 0.5
-    cols = torch.where(flip.view(n, 1, 1, 1), cols.flip(-1), cols)
-    index = rows * padded.shape[-1] + cols
-    flat = padded.reshape(n, padded.shape[1], -1)
+    rows = torch.arange(h).view(1, h).expand(n, h)
+    cols = torch.arange(w).view(1, w).expand(n, w)
+    src = x
+    if "crop" in transforms:
+        src = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+        rows, cols = dy.view(n, 1) + rows, dx.view(n, 1) + cols
+    for name, axis in (("hflip", 1), ("vflip", 0)):
+        if name in transforms:
+            flip = (torch.rand(n, generator=g) < 0.5).view(n, 1)
+            if axis:
+                cols = torch.where(flip, cols.flip(-1), cols)
+            else:
+                rows = torch.where(flip, rows.flip(-1), rows)
+    if src is x and not any(t in transforms for t in ("hflip", "vflip")):
+        return x
+    index = rows.view(n, 1, h, 1) * src.shape[-1] + cols.view(n, 1, 1, w)
+    flat = src.reshape(n, src.shape[1], -1)
     out = torch.gather(flat, 2, index.expand(n, x.shape[1], h, w).reshape(n, x.shape[1], -1))
     return out.view_as(x)
 
@@ -63,7 +79,7 @@ def iterate_batches(
     batch_size: int,
     *,
     generator: torch.Generator | None = None,
-    augment_data: bool = False,
+    augment_data: Sequence[str] = (),
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
@@ -81,7 +97,7 @@ def iterate_batches(
             break
         x = preprocess(split.images[idx], device=device)
         if augment_data and generator is not None:
-            x = augment(x, generator)
+            x = augment(x, generator, augment_data)
         yield x, split.labels[idx].to(device)
 
 

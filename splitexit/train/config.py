@@ -45,14 +45,44 @@ class Optim:
 
 @dataclass
 class DataConfig:
+    """Where the images come from and how they are split, sized and augmented.
+
+    dataset      "fashion-mnist" or "folder" (root/<class>/<image>, class names = folder names)
+    root         the image folder (folder); an IDX folder instead of the search order (fmnist)
+    val_root     optional folder for the calibration split (instead of carving it from root)
+    test_root    optional folder for the test split (instead of carving a fifth of root)
+    calibration  held out of training for calibration: a count, or a fraction in (0, 1)
+                 of root (default 5000 for Fashion-MNIST, 0.2 for folders)
+    train_subset / test_subset   cap those splits (0: all)
+    image_size   [H, W] every image is loaded at (default: a pretrained model's, else the
+                 images' own, which must then all be one size)
+    channels     1 (grayscale) or 3 (RGB) (default: a pretrained model's, else the data's)
+    mean / std   per-channel normalisation (default: a pretrained model's, else measured
+                 on the training images); recorded in the bundle
+    augment      named training augmentations from AUGMENTATIONS (default: none for
+                 folders, ["crop", "hflip"] for Fashion-MNIST)
+    """
+
     dataset: str = "fashion-mnist"  # or "folder"
-    root: str = ""  # image-folder root (dataset = "folder"); IDX folder override otherwise
-    calibration: int = 5000  # samples held out of the training set for calibration
-    train_subset: int = 0  # 0 = the whole training split
-    test_subset: int = 0  # 0 = the whole test split
-    image_size: list[int] = field(default_factory=list)  # [] = the model's own
-    channels: int = 0  # 0 = the model's own
-    augment: bool = True  # random crop (pad 2) + horizontal flip
+    root: str = ""
+    val_root: str = ""
+    test_root: str = ""
+    calibration: int | float | None = None
+    train_subset: int = 0
+    test_subset: int = 0
+    image_size: list[int] = field(default_factory=list)
+    channels: int = 0
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    augment: list[str] | None = None
+
+
+#: The training augmentations `data.augment` may name.
+AUGMENTATIONS = {
+    "crop": "random crop after reflect-padding 2 pixels",
+    "hflip": "horizontal flip with probability 1/2",
+    "vflip": "vertical flip with probability 1/2",
+}
 
 
 @dataclass
@@ -141,7 +171,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+        raise ConfigError(f"{where}: {value!r} is not a {names}")
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -151,6 +182,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {value!r}")
         return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: unexpected {value!r}")
+        return None
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -202,12 +237,45 @@ def _validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("split.min_channels must be in 1..split.channels")
     if not 0.0 <= cfg.stage2.alpha <= 1.0 or not 0.0 <= cfg.exits.alpha <= 1.0:
         raise ConfigError("alpha must be in [0, 1]")
-    if cfg.data.image_size and len(cfg.data.image_size) != 2:
-        raise ConfigError("data.image_size must be [height, width]")
+    _validate_data(cfg.data)
+
+
+def _validate_data(d: DataConfig) -> None:
+    if d.image_size and (len(d.image_size) != 2 or min(d.image_size) < 1):
+        raise ConfigError(f"data.image_size must be [height, width], got {d.image_size}")
+    if d.channels not in (0, 1, 3):
+        raise ConfigError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {d.channels}")
+    c = d.calibration
+    if c is not None and (isinstance(c, bool) or (isinstance(c, int) and c < 0)):
+        raise ConfigError(f"data.calibration must be a count >= 0 or a fraction, got {c!r}")
+    if isinstance(c, float) and not 0.0 < c < 1.0:
+        raise ConfigError(f"data.calibration as a fraction must be in (0, 1), got {c}")
+    if bool(d.mean) != bool(d.std) or (d.mean and len(d.mean) != len(d.std)):
+        raise ConfigError("data.mean and data.std go together, one value per channel each")
+    if isinstance(d.augment, bool) or (d.augment is not None and not isinstance(d.augment, list)):
+        raise ConfigError(
+            f"data.augment must be a list of transforms from {sorted(AUGMENTATIONS)} "
+            f'(e.g. ["crop", "hflip"], or [] for none), got {d.augment!r}'
+        )
+    unknown = sorted(set(d.augment or []) - set(AUGMENTATIONS))
+    if unknown:
+        raise ConfigError(
+            f"data.augment: unknown transform(s) {unknown}; choose from "
+            + ", ".join(f"{k} ({v})" for k, v in AUGMENTATIONS.items())
+        )
+    for key in ("val_root", "test_root"):
+        if getattr(d, key) and d.dataset != "folder":
+            raise ConfigError(f"data.{key} needs data.dataset = 'folder'")
 
 
 def config_from_dict(table: dict[str, Any]) -> ExperimentConfig:
     """Build and validate a config from a parsed TOML table."""
+    augment = table.get("data", {}).get("augment") if isinstance(table.get("data"), dict) else None
+    if isinstance(augment, bool):
+        raise ConfigError(
+            f"data.augment = {str(augment).lower()}: give a list of transforms from "
+            f"{sorted(AUGMENTATIONS)} instead (e.g. [\"crop\", \"hflip\"], or [] for none)"
+        )
     cfg = _build(ExperimentConfig, table, "")
     _validate(cfg)
     return cfg

@@ -64,7 +64,7 @@ class StageRun:
     seed: int
     device: torch.device
     dist: DistInfo = field(default_factory=DistInfo)
-    augment: bool = False
+    augment: list[str] = field(default_factory=list)  # named transforms (batches.augment)
     points: OperatingPoints | None = None
     evaluate: Callable[[], dict[str, float]] | None = None
 

@@ -10,33 +10,36 @@ again resumes where it stopped (finished stages are loaded, not retrained).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import FASHION_MNIST_CLASSES, ImageFolder, fashion_mnist_splits, split_indices
 from ..errors import ConfigError
-from ..models import build_model, get_spec
+from ..models import StagedModel, build_model, get_spec
+from ..models.cut import stage_name, staged_at
+from ..models.reference import build_reference, is_zoo_name, resolve_reference
 from ..preprocess import Preprocess
-from ..splitnet import SplitExitNet
+from ..splitnet import BOTTLENECK, SplitExitNet
 from .batches import ArraySplit
 from .config import ExperimentConfig
 from .distributed import DistInfo, barrier, check_ranks_agree, init_distributed, shutdown
 from .evaluate import accuracy, evaluate_split, mean_frame_bytes
+from .experiment_data import (
+    ExperimentData,
+    augmentations,
+    data_classes,
+    input_geometry,
+    load_data,
+    train_preprocess,
+)
 from .loop import OperatingPoints, StageRun, checkpoint_path, run_stage, stage_done
 from .objectives import ExitObjective, FinetuneObjective, HeadDistillObjective, TeacherObjective
-
-
-@dataclass
-class ExperimentData:
-    splits: dict[str, ArraySplit]
-    class_names: list[str]
 
 
 def seed_everything(seed: int) -> None:
@@ -53,62 +56,85 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _subset(split: ArraySplit, n: int, seed: int) -> ArraySplit:
-    if n <= 0 or n >= len(split):
-        return split
-    idx = split_indices(len(split), {"keep": n}, seed, stratify=split.labels.numpy())["keep"]
-    idx = torch.from_numpy(np.sort(idx))
-    return ArraySplit(split.images[idx], split.labels[idx])
-
-
-def load_data(cfg: ExperimentConfig) -> ExperimentData:
-    """Train / calibration / test splits as in-memory uint8 arrays."""
-    d = cfg.data
-    if d.dataset == "fashion-mnist":
-        raw = fashion_mnist_splits(seed=cfg.seed, calibration=d.calibration, root=d.root or None)
-        classes = list(FASHION_MNIST_CLASSES)
+def build_teacher(
+    cfg: ExperimentConfig,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    *,
+    load_checkpoint: bool = True,
+) -> StagedModel:
+    """The teacher `teacher.model` names (zoo name or the user's factory), with the weights of
+    `teacher.checkpoint` if set, as a StagedModel cut at the split and exit points."""
+    t = cfg.teacher
+    channels, h, w = input_shape
+    if is_zoo_name(t.model):
+        try:
+            spec = get_spec(t.model)
+        except ValueError as e:
+            raise ConfigError(
+                f"teacher.model: {e}; or name your own model as package.module:factory or "
+                "path/to/file.py:factory"
+            ) from None
+        kwargs = dict(t.kwargs)
+        if t.model.startswith("small_resnet"):
+            kwargs.setdefault("in_channels", channels)
+            kwargs.setdefault("input_size", (h, w))
+        nc = num_classes if num_classes != spec.num_classes or not t.pretrained else None
+        try:
+            model: torch.nn.Module = build_model(
+                t.model, pretrained=t.pretrained, num_classes=nc, **kwargs
+            )
+        except TypeError as e:
+            raise ConfigError(f"teacher.kwargs {kwargs} do not fit {t.model}: {e}") from None
     else:
-        if not d.root:
-            raise ConfigError("data.root must name an image folder when data.dataset = 'folder'")
-        folder = ImageFolder(d.root)
-        images = np.stack([np.asarray(folder[i][0]) for i in range(len(folder))])
-        labels = np.asarray([folder[i][1] for i in range(len(folder))], dtype=np.int64)
-        n = len(labels)
-        n_test = max(n // 5, 1)
-        idx = split_indices(
-            n,
-            {"train": n - n_test - d.calibration, "calibration": d.calibration, "test": n_test},
-            cfg.seed,
-            stratify=labels,
+        if t.pretrained:
+            raise ConfigError(
+                "teacher.pretrained is for zoo models; load your model's weights with "
+                "teacher.checkpoint (or inside its factory)"
+            )
+        model = build_reference(t.model, t.kwargs, num_classes=num_classes)
+    if t.checkpoint and load_checkpoint:
+        _load_teacher_checkpoint(model, t.checkpoint)
+    points = [cfg.split.point, *(p for p in cfg.exits.points if p != BOTTLENECK)]
+    teacher = staged_at(model, points)
+    try:
+        out = teacher.feature_shapes(input_shape)[teacher.stage_names[-1]]
+    except Exception as e:  # the user's model meets an input it was not built for
+        raise ConfigError(
+            f"teacher {t.model} fails on a {channels}x{h}x{w} input ({type(e).__name__}: {e}); "
+            "set data.image_size / data.channels to what the model takes"
+        ) from None
+    if out != (num_classes,):
+        raise ConfigError(
+            f"teacher {t.model} outputs shape {out} per input, but the data has {num_classes} "
+            "classes: give the factory a num_classes argument (it is passed the data's count) "
+            "or set it in teacher.kwargs"
         )
-        raw = {k: (images[v], labels[v]) for k, v in idx.items()}
-        classes = list(folder.classes)
-    splits = {k: ArraySplit.from_numpy(*v) for k, v in raw.items()}
-    splits["train"] = _subset(splits["train"], d.train_subset, cfg.seed)
-    splits["test"] = _subset(splits["test"], d.test_subset, cfg.seed)
-    return ExperimentData(splits, classes)
+    return teacher
 
 
-def make_preprocess(cfg: ExperimentConfig) -> Preprocess:
-    spec = get_spec(cfg.teacher.model).preprocessing
-    channels = cfg.data.channels or spec.channels
-    mean, std = tuple(spec.mean), tuple(spec.std)
-    if channels != spec.channels:
-        mean, std = mean[:1] * channels, std[:1] * channels
-    size = tuple(cfg.data.image_size) or tuple(spec.size)
-    return Preprocess(size=size, mean=mean, std=std, channels=channels)
-
-
-def build_teacher(cfg: ExperimentConfig, num_classes: int, preprocess: Preprocess):
-    kwargs = dict(cfg.teacher.kwargs)
-    spec = get_spec(cfg.teacher.model)
-    if cfg.teacher.model.startswith("small_resnet"):
-        kwargs.setdefault("in_channels", preprocess.channels)
-        kwargs.setdefault("input_size", tuple(preprocess.size))
-    nc = num_classes if num_classes != spec.num_classes or not cfg.teacher.pretrained else None
-    return build_model(
-        cfg.teacher.model, pretrained=cfg.teacher.pretrained, num_classes=nc, **kwargs
-    )
+def _load_teacher_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load a state_dict (or {"model": ...} / {"state_dict": ...}) saved with torch.save."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"teacher.checkpoint {path} does not exist") from None
+    except Exception as e:  # not a torch file, or a pickle that is not plain weights
+        raise ConfigError(
+            f"teacher.checkpoint {path} is not a weights file torch.load(weights_only=True) "
+            f"reads ({type(e).__name__}: {e}); save it with torch.save(model.state_dict(), ...)"
+        ) from None
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0:2]
+        raise ConfigError(
+            f"teacher.checkpoint {path} does not fit {type(model).__name__}: {' '.join(first)}"
+        ) from None
 
 
 def build_student(
@@ -118,13 +144,13 @@ def build_student(
     s = cfg.split
     return SplitExitNet.from_teacher(
         teacher,
-        s.point,
+        stage_name(s.point),
         input_shape=(pre.channels, *pre.size),
         channels=s.channels,
         hidden=s.hidden,
         downsample=s.downsample,
         bits=s.bits,
-        exit_points=cfg.exits.points,
+        exit_points=[p if p == BOTTLENECK else stage_name(p) for p in cfg.exits.points],
         exit_conv=cfg.exits.conv,
         exit_hidden=cfg.exits.hidden or None,
         num_classes=num_classes,
@@ -138,6 +164,9 @@ def operating_grid(cfg: ExperimentConfig) -> list[tuple[int, int]]:
 
 def run_experiment(cfg: ExperimentConfig, *, export: bool = True, log=print) -> dict:
     """Run (or resume) every stage of `cfg`; returns the results written to results.json."""
+    cfg = dataclasses.replace(
+        cfg, teacher=dataclasses.replace(cfg.teacher, model=resolve_reference(cfg.teacher.model))
+    )
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
@@ -151,12 +180,18 @@ def run_experiment(cfg: ExperimentConfig, *, export: bool = True, log=print) -> 
 
 def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export: bool, log) -> dict:
     out = cfg.output_dir()
+    classes = data_classes(cfg)  # the cheap checks first: folders, model, shapes
+    size, channels = input_geometry(cfg)
+    input_shape = (channels, *size)
+    torch.manual_seed(cfg.seed)
+    teacher = build_teacher(cfg, len(classes), input_shape).to(device)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     data = load_data(cfg)
-    pre = make_preprocess(cfg)
-    input_shape = (pre.channels, *pre.size)
+    pre = train_preprocess(cfg, data)
+    if dist.is_main:
+        write_run_data(out, data, pre, cfg)
     splits = data.splits
     calib = splits["calibration"] if len(splits["calibration"]) else splits["test"]
     say = log if dist.is_main else (lambda *a, **k: None)
@@ -164,6 +199,7 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
         f"[{cfg.name}] train={len(splits['train'])} calibration={len(splits['calibration'])} "
         f"test={len(splits['test'])} input={input_shape} device={device} world={dist.world_size}"
     )
+    aug = augmentations(cfg)
 
     def stage_run(name: str, optim, **kw) -> StageRun:
         return StageRun(
@@ -179,20 +215,13 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
         )
 
     began = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    teacher = build_teacher(cfg, len(data.class_names), pre).to(device)
-    if cfg.teacher.checkpoint:
-        state = torch.load(cfg.teacher.checkpoint, map_location="cpu", weights_only=True)
-        teacher.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-    elif cfg.teacher.optim.epochs > 0:
+    if not cfg.teacher.checkpoint and cfg.teacher.optim.epochs > 0:
 
         def eval_teacher() -> dict[str, float]:
             return {"val_accuracy": accuracy(teacher, calib, pre, device=device)}
 
         run_stage(
-            stage_run(
-                "teacher", cfg.teacher.optim, augment=cfg.data.augment, evaluate=eval_teacher
-            ),
+            stage_run("teacher", cfg.teacher.optim, augment=aug, evaluate=eval_teacher),
             TeacherObjective(teacher, cfg.teacher.optim.label_smoothing),
             teacher,
         )
@@ -219,7 +248,9 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
             cfg.stage1.optim,
             cfg.stage1.sandwich,
             eval_split,
-            lambda: HeadDistillObjective(net, teacher, s.point, cfg.stage1.later_stages),
+            lambda: HeadDistillObjective(
+                net, teacher, stage_name(s.point), cfg.stage1.later_stages
+            ),
         ),
         (
             "stage2",
@@ -257,7 +288,7 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
             stage_run(
                 name,
                 optim,
-                augment=cfg.data.augment,
+                augment=aug,
                 evaluate=evaluate,
                 points=points if (sandwich and quantized) else None,
             ),
@@ -279,10 +310,23 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
         if export:
             from .export import export_run
 
-            path = export_run(cfg, net, pre, data.class_names, results)
+            path = export_run(cfg, net, pre, data.class_names, results, data.provenance)
             say(f"bundle written to {path}")
             results["bundle"] = str(path)
     return results
+
+
+RUN_DATA_FILE = "data.json"
+
+
+def write_run_data(out: Path, data: ExperimentData, pre: Preprocess, cfg: ExperimentConfig) -> None:
+    """What `export` needs without reloading the data: classes, preprocessing, provenance."""
+    record = {
+        "class_names": data.class_names,
+        "preprocessing": pre.to_dict(),
+        "provenance": data.provenance,
+    }
+    (out / RUN_DATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _load_final(model: torch.nn.Module, out: Path, stage: str, epochs: int) -> None:
