@@ -9,6 +9,7 @@ splitexit inspect BUNDLE         print a bundle's manifest readably
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,8 @@ def resolve_config(name_or_path: str) -> Path:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import get_spec, list_models
 
+    if args.model:
+        return _describe_reference(args.model, args.kwargs)
     for name in list_models():
         spec = get_spec(name)
         pre = spec.preprocessing
@@ -46,6 +49,34 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"    input {pre.channels}x{pre.size[0]}x{pre.size[1]}, {spec.num_classes} classes")
         print(f"    split points {', '.join(spec.split_points)} (default {spec.default_split})")
         print(f"    exit points {', '.join(spec.exit_points)}")
+    return 0
+
+
+def _describe_reference(ref: str, kwargs_json: str | None) -> int:
+    """Print the split / exit points of one model: a zoo name or the user's factory."""
+    from .models import get_spec, valid_split_points
+    from .models.reference import build_reference, is_zoo_name
+
+    if is_zoo_name(ref):
+        try:
+            spec = get_spec(ref)
+        except ValueError as e:
+            raise SplitexitError(f"{e}; or name your own model as module:factory") from None
+        print(f"{ref}: {spec.description}")
+        print(f"    split points {', '.join(spec.split_points)} (default {spec.default_split})")
+        print(f"    exit points {', '.join(spec.exit_points)}")
+        return 0
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as e:
+        raise SplitexitError(f"--kwargs must be a JSON object: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise SplitexitError("--kwargs must be a JSON object, e.g. '{\"width\": 16}'")
+    model = build_reference(ref, kwargs)
+    points = valid_split_points(model)
+    print(f"{ref}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} params")
+    print(f"    split and exit points (in execution order): {', '.join(points) or '(none)'}")
+    print("    (use them as split.point and exits.points; dots become _ in the bundle's names)")
     return 0
 
 
@@ -139,7 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the splittable architectures")
+    p = sub.add_parser(
+        "models",
+        help="list the splittable architectures, or one model's split points",
+        description="Without MODEL: the zoo. With MODEL (a zoo name, package.module:factory "
+        "or path/to/file.py:factory): where that model can be cut and where exits may go.",
+    )
+    p.add_argument("model", nargs="?", help="a zoo name or module:factory reference")
+    p.add_argument("--kwargs", help="JSON object of keyword arguments for the factory")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(

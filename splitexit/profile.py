@@ -17,7 +17,6 @@ shape: its timing and size do not depend on training. Times are medians after a 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import sys
@@ -438,8 +437,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `profile` command's arguments to `parser`."""
     parser.add_argument(
         "model",
-        help="a model-zoo name (see `splitexit models`) or package.module:factory returning "
-        "an nn.Module (then give --input-shape)",
+        help="a model-zoo name (see `splitexit models`), package.module:factory or "
+        "path/to/file.py:factory returning an nn.Module (then give --input-shape)",
     )
     parser.add_argument(
         "--input-shape",
@@ -507,15 +506,20 @@ def profile_main(args: argparse.Namespace) -> int:
         "image_format": args.image_format,
         "repeats": args.repeats,
     }
-    if ":" in args.model:
-        model = _user_model(args.model)
+    from splitexit.models.reference import build_reference, is_zoo_name
+
+    if not is_zoo_name(args.model):
+        model = build_reference(args.model)
         if not args.input_shape:
             raise SplitexitError(f"give --input-shape C H W for the user model {args.model}")
         shape = tuple(args.input_shape)
     else:
         from splitexit.models import build_model, get_spec
 
-        spec = get_spec(args.model)
+        try:
+            spec = get_spec(args.model)
+        except ValueError as e:
+            raise SplitexitError(f"{e}; or name your own model as module:factory") from None
         model = build_model(args.model)
         shape = tuple(args.input_shape or (spec.preprocessing.channels, *spec.preprocessing.size))
         if args.points is None:
@@ -528,20 +532,6 @@ def profile_main(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(profile.to_json())
     return 0
-
-
-def _user_model(ref: str) -> nn.Module:
-    from torch import nn
-
-    module_name, _, attr = ref.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise SplitexitError(f"cannot load {ref!r} ({e}); give package.module:factory") from e
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    if not isinstance(model, nn.Module):
-        raise SplitexitError(f"{ref} gave a {type(model).__name__}, not an nn.Module")
-    return model
 
 
 def _load_image(path: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -368,7 +368,7 @@ def trained_bundle(tmp_path_factory):
     """small_resnet (width 8) cut after layer1, 4-channel bottleneck, exits on layer1 and
     the code; trained for two epochs on 2000 Fashion-MNIST images, exported, and recorded on
     1000 calibration and 1000 test images."""
-    from splitexit.data import fashion_mnist_splits, find_fashion_mnist
+    from splitexit.data import FASHION_MNIST_CLASSES, fashion_mnist_splits, find_fashion_mnist
     from splitexit.models import build_model
     from splitexit.preprocess import Preprocess
     from splitexit.splitnet import SplitExitNet
@@ -410,7 +410,7 @@ def trained_bundle(tmp_path_factory):
             name="tiny",
             architecture={"teacher": "small_resnet"},
             preprocessing=pre,
-            class_names=[str(i) for i in range(10)],
+            class_names=list(FASHION_MNIST_CLASSES),
             example_input_shape=(1, 28, 28),
             operating_points=[{"channels": 4, "bits": 8}, {"channels": 2, "bits": 4}],
         )

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     if not args.dry_run:
-        write_selection(args.bundle, selection, check)
+        write_selection(args.bundle, selection, check, calibrated_on=_calibrated_on(cal, test))
         print(f"\nthresholds written to {Path(args.bundle) / 'manifest.json'}")
     if problem is not None:
         return 1
@@ -77,10 +77,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_selection(
-    bundle_path: str | Path, selection: Selection, check: PromiseCheck | None = None
+    bundle_path: str | Path,
+    selection: Selection,
+    check: PromiseCheck | None = None,
+    *,
+    calibrated_on: dict[str, Any] | None = None,
 ) -> None:
     """Write a selection's thresholds and measure into a bundle directory's manifest, plus
-    a summary under `metrics["calibration"]`; the fingerprint does not change."""
+    a summary under `metrics["calibration"]` and, if given, what it was calibrated on under
+    `provenance["calibrated_on"]`; the fingerprint does not change."""
     from splitexit.bundle import read_manifest, update_manifest, write_thresholds
 
     write_thresholds(bundle_path, selection.thresholds, selection.measure)
@@ -109,9 +114,23 @@ def write_selection(
             "offload_rate": check.test.offload_rate,
             "promises": [p.to_dict() for p in check.promises],
         }
-    metrics = dict(read_manifest(bundle_path).metrics)
+    manifest = read_manifest(bundle_path)
+    metrics = dict(manifest.metrics)
     metrics["calibration"] = json.loads(json.dumps(summary, default=_jsonable))
-    update_manifest(bundle_path, metrics=metrics)
+    provenance = dict(manifest.provenance)
+    if calibrated_on is not None:
+        provenance["calibrated_on"] = calibrated_on
+    update_manifest(bundle_path, metrics=metrics, provenance=provenance)
+
+
+def _calibrated_on(cal: CalibrationTable, test: CalibrationTable | None) -> dict[str, Any]:
+    """Where each table's samples came from, and how many."""
+    tables = {"calibration": cal, "test": test}
+    return {
+        name: {"source": t.info.get("source", "recorded tables"), "samples": t.n}
+        for name, t in tables.items()
+        if t is not None
+    }
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -125,12 +144,16 @@ def _tables(
         cal = CalibrationTable.load(root / "calibration.npz")
         test = CalibrationTable.load(root / "test.npz") if (root / "test.npz").exists() else None
     else:
-        splits = _splits(args)
+        splits, sources = _splits(args, bundle)
         tables = {}
         for name, (images, labels) in splits.items():
             print(f"recording the {name} table on {len(labels)} samples ...", file=sys.stderr)
             tables[name] = record_table(
-                bundle, images, labels, batch_size=args.batch_size, info={"split": name}
+                bundle,
+                images,
+                labels,
+                batch_size=args.batch_size,
+                info={"split": name, "source": sources[name]},
             )
         cal, test = tables["calibration"], tables.get("test")
         if args.save_tables:
@@ -153,35 +176,67 @@ def _tables(
     return cal, test
 
 
-def _splits(args: argparse.Namespace) -> dict[str, tuple[Any, np.ndarray]]:
+def _splits(args: argparse.Namespace, bundle: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The calibration and test splits: the run's own held-out splits as the bundle records
+    them (or `--config`'s), with `--images` / `--test-images` in their place where given."""
+    manifest = bundle.manifest
+    out: dict[str, tuple[Any, np.ndarray]] = {}
+    sources: dict[str, str] = {}
+    recorded = args.config or manifest.provenance.get("config") is not None
+    if not (args.images and args.test_images) and (recorded or not args.images):
+        out, where = _recorded_splits(args, manifest)
+        sources = dict.fromkeys(out, where)
     if args.images:
-        out = {"calibration": _folder(args.images)}
-        if args.test_images:
-            out["test"] = _folder(args.test_images)
-    elif args.config:
-        from splitexit.train.pipeline import load_data
+        out["calibration"] = _folder(args.images, manifest, "--images")
+        sources["calibration"] = str(Path(args.images).resolve())
+    if args.test_images:
+        out["test"] = _folder(args.test_images, manifest, "--test-images")
+        sources["test"] = str(Path(args.test_images).resolve())
+    if args.subset:
+        out = {k: _subset(x, y, args.subset, args.seed) for k, (x, y) in out.items()}
+    return out, sources
 
-        data = load_data(_config(args.config))
+
+def _recorded_splits(args: argparse.Namespace, manifest: Any) -> tuple[dict[str, Any], str]:
+    from splitexit.train.experiment_data import data_matches, load_data
+
+    recorded = manifest.provenance.get("config")
+    if args.config or recorded is not None:
+        cfg = _config(args.config) if args.config else _config_dict(recorded)
+        where = f"config {args.config}" if args.config else "the run's own held-out split"
+        data = load_data(cfg)
+        data_matches(data, manifest, where, check_files=not args.config)
+        print(
+            f"data: {where} ({data.provenance['dataset']} "
+            f"{data.provenance.get('root') or ''}, seed {cfg.seed})",
+            file=sys.stderr,
+        )
         out = {
             name: (data.splits[name].images.numpy(), data.splits[name].labels.numpy())
             for name in ("calibration", "test")
             if len(data.splits[name])
         }
-        if "calibration" not in out:
-            raise CalibrationError(f"config {args.config} holds out no calibration split")
-    else:
-        from splitexit.data import fashion_mnist_splits
+        if "calibration" not in out and not args.images:
+            raise CalibrationError(
+                f"{where} holds out no calibration split: pass --images DIR, or retrain with "
+                "data.calibration > 0 or data.val_root"
+            )
+        return out, where
+    from splitexit.data import FASHION_MNIST_CLASSES, fashion_mnist_splits
 
-        print(
-            f"data: Fashion-MNIST, {args.calibration_size} training images held out with seed "
-            f"{args.seed} (pass --config to use a run's own split)",
-            file=sys.stderr,
+    if tuple(manifest.class_names) != FASHION_MNIST_CLASSES:
+        raise CalibrationError(
+            f"bundle {manifest.name!r} does not record the data it was trained on: pass "
+            "--images DIR (and --test-images DIR) with its classes, or --config RUN_DIR"
         )
-        raw = fashion_mnist_splits(seed=args.seed, calibration=args.calibration_size)
-        out = {"calibration": raw["calibration"], "test": raw["test"]}
-    if args.subset:
-        out = {k: _subset(x, y, args.subset, args.seed) for k, (x, y) in out.items()}
-    return out
+    print(
+        f"data: Fashion-MNIST, {args.calibration_size} training images held out with seed "
+        f"{args.seed} (the bundle records no data; pass --config to use a run's own split)",
+        file=sys.stderr,
+    )
+    raw = fashion_mnist_splits(seed=args.seed, calibration=args.calibration_size)
+    where = f"Fashion-MNIST, seed {args.seed}, {args.calibration_size} held out"
+    return {"calibration": raw["calibration"], "test": raw["test"]}, where
 
 
 def _subset(images: Any, labels: np.ndarray, n: int, seed: int) -> tuple[Any, np.ndarray]:
@@ -193,25 +248,40 @@ def _subset(images: Any, labels: np.ndarray, n: int, seed: int) -> tuple[Any, np
     return picked, labels[idx]
 
 
-def _folder(root: str) -> tuple[list[np.ndarray], np.ndarray]:
-    from splitexit.data import ImageFolder
+def _folder(root: str, manifest: Any, flag: str) -> tuple[np.ndarray, np.ndarray]:
+    """An image folder loaded as training loads one, at the bundle's input geometry."""
+    from splitexit.train.experiment_data import load_folder
 
-    folder = ImageFolder(root)
-    items = [folder[i] for i in range(len(folder))]
-    return [img for img, _ in items], np.array([label for _, label in items], dtype=np.int64)
+    channels, h, w = manifest.input_shape
+    images, labels, classes = load_folder(root, (h, w), channels, flag)
+    if tuple(classes) != tuple(manifest.class_names):
+        raise CalibrationError(
+            f"{flag} {root} has classes {classes}, the bundle {list(manifest.class_names)}: "
+            "give a folder with the bundle's class folders"
+        )
+    return images, labels
 
 
 def _config(name: str) -> Any:
-    from splitexit.train.config import config_from_dict, load_config
+    from splitexit.train.config import load_config
 
     path = Path(name)
     if path.is_dir():
         path = path / "config.json"
     if path.suffix == ".json":
-        return config_from_dict(json.loads(path.read_text()))
+        try:
+            return _config_dict(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CalibrationError(f"--config {name}: cannot read {path} ({e})") from None
     from splitexit.cli import resolve_config
 
     return load_config(resolve_config(name))
+
+
+def _config_dict(table: Any) -> Any:
+    from splitexit.train.config import config_from_dict
+
+    return config_from_dict(table)
 
 
 def _goal(args: argparse.Namespace, table: CalibrationTable, bundle: Any) -> Goal:

@@ -62,6 +62,8 @@ def load_factory(ref: str) -> Callable[..., Any]:
     if where.endswith(".py"):
         module = _import_file(Path(where), ref)
     else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # as `python -m` and uvicorn's --app-dir do
         try:
             module = importlib.import_module(where)
         except ModuleNotFoundError as e:
@@ -76,9 +78,16 @@ def load_factory(ref: str) -> Callable[..., Any]:
             ) from None
     factory = getattr(module, attr, None)
     if factory is None:
-        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        own = sorted(
+            n
+            for n, v in vars(module).items()
+            if callable(v)
+            and getattr(v, "__module__", None) == module.__name__
+            and not n.startswith(("_", "test_"))
+        )
         raise ConfigError(
-            f"{where} has no {attr!r} for model {ref!r}; it defines: {', '.join(public[:20])}"
+            f"{where} has no {attr!r} for model {ref!r}; its functions and classes: "
+            f"{', '.join(own[:12]) or '(none)'}"
         )
     return factory
 

@@ -274,7 +274,7 @@ def config_from_dict(table: dict[str, Any]) -> ExperimentConfig:
     if isinstance(augment, bool):
         raise ConfigError(
             f"data.augment = {str(augment).lower()}: give a list of transforms from "
-            f"{sorted(AUGMENTATIONS)} instead (e.g. [\"crop\", \"hflip\"], or [] for none)"
+            f'{sorted(AUGMENTATIONS)} instead (e.g. ["crop", "hflip"], or [] for none)'
         )
     cfg = _build(ExperimentConfig, table, "")
     _validate(cfg)

@@ -52,13 +52,6 @@ class ExperimentData:
     class_names: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the stored images."""
-        images = self.splits["train"].images
-        channels = 1 if images.dim() == 3 else int(images.shape[3])
-        return channels, int(images.shape[1]), int(images.shape[2])
-
 
 def augmentations(cfg: ExperimentConfig) -> list[str]:
     """The named augmentations training applies: the config's, else the dataset's default."""
@@ -233,6 +226,46 @@ def file_list_sha256(folder: ImageFolder) -> str:
         rel = path.relative_to(folder.root / folder.classes[label]).as_posix()
         h.update(f"{folder.classes[label]}/{rel} {path.stat().st_size}\n".encode())
     return h.hexdigest()
+
+
+def load_folder(
+    root: str, size: tuple[int, int], channels: int, what: str = "image folder"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(uint8 images at `size`, labels, class names) of an image folder, loaded as training
+    loads one. Raises ConfigError for a folder that is missing or not laid out by class."""
+    if not Path(root).is_dir():
+        raise ConfigError(f"{what} {root} is not a folder; give root/<class>/<image>")
+    try:
+        folder = ImageFolder(root)
+    except DatasetError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    mode = "L" if channels == 1 else "RGB"
+    return _load_images(folder, size, mode, f"loading {root}"), folder.targets, folder.classes
+
+
+def data_matches(data: ExperimentData, manifest: Any, where: str, check_files: bool) -> None:
+    """Refuse (ConfigError) data whose classes or input shape differ from the bundle's, or,
+    with `check_files`, whose image folders changed since the bundle recorded them."""
+    if tuple(data.class_names) != tuple(manifest.class_names):
+        raise ConfigError(
+            f"{where} has classes {data.class_names}, the bundle {list(manifest.class_names)}: "
+            "calibrate on data with the bundle's classes (--images DIR)"
+        )
+    shape = tuple(data.provenance["input_shape"])
+    if shape != tuple(manifest.input_shape):
+        raise ConfigError(
+            f"{where} feeds the model {list(shape)} inputs, the bundle takes "
+            f"{list(manifest.input_shape)}: calibrate on the data the bundle was trained on"
+        )
+    recorded = manifest.provenance.get("files_sha256") or {}
+    now = data.provenance.get("files_sha256") or {}
+    changed = sorted(role for role in recorded if check_files and now.get(role) != recorded[role])
+    if changed:
+        raise ConfigError(
+            f"the images of the {', '.join(changed)} folder(s) changed since training (their "
+            "file list differs from the bundle's record), so the held-out split is not the one "
+            "training left out: pass --images DIR and --test-images DIR"
+        )
 
 
 def _load_images(folder: ImageFolder, size: tuple[int, int], mode: str, desc: str) -> np.ndarray:
