@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from splitexit.bundle import format_manifest, load_bundle
-from splitexit.data import load_fashion_mnist
+from splitexit.calibrate import held_out_splits
 from splitexit.runtime import HeadRunner
 from splitexit.zoo import default_bundle_path
 
@@ -46,7 +48,7 @@ print(format_manifest(bundle.manifest))
 
 # %%
 torch.set_num_threads(1)
-images, labels = load_fashion_mnist("test")
+images, labels = held_out_splits(bundle.manifest)[0]["test"]
 x = bundle.preprocess(images[:1])
 
 

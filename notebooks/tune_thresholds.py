@@ -21,8 +21,9 @@
 # check them out of sample, and write them back into a bundle.
 #
 # Tables come from `splitexit calibrate BUNDLE --save-tables DIR`; this notebook records
-# them itself when they are missing. Set `SPLITEXIT_BUNDLE` / `SPLITEXIT_TABLES` to use your
-# own.
+# them itself when they are missing, on the bundle's own held-out data (what it records it
+# was trained on), and caches them per bundle fingerprint. Set `SPLITEXIT_BUNDLE` /
+# `SPLITEXIT_TABLES` to use your own.
 
 # %%
 import os
@@ -45,18 +46,18 @@ from splitexit.calibrate import (
     check_promise,
     evaluate_policy,
     format_selection,
+    held_out_splits,
     measure_timings,
     record_table,
     select_thresholds,
     write_selection,
 )
-from splitexit.data import fashion_mnist_splits
 from splitexit.exits import CONFIDENCE_MEASURES
 from splitexit.zoo import default_bundle_path
 
 BUNDLE = Path(os.environ.get("SPLITEXIT_BUNDLE") or default_bundle_path())
-TABLES = Path(os.environ.get("SPLITEXIT_TABLES") or Path("data") / BUNDLE.name)
 bundle = load_bundle(BUNDLE)
+TABLES = Path(os.environ.get("SPLITEXIT_TABLES") or Path("data") / bundle.fingerprint[:16])
 print(bundle.manifest.name, bundle.fingerprint[:16], [e.name for e in bundle.manifest.exits])
 
 # %%
@@ -69,7 +70,7 @@ def tables(limit: int | None = None) -> dict[str, CalibrationTable]:
             out[split] = CalibrationTable.load(path)
     if len(out) == 2:
         return out
-    splits = fashion_mnist_splits(seed=0, calibration=5000)
+    splits, where = held_out_splits(bundle.manifest)
     for split in ("calibration", "test"):
         images, labels = splits[split]
         if limit:

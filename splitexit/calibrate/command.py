@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import folder_split, held_out_splits
 from .goals import Goal
 from .policy import Link, Timings, measure_timings
 from .promise import PromiseCheck, check_promise, promise_sweep
@@ -184,59 +185,25 @@ def _splits(args: argparse.Namespace, bundle: Any) -> tuple[dict[str, Any], dict
     sources: dict[str, str] = {}
     recorded = args.config or manifest.provenance.get("config") is not None
     if not (args.images and args.test_images) and (recorded or not args.images):
-        out, where = _recorded_splits(args, manifest)
-        sources = dict.fromkeys(out, where)
-    if args.images:
-        out["calibration"] = _folder(args.images, manifest, "--images")
-        sources["calibration"] = str(Path(args.images).resolve())
-    if args.test_images:
-        out["test"] = _folder(args.test_images, manifest, "--test-images")
-        sources["test"] = str(Path(args.test_images).resolve())
-    if args.subset:
-        out = {k: _subset(x, y, args.subset, args.seed) for k, (x, y) in out.items()}
-    return out, sources
-
-
-def _recorded_splits(args: argparse.Namespace, manifest: Any) -> tuple[dict[str, Any], str]:
-    from splitexit.train.experiment_data import data_matches, load_data
-
-    recorded = manifest.provenance.get("config")
-    if args.config or recorded is not None:
-        cfg = _config(args.config) if args.config else _config_dict(recorded)
-        where = f"config {args.config}" if args.config else "the run's own held-out split"
-        data = load_data(cfg)
-        data_matches(data, manifest, where, check_files=not args.config)
-        print(
-            f"data: {where} ({data.provenance['dataset']} "
-            f"{data.provenance.get('root') or ''}, seed {cfg.seed})",
-            file=sys.stderr,
+        config = _config(args.config) if args.config else None
+        out, where = held_out_splits(
+            manifest, config, seed=args.seed, calibration_size=args.calibration_size
         )
-        out = {
-            name: (data.splits[name].images.numpy(), data.splits[name].labels.numpy())
-            for name in ("calibration", "test")
-            if len(data.splits[name])
-        }
         if "calibration" not in out and not args.images:
             raise CalibrationError(
                 f"{where} holds out no calibration split: pass --images DIR, or retrain with "
                 "data.calibration > 0 or data.val_root"
             )
-        return out, where
-    from splitexit.data import FASHION_MNIST_CLASSES, fashion_mnist_splits
-
-    if tuple(manifest.class_names) != FASHION_MNIST_CLASSES:
-        raise CalibrationError(
-            f"bundle {manifest.name!r} does not record the data it was trained on: pass "
-            "--images DIR (and --test-images DIR) with its classes, or --config RUN_DIR"
-        )
-    print(
-        f"data: Fashion-MNIST, {args.calibration_size} training images held out with seed "
-        f"{args.seed} (the bundle records no data; pass --config to use a run's own split)",
-        file=sys.stderr,
-    )
-    raw = fashion_mnist_splits(seed=args.seed, calibration=args.calibration_size)
-    where = f"Fashion-MNIST, seed {args.seed}, {args.calibration_size} held out"
-    return {"calibration": raw["calibration"], "test": raw["test"]}, where
+        sources = dict.fromkeys(out, where)
+    if args.images:
+        out["calibration"] = folder_split(args.images, manifest, "--images")
+        sources["calibration"] = str(Path(args.images).resolve())
+    if args.test_images:
+        out["test"] = folder_split(args.test_images, manifest, "--test-images")
+        sources["test"] = str(Path(args.test_images).resolve())
+    if args.subset:
+        out = {k: _subset(x, y, args.subset, args.seed) for k, (x, y) in out.items()}
+    return out, sources
 
 
 def _subset(images: Any, labels: np.ndarray, n: int, seed: int) -> tuple[Any, np.ndarray]:
@@ -246,20 +213,6 @@ def _subset(images: Any, labels: np.ndarray, n: int, seed: int) -> tuple[Any, np
     idx = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n])
     picked = [images[i] for i in idx] if isinstance(images, list) else images[idx]
     return picked, labels[idx]
-
-
-def _folder(root: str, manifest: Any, flag: str) -> tuple[np.ndarray, np.ndarray]:
-    """An image folder loaded as training loads one, at the bundle's input geometry."""
-    from splitexit.train.experiment_data import load_folder
-
-    channels, h, w = manifest.input_shape
-    images, labels, classes = load_folder(root, (h, w), channels, flag)
-    if tuple(classes) != tuple(manifest.class_names):
-        raise CalibrationError(
-            f"{flag} {root} has classes {classes}, the bundle {list(manifest.class_names)}: "
-            "give a folder with the bundle's class folders"
-        )
-    return images, labels
 
 
 def _config(name: str) -> Any:
