@@ -157,7 +157,11 @@ def plan_resume(cfg: ExperimentConfig, restart_from: str | None = None) -> Resum
     digest = out / "config.sha256"
     if digest.exists() and digest.read_text().strip() == config_hash(table):
         return ResumePlan(out, table, restart_from=restart_from)
-    changes = config_changes(_normalised(json.loads(stored.read_text())), table)
+    try:
+        old = json.loads(stored.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{stored} is not valid JSON ({e}); choose a new --output") from None
+    changes = config_changes(_normalised(old), table)
     stage = first_invalidated(changes, cfg)
     if stage is None:
         return ResumePlan(out, table, changes, restart_from, "no trained weights depend on them")
