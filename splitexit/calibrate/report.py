@@ -106,10 +106,9 @@ def format_exit_samples(selection: Selection) -> str:
     """Per exit: the samples it saw, its bound's width, and what the goal's margin needs."""
     samples = selection.exit_samples
     first = next(iter(samples.values()))
-    margin = "no accuracy margin" if first.margin is None else f"margin {100 * first.margin:g}"
+    margin = "no margin" if first.margin is None else f"{100 * first.margin:g}-point margin"
     rows = [
-        f"calibration samples per exit (bounds at {100 * first.confidence:g}% each, {margin}"
-        f"{' points' if first.margin is not None else ''}):",
+        f"calibration samples per exit (bounds at {100 * first.confidence:g}% each, {margin}):",
         f"  {'exit':<16}{'reached':>9}{'answered':>10}{'width':>9}{'needed':>9}",
     ]
     for name, e in samples.items():

@@ -151,15 +151,15 @@ def warnings(samples: dict[str, ExitSamples]) -> list[str]:
             seen = (
                 f"exit {name!r} answered {s.answered} of {s.total} calibration samples: its "
                 f"{level} lower bound is {100 * (s.width or 0):.1f} points below its accuracy;"
-                f" {margin} needs {s.needed} answered"
+                f" {margin} needs {s.needed} answered, about"
             )
         else:
             seen = (
                 f"exit {name!r} answered none of {s.total} calibration samples ({s.reached} "
-                f"reached it): {margin} at {level} needs at least {s.needed} answered"
+                f"reached it): {margin} at {level} needs at least {s.needed} answered, at least"
             )
         lines.append(
-            f"splitexit: warning: {seen}, about {s.more_images} more labelled calibration "
-            "images would help"
+            f"splitexit: warning: {seen} {s.more_images} more labelled calibration images "
+            "would help"
         )
     return lines
