@@ -199,8 +199,10 @@ def apply_resume(plan: ResumePlan) -> None:
             checkpoint_path(out, s).unlink(missing_ok=True)
         outputs = [name for name in _OUTPUTS if (out / name).exists()]
         for name in outputs:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
         _drop_metrics(out / "metrics.jsonl", set(plan.deleted_stages))
         print(
             f"splitexit: {out}: restarting from stage {plan.restart_from!r}: deleted "
