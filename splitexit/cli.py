@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import SplitexitError
+from .train.resume import STAGES
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -89,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.output = args.output
     if args.device:
         cfg.device = args.device
-    run_experiment(cfg, export=not args.no_export)
+    run_experiment(cfg, export=not args.no_export, restart_from=args.restart_from)
     return 0
 
 
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run or resume an experiment from a TOML config",
         description="Train teacher, bottleneck (head distillation + KD fine-tuning) and exits "
         "as the config says, evaluate every (channels, bits) point on the test set, and export "
-        "a bundle. Re-running the same config resumes from the last finished epoch. Runs "
+        "a bundle. Re-running the same config resumes from the last finished epoch; a changed "
+        "config is refused unless --restart-from names the stage to retrain from. Runs "
         "unchanged under `torchrun --nproc-per-node N -m splitexit train CONFIG`.",
     )
     p.add_argument(
@@ -195,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="run directory (default: the config's, runs/<name>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config")
     p.add_argument("--no-export", action="store_true", help="do not write a bundle at the end")
+    p.add_argument(
+        "--restart-from",
+        choices=STAGES,
+        help="retrain this stage and every later one (deletes their checkpoints, results and "
+        "bundle); needed when the config changed since the run was trained",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

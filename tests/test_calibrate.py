@@ -527,6 +527,35 @@ def test_calibrate_command_writes_thresholds_that_keep_their_promise(
     assert read_manifest(path).thresholds == payload["selection"]["thresholds"]
 
 
+def test_a_small_calibration_split_is_warned_about_per_exit_and_recorded_in_the_bundle(
+    trained_bundle, tmp_path, capsys
+):
+    src, _, recorded = trained_bundle
+    path = tmp_path / "bundle"
+    shutil.copytree(src, path)
+    recorded["calibration"].subset(np.arange(120)).save(tmp_path / "tables" / "calibration.npz")
+    recorded["test"].save(tmp_path / "tables" / "test.npz")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "selection.json"
+    args = parser.parse_args(
+        [str(path), "--load-tables", str(tmp_path / "tables"), "--conservative", "--force",
+         "--json", str(out)]
+    )  # fmt: skip
+    calibrate_main(args)
+    captured = capsys.readouterr()
+    samples = json.loads(out.read_text())["selection"]["exit_samples"]
+    assert list(samples) == ["layer1", "bottleneck"]
+    warned = [name for name, e in samples.items() if e["worth_more_data"]]
+    assert warned, "120 samples should be too few for a 1-point margin"
+    lines = [line for line in captured.err.splitlines() if "warning: exit" in line]
+    assert [line.split("'")[1] for line in lines] == warned
+    for line, name in zip(lines, warned, strict=True):
+        assert f"{samples[name]['more_images']} more labelled calibration images" in line
+    assert "calibration samples per exit" in captured.out
+    assert read_manifest(path).metrics["calibration"]["exit_samples"] == samples
+
+
 def test_calibrate_command_refuses_tables_from_another_bundle(trained_bundle, tmp_path):
     src, _, tables = trained_bundle
     other = CalibrationTable(

@@ -6,8 +6,10 @@ check the promise on a test split, and write the thresholds into the bundle.
 
 `record` runs a bundle into a `table`; `policy` replays thresholds (accuracy, offload, bytes,
 latency); `goals` states what they must achieve; `bounds` holds the Clopper-Pearson bounds;
-`thresholds` searches; `promise` checks on held-out data; `report` formats; `arguments` and
-`command` are the `splitexit calibrate` CLI (`add_arguments`, `calibrate_main`).
+`thresholds` searches; `samples` says how many calibration samples each exit's figures rest
+on and how many the goal's margin needs; `promise` checks on held-out data; `report` formats;
+`arguments` and `command` are the `splitexit calibrate` CLI (`add_arguments`,
+`calibrate_main`).
 
 Names are imported on first use, so `from splitexit.calibrate import add_arguments` (what the
 CLI parser needs) does not import torch.
@@ -25,6 +27,7 @@ _EXPORTS = {
     "binom_sf": "bounds",
     "clopper_pearson_lower": "bounds",
     "clopper_pearson_upper": "bounds",
+    "samples_needed": "bounds",
     "write_selection": "command",
     "folder_split": "data",
     "held_out_splits": "data",
@@ -43,12 +46,14 @@ _EXPORTS = {
     "check_promise": "promise",
     "promise_sweep": "promise",
     "record_table": "record",
+    "format_exit_samples": "report",
     "format_outcome": "report",
     "format_selection": "report",
     "format_sweep": "report",
     "format_table_summary": "report",
     "CalibrationError": "table",
     "CalibrationTable": "table",
+    "ExitSamples": "samples",
     "Selection": "thresholds",
     "select_thresholds": "thresholds",
 }
@@ -58,6 +63,7 @@ __all__ = [
     "NEVER",
     "CalibrationError",
     "CalibrationTable",
+    "ExitSamples",
     "Goal",
     "Link",
     "Outcome",
@@ -74,16 +80,18 @@ __all__ = [
     "clopper_pearson_lower",
     "clopper_pearson_upper",
     "evaluate_policy",
+    "folder_split",
+    "format_exit_samples",
     "format_outcome",
     "format_selection",
     "format_sweep",
-    "folder_split",
     "format_table_summary",
     "held_out_splits",
     "measure_timings",
     "median_ms",
     "promise_sweep",
     "record_table",
+    "samples_needed",
     "select_thresholds",
     "write_selection",
 ]
@@ -104,7 +112,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .arguments import add_arguments, calibrate_main
-    from .bounds import betainc, binom_sf, clopper_pearson_lower, clopper_pearson_upper
+    from .bounds import (
+        betainc,
+        binom_sf,
+        clopper_pearson_lower,
+        clopper_pearson_upper,
+        samples_needed,
+    )
     from .command import write_selection
     from .goals import GOALS, Goal
     from .policy import (
@@ -119,6 +133,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     )
     from .promise import Promise, PromiseCheck, check_promise, promise_sweep
     from .record import record_table
-    from .report import format_outcome, format_selection, format_sweep, format_table_summary
+    from .report import (
+        format_exit_samples,
+        format_outcome,
+        format_selection,
+        format_sweep,
+        format_table_summary,
+    )
+    from .samples import ExitSamples
     from .table import CalibrationError, CalibrationTable
     from .thresholds import Selection, select_thresholds

@@ -74,11 +74,12 @@ def _check(k: int, n: int, confidence: float) -> None:
 
 
 @lru_cache(maxsize=65536)
-def clopper_pearson_lower(k: int, n: int, confidence: float = 0.95) -> float:
+def clopper_pearson_lower(k: float, n: int, confidence: float = 0.95) -> float:
     """One-sided lower confidence bound on a success rate after k successes in n trials.
 
     With probability at least `confidence` (over the sample), the true rate is >= this
-    bound. 0 when k = 0 (or n = 0: nothing observed, nothing promised).
+    bound. 0 when k = 0 (or n = 0: nothing observed, nothing promised). A fractional k
+    gives the same beta quantile (what `samples_needed` uses).
     """
     _check(k, n, confidence)
     if k == 0:
@@ -104,3 +105,32 @@ def clopper_pearson_upper(k: int, n: int, confidence: float = 0.95) -> float:
     if n == 0:
         return 1.0
     return 1.0 - clopper_pearson_lower(n - k, n, confidence)
+
+
+def samples_needed(
+    rate: float, margin: float, confidence: float = 0.95, *, limit: int = 10**9
+) -> int | None:
+    """Fewest trials n at which the lower bound at an observed success `rate` lies within
+    `margin` of it: rate - clopper_pearson_lower(rate * n, n, confidence) <= margin.
+
+    The successes rate * n are taken as a real number, so the width falls steadily with n
+    and bisection finds the least n. None when the margin is not positive or no n up to
+    `limit` is enough.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    if margin <= 0.0:
+        return None
+
+    def wide(n: int) -> bool:
+        return rate - clopper_pearson_lower(rate * n, n, confidence) > margin
+
+    lo, hi = 0, 1  # wide(lo) (or lo = 0), not wide(hi)
+    while wide(hi):
+        lo, hi = hi, 2 * hi
+        if hi > limit:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if wide(mid) else (lo, mid)
+    return hi

@@ -24,6 +24,7 @@ from .policy import Link, Timings, measure_timings
 from .promise import PromiseCheck, check_promise, promise_sweep
 from .record import record_table
 from .report import format_selection, format_sweep, format_table_summary
+from .samples import warnings as sample_warnings
 from .table import CalibrationError, CalibrationTable
 from .thresholds import Selection, select_thresholds
 
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     check = None if test is None else check_promise(selection, test)
     print()
     print(format_selection(selection, check))
+    for line in sample_warnings(selection.exit_samples):
+        print(line, file=sys.stderr)
     if args.sweep:
         if test is None:
             raise CalibrationError("--sweep needs a test split to check the promises on")
@@ -98,6 +101,7 @@ def write_selection(
         "measure": selection.measure,
         "point": {"channels": o.point[0], "bits": o.point[1]},
         "thresholds": selection.thresholds,
+        "exit_samples": {name: e.to_dict() for name, e in selection.exit_samples.items()},
         "calibration": {
             "samples": o.n,
             "accuracy": o.accuracy,

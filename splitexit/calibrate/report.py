@@ -92,12 +92,37 @@ def format_selection(selection: Selection, check: PromiseCheck | None = None) ->
         lines.append(
             f"  pessimistic accuracy (exits at their bounds) {_pct(s.pessimistic_accuracy)}"
         )
+    if s.exit_samples:
+        lines.append(format_exit_samples(s))
     if check is not None:
         lines.append(f"on the held-out split ({check.test.n} samples):")
         lines.append(format_outcome(check.test))
         for p in check.promises:
             lines.append(_promise_line(p.quantity, p.target, p.achieved, p.gap, p.kept))
     return "\n".join(lines)
+
+
+def format_exit_samples(selection: Selection) -> str:
+    """Per exit: the samples it saw, its bound's width, and what the goal's margin needs."""
+    samples = selection.exit_samples
+    first = next(iter(samples.values()))
+    margin = "no margin" if first.margin is None else f"{100 * first.margin:g}-point margin"
+    rows = [
+        f"calibration samples per exit (bounds at {100 * first.confidence:g}% each, {margin}):",
+        f"  {'exit':<16}{'reached':>9}{'answered':>10}{'width':>9}{'needed':>9}",
+    ]
+    for name, e in samples.items():
+        width = "-" if e.width is None else f"{100 * e.width:.2f}"
+        needed = "-" if e.needed is None else str(e.needed)
+        more = (
+            f"   too few: ~{e.more_images} more images"
+            if e.worth_more_data
+            else "   (too few, costs little)"
+            if e.too_few
+            else ""
+        )
+        rows.append(f"  {name:<16}{e.reached:>9}{e.answered:>10}{width:>9}{needed:>9}{more}")
+    return "\n".join(rows)
 
 
 def _promise_line(quantity: str, target: float, achieved: float, gap: float, kept: bool) -> str:

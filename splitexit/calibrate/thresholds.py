@@ -47,6 +47,7 @@ from splitexit.exits import CONFIDENCE_MEASURES
 from .bounds import clopper_pearson_lower, clopper_pearson_upper
 from .goals import TOLERANCE, Goal
 from .policy import NEVER, Outcome, Replay
+from .samples import ExitSamples, exit_samples
 from .table import CalibrationError, CalibrationTable, Point
 
 
@@ -59,7 +60,9 @@ class Selection:
     `exit_bounds` holds the Clopper-Pearson lower bound on each exit's accepted accuracy and
     (each at the Bonferroni level `confidence` / number of exits) and `pessimistic_accuracy`
     the overall accuracy with every exit at its bound (what conservative mode holds to the
-    floor); `offload_bound` is the upper bound on the offload rate.
+    floor); `offload_bound` is the upper bound on the offload rate. `exit_samples` says, per
+    exit, how many calibration samples those figures rest on and how many the goal's margin
+    needs (`samples.py`).
     """
 
     goal: Goal
@@ -74,6 +77,7 @@ class Selection:
     pessimistic_accuracy: float
     offload_bound: float
     search: dict[str, Any] = field(default_factory=dict)
+    exit_samples: dict[str, ExitSamples] = field(default_factory=dict)
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -105,6 +109,7 @@ class Selection:
             "exit_bounds": self.exit_bounds,
             "pessimistic_accuracy": self.pessimistic_accuracy,
             "offload_bound": self.offload_bound,
+            "exit_samples": {name: s.to_dict() for name, s in self.exit_samples.items()},
             "calibration": self.outcome.to_dict(),
             "search": self.search,
         }
@@ -319,7 +324,23 @@ def select_thresholds(
             "points": [list(p) for p in points],
             "evaluations": evaluations,
         },
+        exit_samples=exit_samples(
+            names,
+            [int(c) for c in best["counts"]],
+            [round(float(h)) for h in best["hits"]],
+            best_problem.exit_confidence,
+            _margin(goal, reference_accuracy, floor),
+        ),
     )
+
+
+def _margin(goal: Goal, reference_accuracy: float, floor: float | None) -> float | None:
+    """The room the goal leaves below the tail: max_drop, or the tail minus an absolute floor."""
+    if goal.min_accuracy is None and goal.max_drop is not None:
+        return goal.max_drop / 100.0
+    if floor is None or floor >= reference_accuracy:
+        return None
+    return reference_accuracy - floor
 
 
 def _measures(table: CalibrationTable, measure: str) -> tuple[str, ...]:

@@ -5,7 +5,8 @@
 A checkpoint is written after every epoch (rank 0 only) and read back with
 `torch.load(weights_only=True)`; a resumed stage continues at the next epoch and, because an
 epoch's permutation and augmentation depend only on (seed, stage, epoch), ends with the same
-weights as an uninterrupted run.
+weights as an uninterrupted run. The checkpoint's `seconds` is the stage's time so far, over
+every invocation (training and per-epoch validation).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..preprocess import Preprocess
 from .batches import ArraySplit, epoch_generator, iterate_batches, num_batches
 from .config import Optim
 from .distributed import DistInfo, all_reduce_sum, barrier, sync_buffers, wrap
+from .resume import checkpoint_path
 
 
 @dataclass
@@ -149,10 +151,6 @@ def append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def checkpoint_path(out_dir: Path, stage: str) -> Path:
-    return out_dir / "checkpoints" / f"{stage}.pt"
-
-
 def stage_done(out_dir: Path, stage: str, epochs: int) -> bool:
     path = checkpoint_path(out_dir, stage)
     if not path.exists():
@@ -165,12 +163,12 @@ def run_stage(run: StageRun, objective: nn.Module, model: nn.Module) -> dict[str
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, run.optim)
     ckpt = checkpoint_path(run.out_dir, run.name)
-    start = 0
+    start, spent = 0, 0.0  # spent: this stage's seconds over every invocation
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = int(state["epoch"])
+        start, spent = int(state["epoch"]), float(state.get("seconds", 0.0))
     if start >= run.optim.epochs:
         return {}
     wrapped = wrap(objective, run.dist, run.device)
@@ -224,6 +222,7 @@ def run_stage(run: StageRun, objective: nn.Module, model: nn.Module) -> dict[str
         if run.dist.is_main:
             if run.evaluate is not None:
                 record.update(run.evaluate())
+            spent += time.perf_counter() - began
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(".tmp")
             torch.save(
@@ -231,6 +230,7 @@ def run_stage(run: StageRun, objective: nn.Module, model: nn.Module) -> dict[str
                     "epoch": epoch + 1,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "seconds": spent,
                 },
                 tmp,
             )

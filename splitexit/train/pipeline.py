@@ -5,7 +5,8 @@
                                      test-set grid of (channels, bits) ──┴─ results.json, bundle/
 
 Every stage checkpoints per epoch under `<output>/checkpoints/`; running the same config
-again resumes where it stopped (finished stages are loaded, not retrained).
+again resumes where it stopped (finished stages are loaded, not retrained). A changed config
+is refused unless told which stage to restart from (`resume.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .experiment_data import (
 )
 from .loop import OperatingPoints, StageRun, checkpoint_path, run_stage, stage_done
 from .objectives import ExitObjective, FinetuneObjective, HeadDistillObjective, TeacherObjective
+from .resume import apply_resume, plan_resume, running_stages, stage_seconds
 
 
 def seed_everything(seed: int) -> None:
@@ -162,8 +164,14 @@ def operating_grid(cfg: ExperimentConfig) -> list[tuple[int, int]]:
     return [(k, b) for k in range(s.channels, s.min_channels - 1, -1) for b in sorted(s.bits)]
 
 
-def run_experiment(cfg: ExperimentConfig, *, export: bool = True, log=print) -> dict:
-    """Run (or resume) every stage of `cfg`; returns the results written to results.json."""
+def run_experiment(
+    cfg: ExperimentConfig, *, export: bool = True, log=print, restart_from: str | None = None
+) -> dict:
+    """Run (or resume) every stage of `cfg`; returns the results written to results.json.
+
+    `restart_from` (a stage name) retrains that stage and every later one; a config that
+    changed since the run's last invocation is refused without it (`resume.plan_resume`).
+    """
     cfg = dataclasses.replace(
         cfg, teacher=dataclasses.replace(cfg.teacher, model=resolve_reference(cfg.teacher.model))
     )
@@ -171,23 +179,33 @@ def run_experiment(cfg: ExperimentConfig, *, export: bool = True, log=print) -> 
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     try:
-        results = _run(cfg, device, dist, export=export, log=log)
+        results = _run(cfg, device, dist, export=export, log=log, restart_from=restart_from)
         barrier(dist)  # rank 0 evaluates and exports last: every rank leaves together
         return results
     finally:
         shutdown(dist)
 
 
-def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export: bool, log) -> dict:
+def _run(
+    cfg: ExperimentConfig,
+    device: torch.device,
+    dist: DistInfo,
+    *,
+    export: bool,
+    log,
+    restart_from: str | None,
+) -> dict:
     out = cfg.output_dir()
     classes = data_classes(cfg)  # the cheap checks first: folders, model, shapes
     size, channels = input_geometry(cfg)
     input_shape = (channels, *size)
     torch.manual_seed(cfg.seed)
     teacher = build_teacher(cfg, len(classes), input_shape).to(device)
+    plan = plan_resume(cfg, restart_from)  # every rank refuses alike, before rank 0 writes
+    barrier(dist)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        apply_resume(plan)
+    barrier(dist)
     data = load_data(cfg)
     pre = train_preprocess(cfg, data)
     if dist.is_main:
@@ -303,7 +321,9 @@ def _run(cfg: ExperimentConfig, device: torch.device, dist: DistInfo, *, export:
     results: dict = {}
     if dist.is_main:
         results = final_results(cfg, net, teacher, splits["test"], pre, device)
-        results["train_seconds"] = round(time.perf_counter() - began, 1)
+        results["stage_seconds"] = stage_seconds(out, running_stages(cfg))
+        results["train_seconds"] = round(sum(results["stage_seconds"].values()), 1)
+        results["wall_seconds"] = round(time.perf_counter() - began, 1)  # this invocation
         (out / "results.json").write_text(json.dumps(results, indent=2))
         torch.save(net.state_dict(), out / "model.pt")
         say(format_results(results))
