@@ -187,24 +187,26 @@ def _splits(args: argparse.Namespace, bundle: Any) -> tuple[dict[str, Any], dict
     manifest = bundle.manifest
     out: dict[str, tuple[Any, np.ndarray]] = {}
     sources: dict[str, str] = {}
-    recorded = args.config or manifest.provenance.get("config") is not None
-    if not (args.images and args.test_images) and (recorded or not args.images):
-        config = _config(args.config) if args.config else None
-        out, where = held_out_splits(
-            manifest, config, seed=args.seed, calibration_size=args.calibration_size
-        )
-        if "calibration" not in out and not args.images:
-            raise CalibrationError(
-                f"{where} holds out no calibration split: pass --images DIR, or retrain with "
-                "data.calibration > 0 or data.val_root"
-            )
-        sources = dict.fromkeys(out, where)
-    if args.images:
+    if args.images:  # the user's folders first: a wrong one fails before anything loads
         out["calibration"] = folder_split(args.images, manifest, "--images")
         sources["calibration"] = str(Path(args.images).resolve())
     if args.test_images:
         out["test"] = folder_split(args.test_images, manifest, "--test-images")
         sources["test"] = str(Path(args.test_images).resolve())
+    recorded = args.config or manifest.provenance.get("config") is not None
+    if not (args.images and args.test_images) and (recorded or not args.images):
+        config = _config(args.config) if args.config else None
+        held_out, where = held_out_splits(
+            manifest, config, seed=args.seed, calibration_size=args.calibration_size
+        )
+        if "calibration" not in held_out and not args.images:
+            raise CalibrationError(
+                f"{where} holds out no calibration split: pass --images DIR, or retrain with "
+                "data.calibration > 0 or data.val_root"
+            )
+        for name, split in held_out.items():
+            if name not in out:
+                out[name], sources[name] = split, where
     if args.subset:
         out = {k: _subset(x, y, args.subset, args.seed) for k, (x, y) in out.items()}
     return out, sources

@@ -99,9 +99,12 @@ def export_run(
 
 
 def _calibrated(manifest: Any) -> bool:
+    """Whether `splitexit calibrate` (or a user) set thresholds or recorded a calibration."""
     from ..bundle import NEVER_EXIT
 
-    return any(e.threshold != NEVER_EXIT for e in manifest.exits)
+    return "calibration" in manifest.metrics or any(
+        e.threshold != NEVER_EXIT for e in manifest.exits
+    )
 
 
 def rebuild_run(run: str | Path, class_names: list[str] | None = None) -> tuple:

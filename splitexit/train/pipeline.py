@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, SplitPointError
 from ..models import StagedModel, build_model, get_spec
 from ..models.cut import stage_name, staged_at
 from ..models.reference import build_reference, is_zoo_name, resolve_reference
@@ -99,6 +99,19 @@ def build_teacher(
         _load_teacher_checkpoint(model, t.checkpoint)
     points = [cfg.split.point, *(p for p in cfg.exits.points if p != BOTTLENECK)]
     teacher = staged_at(model, points)
+    split = stage_name(cfg.split.point)
+    if split not in teacher.split_points:
+        raise SplitPointError(
+            f"split.point {cfg.split.point!r} is not a split point of {t.model}; valid: "
+            f"{', '.join(teacher.split_points)} (`splitexit models {t.model}` lists them)"
+        )
+    head = teacher.head_stages(split)
+    stray = [p for p in cfg.exits.points if p != BOTTLENECK and stage_name(p) not in head]
+    if stray:
+        raise SplitPointError(
+            f"exits.points {stray} are not in the head of {t.model} cut at {cfg.split.point!r}; "
+            f"valid: {', '.join([*head, BOTTLENECK])}"
+        )
     try:
         out = teacher.feature_shapes(input_shape)[teacher.stage_names[-1]]
     except Exception as e:  # the user's model meets an input it was not built for
