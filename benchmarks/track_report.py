@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 from splitexit.bottleneck import quantize
 from splitexit.codec import encode_frame
+from splitexit.models.cut import stage_name
 from splitexit.preprocess import encode_image
-from splitexit.train.config import config_from_dict
-from splitexit.train.pipeline import build_teacher, load_data, make_preprocess
+from splitexit.train.experiment_data import load_data
+from splitexit.train.export import rebuild_run
+from splitexit.train.pipeline import build_teacher
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=500, help="test images for baselines")
     args = parser.parse_args(argv)
 
-    cfg = config_from_dict(json.loads((args.run / "config.json").read_text()))
-    results = json.loads((args.run / "results.json").read_text())
-    pre = make_preprocess(cfg)
+    cfg, _, pre, classes, results, _ = rebuild_run(args.run)
     data = load_data(cfg)
     test = data.splits["test"]
     n = min(args.samples, len(test))
@@ -65,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     ):
         baselines[f"input {label}"] = float(np.mean([len(encode_image(a, fmt, q)) for a in sent]))
 
-    teacher = build_teacher(cfg, len(data.class_names), pre)
+    teacher = build_teacher(cfg, len(classes), (pre.channels, *pre.size), load_checkpoint=False)
     state = torch.load(
         args.run / "checkpoints" / "teacher.pt", map_location="cpu", weights_only=True
     )
     teacher.load_state_dict(state["model"])
     teacher.eval()
     with torch.no_grad():
-        feats = teacher.forward_features(pre(images), [cfg.split.point])[cfg.split.point]
+        point = stage_name(cfg.split.point)
+        feats = teacher.forward_features(pre(images), [point])[point]
     c, h, w = feats.shape[1:]
     baselines["split-point features float16 (raw)"] = float(c * h * w * 2)
     frames = [len(encode_frame(quantize(feats[i : i + 1], 8), "0" * 64)) for i in range(n)]
