@@ -532,3 +532,80 @@ def _toml(table: dict) -> str:
                 else:
                     lines.append(f"{k} = {value(w)}")
     return "\n".join(lines) + "\n"
+
+
+def test_val_root_and_test_root_replace_the_carved_splits_and_mean_std_are_kept(
+    journey: Path, tmp_path: Path
+) -> None:
+    from splitexit.train.config import config_from_dict
+    from splitexit.train.experiment_data import load_data, train_preprocess
+
+    images = journey / "images"
+    table = {
+        "data": {"dataset": "folder", "root": str(images / "train"),
+                 "val_root": str(images / "test"), "test_root": str(images / "test"),
+                 "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "image_size": [24, 20]},
+        "teacher": {"model": f"{Path(__file__)}:build_cnn"},
+    }  # fmt: skip
+    cfg = config_from_dict(table)
+    data = load_data(cfg)
+    n_train, n_test = TRAIN_PER_CLASS * len(CLASSES), TEST_PER_CLASS * len(CLASSES)
+    assert {k: len(v) for k, v in data.splits.items()} == {
+        "train": n_train, "calibration": n_test, "test": n_test,
+    }  # fmt: skip
+    assert tuple(data.splits["train"].images.shape[1:]) == (24, 20, 3)
+    assert data.provenance["calibration"] == "val_root"
+    pre = train_preprocess(cfg, data)
+    assert pre.mean == (0.5, 0.4, 0.3) and pre.size == (24, 20) and pre.channels == 3
+
+
+def test_images_of_mixed_sizes_need_an_image_size(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from splitexit.errors import ConfigError
+    from splitexit.train.config import config_from_dict
+    from splitexit.train.experiment_data import input_geometry, load_data
+
+    for name, size in (("a", (20, 20)), ("b", (30, 24))):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            Image.new("L", size, color=40 * i).save(tmp_path / name / f"{i}.png")
+    table = {"data": {"dataset": "folder", "root": str(tmp_path), "calibration": 2},
+             "teacher": {"model": f"{Path(__file__)}:build_cnn"}}  # fmt: skip
+    with pytest.raises(ConfigError, match="image_size"):
+        input_geometry(config_from_dict(table))
+    table["data"]["image_size"] = [16, 16]
+    data = load_data(config_from_dict(table))
+    assert tuple(data.splits["train"].images.shape[1:]) == (16, 16)  # grayscale: 1 channel
+    assert data.provenance["input_shape"] == [1, 16, 16]
+
+
+def test_the_threshold_notebook_takes_a_user_bundles_own_data_and_caches_per_fingerprint(
+    journey: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jupytext = pytest.importorskip("jupytext", reason="the notebooks extra is not installed")
+    nbclient = pytest.importorskip("nbclient", reason="the notebooks extra is not installed")
+    from splitexit.bundle import read_manifest
+    from splitexit.calibrate import CalibrationTable
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(journey / "runs" / "my-cnn" / "bundle", bundle)
+    manifest = read_manifest(bundle)
+    monkeypatch.setenv("SPLITEXIT_BUNDLE", str(bundle))
+    monkeypatch.delenv("SPLITEXIT_TABLES", raising=False)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    notebook = jupytext.read(notebooks / "tune_thresholds.ipynb")
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()
+    tables = tmp_path / "data" / manifest.fingerprint[:16]
+    cal = CalibrationTable.load(tables / "calibration.npz")
+    test = CalibrationTable.load(tables / "test.npz")
+    assert cal.n == manifest.provenance["sizes"]["calibration"]
+    assert test.n == manifest.provenance["sizes"]["test"]
+    assert cal.labels.max() < len(CLASSES)
