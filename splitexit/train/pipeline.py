@@ -177,6 +177,21 @@ def operating_grid(cfg: ExperimentConfig) -> list[tuple[int, int]]:
     return [(k, b) for k in range(s.channels, s.min_channels - 1, -1) for b in sorted(s.bits)]
 
 
+def resolved(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` with its file paths (data folders, a model file, a checkpoint) made absolute, so
+    that the run's record rebuilds the same data and model from any working directory."""
+    d, t = cfg.data, cfg.teacher
+    folders = {
+        k: str(Path(v).resolve()) for k in ("root", "val_root", "test_root") if (v := getattr(d, k))
+    }
+    teacher = dataclasses.replace(
+        t,
+        model=resolve_reference(t.model),
+        checkpoint=str(Path(t.checkpoint).resolve()) if t.checkpoint else "",
+    )
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **folders), teacher=teacher)
+
+
 def run_experiment(
     cfg: ExperimentConfig, *, export: bool = True, log=print, restart_from: str | None = None
 ) -> dict:
@@ -185,9 +200,7 @@ def run_experiment(
     `restart_from` (a stage name) retrains that stage and every later one; a config that
     changed since the run's last invocation is refused without it (`resume.plan_resume`).
     """
-    cfg = dataclasses.replace(
-        cfg, teacher=dataclasses.replace(cfg.teacher, model=resolve_reference(cfg.teacher.model))
-    )
+    cfg = resolved(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
