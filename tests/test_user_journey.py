@@ -564,7 +564,7 @@ def test_images_of_mixed_sizes_need_an_image_size(tmp_path: Path) -> None:
 
     from splitexit.errors import ConfigError
     from splitexit.train.config import config_from_dict
-    from splitexit.train.experiment_data import input_geometry, load_data
+    from splitexit.train.experiment_data import load_data, plan_data
 
     for name, size in (("a", (20, 20)), ("b", (30, 24))):
         (tmp_path / name).mkdir()
@@ -573,7 +573,7 @@ def test_images_of_mixed_sizes_need_an_image_size(tmp_path: Path) -> None:
     table = {"data": {"dataset": "folder", "root": str(tmp_path), "calibration": 2},
              "teacher": {"model": f"{Path(__file__)}:build_cnn"}}  # fmt: skip
     with pytest.raises(ConfigError, match="image_size"):
-        input_geometry(config_from_dict(table))
+        plan_data(config_from_dict(table))
     table["data"]["image_size"] = [16, 16]
     data = load_data(config_from_dict(table))
     assert tuple(data.splits["train"].images.shape[1:]) == (16, 16)  # grayscale: 1 channel

@@ -1,6 +1,6 @@
 """The data of an experiment: the `[data]` section turned into train / calibration / test.
 
-    [data] ─ data_classes (cheap: class folders) ─ input_geometry (size, channels)
+    [data] ─ plan_data (cheap: class folders, image headers: classes, size, channels)
            ─ load_data ─ uint8 splits at that geometry ─ train_preprocess (mean / std)
            └─ provenance: what the run was trained and calibrated on (kept in the bundle)
 
@@ -88,38 +88,49 @@ def _folders(d: DataConfig) -> dict[str, ImageFolder]:
     return folders
 
 
-def data_classes(cfg: ExperimentConfig) -> list[str]:
-    """The class names, without loading any image (validates the folders)."""
-    if cfg.data.dataset == "fashion-mnist":
-        return list(FASHION_MNIST_CLASSES)
-    return list(_folders(cfg.data)["train"].classes)
+@dataclass(frozen=True)
+class DataPlan:
+    """What the data will be, known before any image is decoded: the class names, the
+    geometry every image is loaded at, and the (validated) image folders."""
+
+    class_names: list[str]
+    size: tuple[int, int]
+    channels: int
+    folders: dict[str, ImageFolder] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.channels, *self.size
 
 
-def input_geometry(cfg: ExperimentConfig) -> tuple[tuple[int, int], int]:
-    """((H, W), channels) every image is loaded at (see the module docstring)."""
+def plan_data(cfg: ExperimentConfig) -> DataPlan:
+    """Check the `[data]` section and work out the classes and the input geometry (see the
+    module docstring) from folder listings and image headers alone."""
     d = cfg.data
+    folders = _folders(d) if d.dataset == "folder" else {}
+    classes = folders["train"].classes if folders else list(FASHION_MNIST_CLASSES)
     spec = None
     if is_zoo_name(cfg.teacher.model) and cfg.teacher.pretrained:
         from ..models import get_spec
 
         spec = get_spec(cfg.teacher.model).preprocessing
-    size = tuple(d.image_size) or (tuple(spec.size) if spec else None)
+    size = tuple(d.image_size) or (tuple(spec.size) if spec else ())
     channels = d.channels or (spec.channels if spec else 0)
-    if size and channels:
-        return size, channels  # type: ignore[return-value]
-    if d.dataset == "fashion-mnist":
-        return size or (28, 28), channels or 1  # type: ignore[return-value]
-    sizes, gray = _scan(_folders(d).values())
-    if not size:
-        if len(sizes) > 1:
-            seen = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-            raise ConfigError(
-                f"the images in data.root have {len(sizes)} different sizes ({seen}, ...): "
-                "set data.image_size = [height, width] to load them all at one size"
-            )
-        w, h = next(iter(sizes))
-        size = (h, w)
-    return size, channels or (1 if gray else 3)  # type: ignore[return-value]
+    if not folders:  # Fashion-MNIST: 28x28 grayscale
+        size, channels = size or (28, 28), channels or 1
+    elif not (size and channels):
+        sizes, gray = _scan(folders.values())
+        if not size:
+            if len(sizes) > 1:
+                seen = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
+                raise ConfigError(
+                    f"the images in data.root have {len(sizes)} different sizes ({seen}, ...): "
+                    "set data.image_size = [height, width] to load them all at one size"
+                )
+            w, h = next(iter(sizes))
+            size = (h, w)
+        channels = channels or (1 if gray else 3)
+    return DataPlan(list(classes), size, channels, folders)  # type: ignore[arg-type]
 
 
 def _scan(folders: Any) -> tuple[set[tuple[int, int]], bool]:
@@ -139,16 +150,16 @@ def _scan(folders: Any) -> tuple[set[tuple[int, int]], bool]:
     return sizes, gray
 
 
-def load_data(cfg: ExperimentConfig) -> ExperimentData:
-    """Train / calibration / test splits as in-memory uint8 arrays, with their provenance."""
+def load_data(cfg: ExperimentConfig, plan: DataPlan | None = None) -> ExperimentData:
+    """Train / calibration / test splits as in-memory uint8 arrays, with their provenance;
+    `plan` is `plan_data(cfg)` where the caller has it already."""
     d = cfg.data
-    size, channels = input_geometry(cfg)
+    plan = plan or plan_data(cfg)
+    size, channels, classes = plan.size, plan.channels, plan.class_names
     if d.dataset == "fashion-mnist":
         raw, provenance = _fashion_mnist(cfg)
-        classes = list(FASHION_MNIST_CLASSES)
     else:
-        raw, provenance = _folder_splits(cfg, size, channels)
-        classes = list(_folders(d)["train"].classes)
+        raw, provenance = _folder_splits(cfg, plan)
     splits = {k: ArraySplit.from_numpy(*v) for k, v in raw.items()}
     splits["train"] = _subset(splits["train"], d.train_subset, cfg.seed)
     splits["test"] = _subset(splits["test"], d.test_subset, cfg.seed)
@@ -189,9 +200,9 @@ def _fashion_mnist(cfg: ExperimentConfig) -> tuple[dict, dict]:
     return raw, provenance
 
 
-def _folder_splits(cfg: ExperimentConfig, size: tuple[int, int], channels: int) -> tuple:
+def _folder_splits(cfg: ExperimentConfig, plan: DataPlan) -> tuple:
     d = cfg.data
-    folders = _folders(d)
+    folders, size, channels = plan.folders, plan.size, plan.channels
     main = folders["train"]
     n = len(main)
     labels = main.targets
@@ -307,7 +318,8 @@ def train_preprocess(cfg: ExperimentConfig, data: ExperimentData) -> Preprocess:
     """The model's preprocessing: input geometry, and `mean` / `std` from the config, else
     the pretrained zoo model's, else measured on the training images."""
     d = cfg.data
-    size, channels = input_geometry(cfg)
+    channels, *hw = data.provenance["input_shape"]
+    size = tuple(hw)
     mean, std = tuple(d.mean), tuple(d.std)
     if not mean and is_zoo_name(cfg.teacher.model) and cfg.teacher.pretrained:
         from ..models import get_spec

@@ -34,9 +34,8 @@ from .evaluate import accuracy, evaluate_split, mean_frame_bytes
 from .experiment_data import (
     ExperimentData,
     augmentations,
-    data_classes,
-    input_geometry,
     load_data,
+    plan_data,
     train_preprocess,
 )
 from .loop import OperatingPoints, StageRun, checkpoint_path, run_stage, stage_done
@@ -222,17 +221,16 @@ def _run(
     restart_from: str | None,
 ) -> dict:
     out = cfg.output_dir()
-    classes = data_classes(cfg)  # the cheap checks first: folders, model, shapes
-    size, channels = input_geometry(cfg)
-    input_shape = (channels, *size)
+    plan = plan_data(cfg)  # the cheap checks first: folders, model, shapes
+    input_shape = plan.input_shape
     torch.manual_seed(cfg.seed)
-    teacher = build_teacher(cfg, len(classes), input_shape).to(device)
-    plan = plan_resume(cfg, restart_from)  # every rank refuses alike, before rank 0 writes
+    teacher = build_teacher(cfg, len(plan.class_names), input_shape).to(device)
+    resume = plan_resume(cfg, restart_from)  # every rank refuses alike, before rank 0 writes
     barrier(dist)
     if dist.is_main:
-        apply_resume(plan)
+        apply_resume(resume)
     barrier(dist)
-    data = load_data(cfg)
+    data = load_data(cfg, plan)
     pre = train_preprocess(cfg, data)
     if dist.is_main:
         write_run_data(out, data, pre, cfg)
