@@ -70,7 +70,7 @@ def tables(limit: int | None = None) -> dict[str, CalibrationTable]:
             out[split] = CalibrationTable.load(path)
     if len(out) == 2:
         return out
-    splits, where = held_out_splits(bundle.manifest)
+    splits = held_out_splits(bundle.manifest)[0]
     for split in ("calibration", "test"):
         images, labels = splits[split]
         if limit:

@@ -11,31 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 
 from .errors import SplitexitError
+from .train.config import resolve_config, shipped_configs
 from .train.resume import STAGES
-
-
-def shipped_configs() -> dict[str, Path]:
-    """The experiment configs that ship with splitexit, by name."""
-    root = resources.files("splitexit") / "configs"
-    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
-
-
-def resolve_config(name_or_path: str) -> Path:
-    """A config file path, or the name of a shipped config (e.g. `fmnist-small`)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    shipped = shipped_configs()
-    if name_or_path in shipped:
-        return shipped[name_or_path]
-    raise SplitexitError(
-        f"no config file {name_or_path!r}; give a path to a TOML file or one of the shipped "
-        f"configs: {', '.join(sorted(shipped))}"
-    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -284,8 +284,7 @@ def ensure_default_bundle() -> Path:
         return default_bundle_path()
     except SplitexitError:
         pass
-    from .cli import resolve_config
-    from .train.config import load_config
+    from .train.config import load_config, resolve_config
     from .train.pipeline import run_experiment
 
     print("the shipped bundle is missing: training a quick one (a few minutes) ...")

@@ -27,6 +27,7 @@ def test_a_raw_exchange_through_the_emulator_pays_rtt_and_bytes_and_little_more(
 
 @pytest.mark.slow
 def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the suite's plots need the notebooks extra")
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "run_all.py"),

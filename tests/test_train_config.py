@@ -2,9 +2,8 @@
 
 import pytest
 
-from splitexit.cli import resolve_config, shipped_configs
 from splitexit.errors import ConfigError, SplitexitError
-from splitexit.train.config import config_from_dict, load_config
+from splitexit.train.config import config_from_dict, load_config, resolve_config, shipped_configs
 
 
 def test_every_shipped_config_parses_and_validates() -> None:

@@ -62,10 +62,6 @@ def exit_file(name: str) -> str:
     return f"{EXITS_DIR}/{name}.pt"
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @dataclass(frozen=True)
 class BottleneckSpec:
     """Shape of the code: C channels [C, h, w], the split-point feature shape, the bit-widths."""

@@ -232,7 +232,7 @@ def _config(name: str) -> Any:
             return _config_dict(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise CalibrationError(f"--config {name}: cannot read {path} ({e})") from None
-    from splitexit.cli import resolve_config
+    from splitexit.train.config import resolve_config
 
     return load_config(resolve_config(name))
 

@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,26 @@ def _validate_data(d: DataConfig) -> None:
     for key in ("val_root", "test_root"):
         if getattr(d, key) and d.dataset != "folder":
             raise ConfigError(f"data.{key} needs data.dataset = 'folder'")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The experiment configs that ship with splitexit, by name."""
+    root = resources.files("splitexit") / "configs"
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def resolve_config(name_or_path: str) -> Path:
+    """A config file path, or the name of a shipped config (e.g. `fmnist-small`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise ConfigError(
+        f"no config file {name_or_path!r}; give a path to a TOML file or one of the shipped "
+        f"configs: {', '.join(sorted(shipped))}"
+    )
 
 
 def config_from_dict(table: dict[str, Any]) -> ExperimentConfig:
