@@ -225,7 +225,7 @@ def _folder_splits(cfg: ExperimentConfig, plan: DataPlan) -> tuple:
     roots = {"root": d.root, "val_root": d.val_root, "test_root": d.test_root}
     provenance = {key: str(Path(r).resolve()) if r else "" for key, r in roots.items()} | {
         "files_sha256": {role: file_list_sha256(f) for role, f in folders.items()},
-        "calibration": d.calibration if "calibration" not in folders else "val_root",
+        "calibration": n_cal if "calibration" not in folders else "val_root",
     }
     return raw, provenance
 
