@@ -609,3 +609,26 @@ def test_the_threshold_notebook_takes_a_user_bundles_own_data_and_caches_per_fin
     assert cal.n == manifest.provenance["sizes"]["calibration"]
     assert test.n == manifest.provenance["sizes"]["test"]
     assert cal.labels.max() < len(CLASSES)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["export", "no/such/run"], "not a finished run"),
+        (["export", "runs/my-cnn", "--triton", "out"], "--triton goes with --onnx"),
+        (["models", "mycnn:build"], "cannot import 'mycnn'"),
+        (["models", "{here}:build_broken"], "weights server unreachable"),
+        (["models", "no_such_zoo_model"], "unknown model"),
+        (["profile", "nowhere/mycnn.py:build", "--input-shape", "3", "32", "32"], "does not exist"),
+        (["profile", "{here}:build_cnn"], "--input-shape"),
+        (["calibrate", "runs/my-cnn/bundle", "--images", "no/such/folder"], "is not a folder"),
+        (["calibrate", "no/such/bundle"], "bundle"),
+        (["inspect", "no/such/bundle"], "bundle"),
+    ],
+)
+def test_every_command_answers_bad_input_with_one_line_and_exit_2(
+    journey: Path, args: list[str], says: str
+) -> None:
+    args = [a.replace("{here}", str(Path(__file__))) for a in args]
+    line = one_line_error(splitexit(*args, cwd=journey, check=False))
+    assert says in line, line
