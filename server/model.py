@@ -40,6 +40,8 @@ from splitexit.runtime.tail import TailAnswer, TailRunner
 
 log = logging.getLogger("server.model")
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the `image` input's decoders; no others are tried
+
 
 @dataclass(frozen=True)
 class Work:
@@ -185,6 +187,8 @@ class ServedModel:
                         codes[i] = [runner.decode(f) for f in w.elements]
                     except FrameError as e:  # FingerprintMismatch included
                         results[i] = e
+                    except Exception as e:  # decoding trusts nothing: still this input's fault
+                        results[i] = FrameError(f"{type(e).__name__}: {e}")
             image_jobs = [i for i, w in enumerate(works) if w.kind == INPUT_IMAGE]
             pixels = self._decode_images(works, image_jobs, results)
             decoded_images = time.perf_counter()
@@ -194,7 +198,7 @@ class ServedModel:
             answers = iter(runner.run_codes(flat))
             for i, cs in enumerate(codes):
                 if results[i] is None:
-                    results[i] = _join([next(answers) for _ in cs])
+                    results[i] = _finite(_join([next(answers) for _ in cs]))
             done = time.perf_counter()
         finally:
             self._runners.put(runner)
@@ -215,15 +219,16 @@ class ServedModel:
 
         pre = self.bundle.preprocess
         out: dict[int, list[torch.Tensor]] = {}
+        limit = self.settings.max_image_pixels
         for i in indices:
             try:
                 arrays = [
-                    decode_image(data, max_pixels=self.settings.max_image_pixels)
+                    decode_image(data, max_pixels=limit, formats=IMAGE_FORMATS)
                     for data in works[i].elements
                 ]
                 out[i] = [pre.one(a) for a in arrays]
-            except (ValueError, TypeError) as e:
-                results[i] = BadRequest(f"image input: {e}")
+            except Exception as e:  # whatever a decoder raises fails this request alone
+                results[i] = BadRequest(f"image input ({'/'.join(IMAGE_FORMATS)} only): {e}")
         return out
 
     @torch.inference_mode()
@@ -380,6 +385,17 @@ def _has_head(bundle: Bundle) -> bool:
         return bool(bundle.segments)
     except BundleError:
         return False
+
+
+def _finite(answer: Answer) -> Answer | BadRequest:
+    """The answer, or a 400 when the model's output for this input is not finite (an input
+    far outside what the model was trained on): the server never sends NaN or infinity."""
+    if np.isfinite(answer.logits).all() and np.isfinite(answer.probability).all():
+        return answer
+    return BadRequest(
+        "the model's output for this input is not finite: the input is far outside the "
+        "range the model was trained on (check the frame's quantization parameters)"
+    )
 
 
 def _join(answers: Sequence[TailAnswer]) -> Answer:

@@ -306,7 +306,7 @@ def encode_infer_response(
     if request_id is not None:
         doc["id"] = request_id
     doc["outputs"] = specs
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()  # strict JSON
     if not blobs:
         return header, {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
