@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from splitexit.errors import SplitexitError
+from splitexit.errors import BundleError, SplitexitError
 
 if TYPE_CHECKING:
     from splitexit.link import LinkEmulator
@@ -34,8 +34,9 @@ sources:
   FILE.mp4     a video;     camera:N   camera N   (both need OpenCV)
 
 output: one JSON line per input on stdout (or --out FILE), the summary on stderr.
-exit status: 0 done, 1 error, 2 bad usage, 3 server unreachable or serving another
-bundle (fingerprint mismatch), 130 interrupted (the summary is still printed).
+exit status: 0 done, 1 error, 2 bad usage or a bundle that cannot load, 3 server
+unreachable or serving another bundle (fingerprint mismatch), 130 interrupted (the
+summary is still printed).
 
 examples:
   splitexit-device run --bundle fmnist-small --server http://127.0.0.1:8000 --source test/
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_run(args, thresholds))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BundleError as e:
+        _say(f"cannot use the bundle: {e}")
+        return EXIT_USAGE
     except (SplitexitError, ValueError, ImportError, OSError) as e:
         _say(f"error: {e}")
         return EXIT_ERROR

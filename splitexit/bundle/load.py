@@ -15,6 +15,7 @@ import os
 import tarfile
 import tempfile
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
@@ -155,7 +156,12 @@ def load_bundle(
         keepalive, src = _extract(src)
     elif not src.is_dir():
         raise BundleError(f"bundle {src} does not exist")
-    manifest = read_manifest(src)
+    try:
+        manifest = read_manifest(src)
+    except BundleError as e:
+        if str(src) in str(e):
+            raise
+        raise BundleError(f"bundle {src}: {e}; re-export or re-download it") from None
     if verify:
         verify_files(src, manifest)
     device = torch.device(device)
@@ -164,8 +170,16 @@ def load_bundle(
         file = src / rel
         if not file.is_file():
             raise BundleError(f"{rel} is missing from bundle {src}; re-export or re-download it")
-        with quiet_torchscript():
-            return torch.jit.load(str(file), map_location=device).eval()
+        try:
+            with quiet_torchscript():
+                return torch.jit.load(str(file), map_location=device).eval()
+        except Exception as e:  # torch says RuntimeError (PytorchStreamReader ...) and more
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise BundleError(
+                f"{rel} in bundle {src} is not a loadable TorchScript module "
+                f"({type(e).__name__}: {first}); the file is damaged or was written by another "
+                "tool: re-export or re-download the bundle"
+            ) from None
 
     segments = [load(rel) for rel in manifest.segment_files] if "head" in parts else None
     exits = (
@@ -174,9 +188,14 @@ def load_bundle(
         else None
     )
     tail = load(TAIL_FILE) if "tail" in parts else None
-    return Bundle(
+    bundle = Bundle(
         src, manifest, device=device, segments=segments, exits=exits, tail=tail, keepalive=keepalive
     )
+    try:
+        bundle.preprocess  # noqa: B018 - checked now, not at the first input
+    except ValueError as e:
+        raise BundleError(f"bundle {src} has invalid preprocessing: {e}") from None
+    return bundle
 
 
 @contextlib.contextmanager
@@ -241,7 +260,11 @@ def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory[str], Path]:
     Only regular files and directories with relative paths free of `..` are accepted; links,
     devices and absolute paths are refused before anything is written.
     """
-    if not tarfile.is_tarfile(archive):
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except OSError as e:
+        raise BundleError(f"cannot read bundle archive {archive}: {e}") from None
+    if not is_tar:
         raise BundleError(f"{archive} is neither a bundle directory nor a tar archive")
     tmp = tempfile.TemporaryDirectory(prefix="splitexit-bundle-")
     root = Path(tmp.name)
@@ -278,6 +301,12 @@ def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory[str], Path]:
                     while block := src.read(1 << 20):
                         out.write(block)
         return tmp, _bundle_root(root, archive)
+    except (tarfile.TarError, EOFError, zlib.error) as e:  # a truncated or damaged archive
+        tmp.cleanup()
+        raise BundleError(
+            f"archive {archive} is damaged or truncated ({type(e).__name__}: {e}); "
+            "re-download or re-pack it"
+        ) from None
     except BaseException:
         tmp.cleanup()
         raise
