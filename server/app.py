@@ -7,8 +7,10 @@
     GET  /v2 | /v2/models/{name}[/versions/{v}]   server and model metadata
     GET  /metrics                                 Prometheus text format, open
 
-    request ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
-            ─ bearer auth (401) ─ handler ─ parse (400 / 415) ─ frame headers (400 / 409)
+    request ─ header in time (408) ─ CloseUnreadBodies (answered before the body was read:
+            close) ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
+            ─ bearer auth (401) ─ handler ─ body in time (408) ─ parse (400 / 415)
+            ─ frame headers (400 / 409)
             ─ batcher (429 full, 504 deadline) ─ worker thread ─ answer + Server-Timing
 
 An answer carries `Server-Timing: queue;dur=<ms>,compute;dur=<ms>,total;dur=<ms>`: the wait
@@ -41,12 +43,14 @@ from starlette.requests import ClientDisconnect
 
 from server import openapi
 from server.batcher import BatcherFactory, Expired, QueueFull, Stopped
+from server.connection import CloseUnreadBodies
 from server.errors import (
     BadRequest,
     DeadlineExceeded,
     FingerprintRefused,
     NotFound,
     Overloaded,
+    RequestTimeout,
     ServerError,
     Unauthorized,
     with_retry_after,
@@ -124,6 +128,7 @@ def create_app(
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(CloseUnreadBodies)  # outermost: sees every answer
 
     token = settings.auth_token.encode() if settings.auth_token else None
 
@@ -267,10 +272,14 @@ async def infer_request(
                 ),
                 settings.retry_after_s,
             )
+        wait_s = min(settings.client_timeout_s, deadline - time.monotonic())
         try:
-            body = await asyncio.wait_for(request.body(), deadline - time.monotonic())
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("the request body did not arrive before the deadline") from None
+            body = await asyncio.wait_for(request.body(), wait_s)
+        except asyncio.TimeoutError:  # the client's fault: it stopped short or stalled
+            raise RequestTimeout(
+                f"the request body did not arrive within {wait_s:.3g} s: it stopped short of "
+                "its Content-Length or stalled; send the whole body at once"
+            ) from None
         except ClientDisconnect:  # nobody to answer: RequestContextMiddleware logs it
             outcome = CLIENT_DISCONNECT
             raise

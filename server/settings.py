@@ -51,6 +51,11 @@ class Settings:
     request_timeout_s: float = _setting(
         10.0, "server-side deadline of a request, body read to answer (504 when passed)"
     )
+    client_timeout_s: float = _setting(
+        5.0,
+        "longest a request's header, or its body, may take to arrive (408 and the connection "
+        "closed when passed: a client that stops short or stalls)",
+    )
     retry_after_s: int = _setting(1, "seconds a 429 or 503 answer asks the client to wait")
     auth_token: str | None = _setting(
         None,
@@ -89,8 +94,9 @@ class Settings:
         for name in ("max_queue_delay_ms", "drain_s", "graceful_timeout_s"):
             if not getattr(self, name) >= 0:
                 out.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.request_timeout_s > 0:
-            out.append(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "client_timeout_s"):
+            if not getattr(self, name) > 0:
+                out.append(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             out.append(f"port must be in 0..65535, got {self.port}")
         if self.torch_threads is not None and self.torch_threads < 1:

@@ -1,0 +1,143 @@
+"""Connections that cannot be held hostage: a header must arrive in time, and a request
+refused before its body arrived closes its connection.
+
+    connection ─ first byte of a request ─ header complete within client_timeout_s?
+               │                          └ no: 408 + Connection: close (slow-header clients)
+               └ request ─ app answers before the body is all in (401, 413, 429, 408 ...)
+                         ─ the rest is small and already here? read it: keep-alive
+                         └ otherwise: Connection: close (the upload is not read and discarded)
+
+`guarded_h11(timeout)` is the uvicorn HTTP protocol with the header timeout (uvicorn's own
+keep-alive timeout covers idle connections only once a request was answered, and is reset by
+every byte, so a header trickled a byte at a time would hold a connection forever).
+`CloseUnreadBodies` is ASGI middleware. The body's own deadline (408 when it stops short or
+stalls) is the app's (`server.app`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from server.limits import ASGIApp, Message, Receive, Scope, Send
+
+DRAIN_BYTES = 64 * 1024  # the most of an unread body read (to keep the connection) after an answer
+DRAIN_S = 0.05  # and how long that may take
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's header."""
+
+    header_timeout_s = 5.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:  # these bytes begin a request's header
+            self._arm()
+        super().data_received(data)
+        if self.cycle is not cycle:  # the header is complete: the app's deadlines take over
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or (self.cycle and not self.cycle.response_complete):
+            return
+        body = json.dumps(
+            {
+                "error": f"the request header did not arrive within {self.header_timeout_s:g} s "
+                "(setting client_timeout_s)"
+            }
+        ).encode()
+        head = (
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        self.transport.write(head + body)
+        self.transport.close()
+
+
+def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
+    """The uvicorn `http` protocol class that answers 408 to a header slower than this."""
+    return type("GuardedH11Protocol", (_GuardedH11,), {"header_timeout_s": header_timeout_s})
+
+
+class CloseUnreadBodies:
+    """Close the connection of a request answered before its body was read, unless the rest
+    of the body is small and arrives at once (then it is read, and the connection kept)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        done = False
+        read = 0
+
+        async def tracking_receive() -> Message:
+            nonlocal done, read
+            message = await receive()
+            if message["type"] == "http.request":
+                read += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+            else:  # http.disconnect
+                done = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            unread = message["type"] == "http.response.start" and not done
+            if unread and not await _drain(scope, tracking_receive, read, lambda: done):
+                message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
+            await send(message)
+
+        await self.app(scope, tracking_receive, closing_send)
+
+
+_CLOSE = (b"connection", b"close")
+
+
+async def _drain(scope: Scope, receive: Receive, read: int, done: Any) -> bool:
+    """Read the rest of a small, announced body that is arriving now; True if all was read."""
+    length = _declared_length(scope)
+    if length is None or length - read > DRAIN_BYTES:
+        return False
+
+    async def rest() -> None:
+        while not done():
+            await receive()
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(rest(), DRAIN_S)
+    return bool(done())
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+            return None
+    return None
