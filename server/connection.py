@@ -94,7 +94,7 @@ class CloseUnreadBodies:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        done = False
+        done = not _has_body(scope)
         read = 0
 
         async def tracking_receive() -> Message:
@@ -132,6 +132,12 @@ async def _drain(scope: Scope, receive: Receive, read: int, done: Any) -> bool:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(rest(), DRAIN_S)
     return bool(done())
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request has a body still to read (RFC 9112: announced by its headers)."""
+    headers = dict(scope.get("headers", []))
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() != b"0"
 
 
 def _declared_length(scope: Scope) -> int | None:
