@@ -12,6 +12,8 @@
             ─ bearer auth (401) ─ handler ─ body in time (408) ─ parse (400 / 415)
             ─ frame headers (400 / 409)
             ─ batcher (429 full, 504 deadline) ─ worker thread ─ answer + Server-Timing
+    admission control (429 + Retry-After, see `server.admission`): at the door, after
+    parsing (the request's own timeout), and when its batch starts
 
 An answer carries `Server-Timing: queue;dur=<ms>,compute;dur=<ms>,total;dur=<ms>`: the wait
 for a batch, the batch's decode + model time, and the server's time from the whole body
@@ -259,19 +261,26 @@ async def infer_request(
     start = time.perf_counter()
     deadline = time.monotonic() + settings.request_timeout_s
     outcome = "error"
+    entering = False  # counted in model.admission.entering (past the door, not yet queued)
     try:
         if state.draining:
             raise state.not_ready("the server is shutting down; retry on another replica")
         if not model.ready:
             raise state.not_ready(f"model {model.name!r} is warming up; retry shortly")
-        if model.batcher.queued >= settings.max_queue_size:  # refuse before reading the body
+        queued, running = model.batcher.queued, model.batcher.pending > model.batcher.queued
+        if queued >= settings.max_queue_size:  # refuse before reading the body
             raise with_retry_after(
                 Overloaded(
-                    f"model {model.name!r} has {model.batcher.queued} requests queued "
+                    f"model {model.name!r} has {queued} requests queued "
                     f"(max_queue_size={settings.max_queue_size}); retry later"
                 ),
                 settings.retry_after_s,
             )
+        refused = model.admission.at_door(model.name, queued, running)
+        if refused is not None:
+            raise refused
+        model.admission.entering += 1
+        entering = True
         wait_s = min(settings.client_timeout_s, deadline - time.monotonic())
         try:
             body = await asyncio.wait_for(request.body(), wait_s)
@@ -300,6 +309,14 @@ async def infer_request(
         work = model.prepare(req.input_name, req.elements)
         if req.timeout_us is not None:
             deadline = min(deadline, time.monotonic() + req.timeout_us / 1e6)
+            b = model.batcher
+            refused = model.admission.within(
+                model.name, b.queued, b.pending > b.queued, deadline - time.monotonic()
+            )
+            if refused is not None:
+                raise refused
+        model.admission.entering -= 1
+        entering = False
         try:
             job = model.batcher.submit(work, size=work.samples, deadline=deadline)
         except QueueFull as e:
@@ -337,6 +354,8 @@ async def infer_request(
         outcome = e.outcome
         raise
     finally:
+        if entering:
+            model.admission.entering -= 1
         metrics.requests.inc(model=model.name, outcome=outcome)
         if outcome != CLIENT_DISCONNECT:  # no answer: its time says how long the client waited
             metrics.request_duration.observe(time.perf_counter() - start, model=model.name)

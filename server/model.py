@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.admission import Admission
 from server.batcher import BatcherFactory, DynamicBatcher, Job
 from server.errors import BadRequest
 from server.metrics import ServerMetrics
@@ -103,6 +104,12 @@ class ServedModel:
             self._runners.put(
                 TailRunner(bundle, max_samples=self.max_samples, max_raw_bytes=self.max_raw_bytes)
             )
+        self.admission = Admission(
+            settings.queue_delay_target_s,
+            settings.max_batch_size,
+            settings.workers_per_model,
+            settings.retry_after_s,
+        )
         self.batcher = (batcher_factory or DynamicBatcher)(
             self.process,
             max_batch_size=settings.max_batch_size,
@@ -166,8 +173,18 @@ class ServedModel:
     # --------------------------------------------------------------------- worker side
 
     def process(self, jobs: Sequence[Job]) -> list[Answer | Exception]:
-        """Run one batch (called by the batcher in a worker thread)."""
-        return self.run([j.payload for j in jobs], jobs=jobs)
+        """Run one batch (called by the batcher in a worker thread); a job that waited past
+        the queue-delay target is dropped uncomputed (429, see `server.admission`)."""
+        now = time.perf_counter()
+        target = self.admission.target_s
+        keep = [j for j in jobs if now - j.enqueued <= target]
+        answers = iter(self.run([j.payload for j in keep], jobs=keep) if keep else [])
+        return [
+            next(answers)
+            if now - j.enqueued <= target
+            else self.admission.late(self.name, now - j.enqueued)
+            for j in jobs
+        ]
 
     def run(
         self, works: Sequence[Work], *, jobs: Sequence[Job] | None = None
@@ -203,6 +220,7 @@ class ServedModel:
         finally:
             self._runners.put(runner)
         if jobs is not None:
+            self.admission.record_batch(done - start)
             self._record(jobs, works, results, start, decoded_images - start, done - decoded_images)
             results = [
                 dataclasses.replace(r, queue_s=start - job.enqueued, compute_s=done - start)

@@ -45,6 +45,11 @@ class Settings:
     max_queue_size: int = _setting(
         256, "requests waiting per model before new ones get 429 + Retry-After"
     )
+    queue_delay_target_ms: float = _setting(
+        50.0,
+        "longest a request should wait for its batch: one predicted to wait longer gets 429 "
+        "at once, one that waited longer is dropped uncomputed (429)",
+    )
     max_body_bytes: int = _setting(
         8 * 2**20, "largest request body accepted, checked on Content-Length and while reading"
     )
@@ -94,7 +99,7 @@ class Settings:
         for name in ("max_queue_delay_ms", "drain_s", "graceful_timeout_s"):
             if not getattr(self, name) >= 0:
                 out.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "client_timeout_s"):
+        for name in ("request_timeout_s", "client_timeout_s", "queue_delay_target_ms"):
             if not getattr(self, name) > 0:
                 out.append(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
@@ -110,6 +115,10 @@ class Settings:
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def queue_delay_target_s(self) -> float:
+        return self.queue_delay_target_ms / 1000.0
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (None values are ignored) and validated."""

@@ -270,6 +270,7 @@ class TailServer:
             "port": self.port,
             "log_level": "warning",
             "max_queue_delay_ms": 1.0,
+            "queue_delay_target_ms": 5000.0,  # admission control off, except where tested
         }
         settings = Settings(**{**base, **self.settings})
         app = create_app(settings)
