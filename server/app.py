@@ -7,8 +7,9 @@
     GET  /v2 | /v2/models/{name}[/versions/{v}]   server and model metadata
     GET  /metrics                                 Prometheus text format, open
 
-    request ─ header in time (408) ─ CloseUnreadBodies (answered before the body was read:
-            close) ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
+    request ─ header in time (408) ─ AdmissionDoor (429) ─ CloseUnreadBodies (answered
+            before the body was read: close) ─ RequestContext (id, log, metrics, last-resort
+            500) ─ BodyLimit (413)
             ─ bearer auth (401) ─ handler ─ body in time (408) ─ parse (400 / 415)
             ─ frame headers (400 / 409)
             ─ batcher (429 full, 504 deadline) ─ worker thread ─ answer + Server-Timing
@@ -44,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server import openapi
+from server.admission import AdmissionDoor
 from server.batcher import BatcherFactory, Expired, QueueFull, Stopped
 from server.connection import CloseUnreadBodies
 from server.errors import (
@@ -130,7 +132,8 @@ def create_app(
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    app.add_middleware(CloseUnreadBodies)  # outermost: sees every answer
+    app.add_middleware(CloseUnreadBodies)  # sees every answer the app gives
+    app.add_middleware(AdmissionDoor, state=state)  # outermost: 429 before anything runs
 
     token = settings.auth_token.encode() if settings.auth_token else None
 
@@ -261,26 +264,11 @@ async def infer_request(
     start = time.perf_counter()
     deadline = time.monotonic() + settings.request_timeout_s
     outcome = "error"
-    entering = False  # counted in model.admission.entering (past the door, not yet queued)
     try:
         if state.draining:
             raise state.not_ready("the server is shutting down; retry on another replica")
         if not model.ready:
             raise state.not_ready(f"model {model.name!r} is warming up; retry shortly")
-        queued, running = model.batcher.queued, model.batcher.pending > model.batcher.queued
-        if queued >= settings.max_queue_size:  # refuse before reading the body
-            raise with_retry_after(
-                Overloaded(
-                    f"model {model.name!r} has {queued} requests queued "
-                    f"(max_queue_size={settings.max_queue_size}); retry later"
-                ),
-                settings.retry_after_s,
-            )
-        refused = model.admission.at_door(model.name, queued, running)
-        if refused is not None:
-            raise refused
-        model.admission.entering += 1
-        entering = True
         wait_s = min(settings.client_timeout_s, deadline - time.monotonic())
         try:
             body = await asyncio.wait_for(request.body(), wait_s)
@@ -315,8 +303,6 @@ async def infer_request(
             )
             if refused is not None:
                 raise refused
-        model.admission.entering -= 1
-        entering = False
         try:
             job = model.batcher.submit(work, size=work.samples, deadline=deadline)
         except QueueFull as e:
@@ -354,8 +340,6 @@ async def infer_request(
         outcome = e.outcome
         raise
     finally:
-        if entering:
-            model.admission.entering -= 1
         metrics.requests.inc(model=model.name, outcome=outcome)
         if outcome != CLIENT_DISCONNECT:  # no answer: its time says how long the client waited
             metrics.request_duration.observe(time.perf_counter() - start, model=model.name)

@@ -4,7 +4,8 @@ refused before its body arrived closes its connection.
     connection ─ first byte of a request ─ header complete within client_timeout_s?
                │                          └ no: 408 + Connection: close (slow-header clients)
                └ request ─ app answers before the body is all in (401, 413, 429, 408 ...)
-                         ─ the rest is small and already here? read it: keep-alive
+                         ─ not a 408, the rest announced and small (DRAIN_BYTES)? uvicorn reads
+                         │ and drops it: keep-alive
                          └ otherwise: Connection: close (the upload is not read and discarded)
 
 `guarded_h11(timeout)` is the uvicorn HTTP protocol with the header timeout (uvicorn's own
@@ -19,14 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.limits import ASGIApp, Message, Receive, Scope, Send
 
-DRAIN_BYTES = 64 * 1024  # the most of an unread body read (to keep the connection) after an answer
-DRAIN_S = 0.05  # and how long that may take
+DRAIN_BYTES = (
+    64 * 1024
+)  # the most of an unread body uvicorn reads and drops, to keep the connection
 
 
 class _GuardedH11(H11Protocol):
@@ -85,7 +86,8 @@ def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
 
 class CloseUnreadBodies:
     """Close the connection of a request answered before its body was read, unless the rest
-    of the body is small and arrives at once (then it is read, and the connection kept)."""
+    is small and announced (then uvicorn reads it and throws it away, keeping the connection:
+    cheaper for a device than a new one)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -108,9 +110,10 @@ class CloseUnreadBodies:
             return message
 
         async def closing_send(message: Message) -> None:
-            unread = message["type"] == "http.response.start" and not done
-            if unread and not await _drain(scope, tracking_receive, read, lambda: done):
-                message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
+            if message["type"] == "http.response.start" and not done:
+                stalled = message["status"] == 408  # the rest is not coming
+                if stalled or close_unread(scope, read):
+                    message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
             await send(message)
 
         await self.app(scope, tracking_receive, closing_send)
@@ -119,19 +122,13 @@ class CloseUnreadBodies:
 _CLOSE = (b"connection", b"close")
 
 
-async def _drain(scope: Scope, receive: Receive, read: int, done: Any) -> bool:
-    """Read the rest of a small, announced body that is arriving now; True if all was read."""
-    length = _declared_length(scope)
-    if length is None or length - read > DRAIN_BYTES:
+def close_unread(scope: Scope, read: int) -> bool:
+    """Whether a request answered after reading `read` bytes of its body should close its
+    connection: it has a body, and the rest is not announced or over DRAIN_BYTES."""
+    if not _has_body(scope):
         return False
-
-    async def rest() -> None:
-        while not done():
-            await receive()
-
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(rest(), DRAIN_S)
-    return bool(done())
+    length = _declared_length(scope)
+    return length is None or length - read > DRAIN_BYTES
 
 
 def _has_body(scope: Scope) -> bool:
