@@ -8,7 +8,7 @@ refused before its body arrived closes its connection.
                          │ and drops it: keep-alive
                          └ otherwise: Connection: close (the upload is not read and discarded)
 
-`guarded_h11(timeout)` is the uvicorn HTTP protocol with the header timeout (uvicorn's own
+`guarded_protocol(timeout)` is the uvicorn HTTP protocol with the header timeout (uvicorn's own
 keep-alive timeout covers idle connections only once a request was answered, and is reset by
 every byte, so a header trickled a byte at a time would hold a connection forever).
 `CloseUnreadBodies` is ASGI middleware. The body's own deadline (408 when it stops short or
@@ -20,21 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from typing import Any
 
 from server.limits import ASGIApp, Message, Receive, Scope, Send
 
-DRAIN_BYTES = (
-    64 * 1024
-)  # the most of an unread body uvicorn reads and drops, to keep the connection
+DRAIN_BYTES = 64 * 1024  # the most of an unread body uvicorn reads and drops (keep-alive)
 
 
-class _GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's header."""
+class _HeaderDeadline:
+    """Mixed into a uvicorn HTTP protocol (h11 or httptools: both keep `cycle`, `loop` and
+    `transport`): a deadline for each request's header."""
 
     header_timeout_s = 5.0
     _header_timer: asyncio.TimerHandle | None = None
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -79,9 +80,25 @@ class _GuardedH11(H11Protocol):
         self.transport.close()
 
 
-def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
-    """The uvicorn `http` protocol class that answers 408 to a header slower than this."""
-    return type("GuardedH11Protocol", (_GuardedH11,), {"header_timeout_s": header_timeout_s})
+def guarded_protocol(header_timeout_s: float, parser: str = "auto") -> type[asyncio.Protocol]:
+    """The uvicorn `http` protocol class that answers 408 to a header slower than this.
+
+    `parser`: "httptools" (C, the `server` extra), "h11" (pure Python), or "auto": httptools
+    when installed, else h11.
+    """
+    base: type[asyncio.Protocol]
+    if parser not in ("auto", "h11", "httptools"):
+        raise ValueError(f"parser must be auto, h11 or httptools, got {parser!r}")
+    try:
+        if parser == "h11":
+            raise ImportError
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:
+        if parser == "httptools":
+            raise
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    name = f"HeaderDeadline{base.__name__}"
+    return type(name, (_HeaderDeadline, base), {"header_timeout_s": header_timeout_s})
 
 
 class CloseUnreadBodies:

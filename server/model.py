@@ -109,8 +109,6 @@ class ServedModel:
             settings.max_batch_size,
             settings.workers_per_model,
             settings.retry_after_s,
-            max_limit=settings.max_queue_size
-            + settings.max_batch_size * settings.workers_per_model,
         )
         self.batcher = (batcher_factory or DynamicBatcher)(
             self.process,

@@ -8,6 +8,7 @@ environment, `Settings.replace(**changes)` applies overrides, and both validate.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from splitexit.errors import ConfigError
 
 ENV_PREFIX = "SPLITEXIT_SERVER_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+HTTP_PARSERS = ("auto", "httptools", "h11")
 
 
 def _setting(default: Any, help: str, *, secret: bool = False, **kw: Any) -> Any:
@@ -62,6 +64,10 @@ class Settings:
         "closed when passed: a client that stops short or stalls)",
     )
     retry_after_s: int = _setting(1, "seconds a 429 or 503 answer asks the client to wait")
+    http_parser: str = _setting(
+        "auto",
+        "HTTP/1.1 parser: httptools (C, the server extra), h11, or auto (httptools if installed)",
+    )
     auth_token: str | None = _setting(
         None,
         "bearer token inference and metadata require (health and /metrics stay open); "
@@ -106,6 +112,10 @@ class Settings:
             out.append(f"port must be in 0..65535, got {self.port}")
         if self.torch_threads is not None and self.torch_threads < 1:
             out.append(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.http_parser not in HTTP_PARSERS:
+            out.append(f"http_parser must be one of {HTTP_PARSERS}, got {self.http_parser!r}")
+        if self.http_parser == "httptools" and importlib.util.find_spec("httptools") is None:
+            out.append("http_parser httptools is not installed: pip install 'splitexit[server]'")
         if self.log_level not in LOG_LEVELS:
             out.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.auth_token is not None and not self.auth_token.strip():

@@ -5,6 +5,7 @@ of being read and thrown away. Raw sockets against the real server on loopback."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import select
 import socket
@@ -24,9 +25,17 @@ def a():
     return tiny_bundle("tiny-a", 0)
 
 
-@pytest.fixture(scope="module")
-def live(a):
-    s = settings(a, client_timeout_s=TIMEOUT_S, warmup=False, auth_token="t0ken")
+def _parsers() -> list:
+    has_httptools = importlib.util.find_spec("httptools") is not None
+    skip = pytest.mark.skipif(not has_httptools, reason="httptools (the server extra) absent")
+    return ["h11", pytest.param("httptools", marks=skip)]
+
+
+@pytest.fixture(scope="module", params=_parsers())
+def live(a, request):
+    s = settings(
+        a, client_timeout_s=TIMEOUT_S, warmup=False, auth_token="t0ken", http_parser=request.param
+    )
     with LiveServer(s, [a]) as server:
         yield server
 

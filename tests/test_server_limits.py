@@ -101,8 +101,7 @@ def test_full_queue_answers_429_with_retry_after_and_recovers(a):
         assert set(codes) <= {200, 429}, codes
         refused = next(r for r in responses if r.status_code == 429)
         assert refused.headers["retry-after"] == "3"
-        error = refused.json()["error"]  # the queue, or the requests in flight, are full
-        assert "max_queue_size=1" in error or "in flight" in error, error
+        assert "max_queue_size=1" in refused.json()["error"]
         assert live.state.metrics.requests.value(model=a.name, outcome="overloaded") >= 1
         with httpx.Client(base_url=live.url) as c:
             assert c.post(f"/v2/models/{a.name}/infer", content=body, headers=headers).is_success
