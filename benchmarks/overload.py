@@ -137,7 +137,7 @@ def h2load(
         "refusal_p50_ms": pct(refused, 50),
         "refusal_p99_ms": pct(refused, 99),
         "server_errors": int(sum(n for c, n in codes.items() if c >= 500)),
-        "command": " ".join(cmd),
+        "command": " ".join(cmd).replace(str(body), "body.bin"),
     }
 
 
@@ -205,6 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpu": _cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
+            "http_parser": _installed("httptools") or "h11",
+            "event_loop": _installed("uvloop") or "asyncio",
         },
         "phases": phases,
         "capacity_per_s": capacity,
@@ -216,6 +218,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb": {"baseline": round(baseline_rss / 2**20, 1), "peak": round(peak_rss / 2**20, 1)},
         "goals": goals,
     }
+
+
+def _installed(package: str) -> str | None:
+    """`package==version` if installed (the server extra brings httptools and uvloop)."""
+    from importlib import metadata
+
+    try:
+        return f"{package}=={metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _relative(path: Path) -> Path:
@@ -242,7 +254,8 @@ def report(doc: dict[str, Any]) -> str:
         f"{doc['request_bytes']}-byte request); server on core {s['server_cpu']} (1 torch "
         f"thread, max batch {s['max_batch_size']}, queue-delay target "
         f"{s['queue_delay_target_ms']:g} ms), h2load on core {s['load_cpu']}; "
-        f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores.",
+        f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores; uvicorn with "
+        f"{doc['machine'].get('http_parser')} and {doc['machine'].get('event_loop')}.",
         "",
         "| phase | clients | offered/s | answers/s | answer p50 ms | answer p99 ms | "
         "429 p50 ms | 429 p99 ms | statuses |",
@@ -272,12 +285,35 @@ def report(doc: dict[str, Any]) -> str:
         f"| no 5xx | {mark[g['no_5xx']]} |",
         f"| RSS growth < 200 MB | {mark[g['rss_growth_under_200_mb']]} |",
         "",
-        "Commands (h2load's per-request log gives each status its own latency):",
+        *_cost_note(doc),
+        "Commands (h2load's per-request log gives each status its own latency; body.bin is one",
+        "device request, `device.protocol.encode_request`):",
         "",
         *[f"- {n}: `{p['command'].split(' --log-file')[0]} URL`" for n, p in doc["phases"].items()],
         "",
     ]
     return "\n".join(lines)
+
+
+def _cost_note(doc: dict[str, Any]) -> list[str]:
+    """What a refusal costs the server's core, from the numbers: an answer costs 1/capacity
+    of a core-second; the refusals had what the answers left of it."""
+    o, capacity = doc["phases"]["overload"], doc["capacity_per_s"]
+    refusals = o["statuses"].get(429, 0) / o["seconds"]
+    if not capacity or not refusals:
+        return []
+    answer_ms = 1e3 / capacity
+    refusal_ms = max(0.0, 1e3 - o["answers_per_s"] * answer_ms) / refusals
+    share = refusals * refusal_ms / 10
+    return [
+        f"Where the core goes: one core runs the event loop and the model. An answer costs it "
+        f"{answer_ms:.2f} ms (1 / capacity), so the {refusals:.0f} refusals/s had the rest: "
+        f"{refusal_ms:.3f} ms each ({100 * refusal_ms / answer_ms:.0f}% of an answer: HTTP "
+        f"parsing and writing in uvicorn), {share:.0f}% of the core in all. Every answer also "
+        "waits behind them on the event loop; the batch queue itself stays within the target "
+        "(`server/admission.py`).",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
