@@ -129,6 +129,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.splitexit = state
+    app.openapi = openapi.documented(app)  # type: ignore[method-assign]
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

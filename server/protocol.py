@@ -84,6 +84,11 @@ def parse_infer_request(
             "uncompressed (frames are compressed already)"
         )
     if header_length is None:
+        if media == "application/octet-stream":
+            raise BadRequest(
+                f"an application/octet-stream body needs the {HEADER_LENGTH} header (the "
+                "length of its JSON header); or send application/json"
+            )
         if media not in JSON_TYPES:
             raise UnsupportedMediaType(
                 f"Content-Type {content_type!r} is not accepted: send application/json, or the "
