@@ -29,8 +29,9 @@ Endpoints (Open Inference Protocol / KServe v2, Triton's binary-data extension):
                                and "logits" if asked; input "image" runs the whole model
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME/ready, /v2, /v2/models/NAME
   GET  /metrics                Prometheus
-Status codes: 400 bad input, 401 auth, 409 fingerprint mismatch, 413 too large,
-429 overloaded (Retry-After), 503 not ready / draining, 504 deadline passed.
+Status codes: 400 bad input, 401 auth, 404 no such model, 408 header or body too slow,
+409 fingerprint mismatch, 413 too large, 415 bad media type, 429 overloaded (Retry-After),
+503 not ready / draining, 504 deadline passed (see README, "The server under load").
 
 Examples:
   splitexit-server --bundle bundles/fmnist-small
