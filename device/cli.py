@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = run.add_argument_group("what and where")
     g.add_argument("--bundle", required=True, type=Path, help="bundle directory or .tar[.gz]")
+    g.add_argument(
+        "--trusted-key",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PEM",
+        help="ed25519 public key one of which must have signed the bundle (repeatable)",
+    )
     g.add_argument("--server", help="tail server URL, e.g. http://127.0.0.1:8000")
     g.add_argument("--source", required=True, help="inputs: DIR, FILE, -, video or camera:N")
     g.add_argument("--model", help="model name on the server (default: the bundle's name)")
@@ -162,7 +170,9 @@ async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
     from .sources import limit, open_source
 
     set_torch_threads(args.threads)
-    bundle = load_bundle(args.bundle, parts=("head", "exits"), device=args.device)
+    bundle = load_bundle(
+        args.bundle, parts=("head", "exits"), device=args.device, trusted_keys=args.trusted_key
+    )
     source = limit(open_source(args.source), args.limit)
     config = AgentConfig(
         policy=args.policy,

@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 "--bundle", dest="bundles", action="append", metavar="PATH", help=help_text
             )
+        elif f.name == "trusted_keys":
+            parser.add_argument(
+                "--trusted-key", dest="trusted_keys", action="append", metavar="PEM", help=help_text
+            )
         elif f.name == "auth_token":
             parser.add_argument(
                 "--auth-token-file",
@@ -92,7 +96,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         value = getattr(args, name, None)
         if value is None or name == "auth_token":
             continue
-        if name == "bundles":
+        if name in ("bundles", "trusted_keys"):
             overrides[name] = tuple(Path(p) for p in value)
         elif isinstance(value, str):
             overrides[name] = parse_value(name, value)

@@ -68,7 +68,10 @@ class Answer:
 def load_bundles(settings: Settings) -> list[Bundle]:
     """Load and verify every bundle in `settings` (raises BundleError naming the bad file)."""
     parts = ("head", "tail") if settings.images else ("tail",)
-    return [load_bundle(p, parts=parts, device=settings.device) for p in settings.bundles]
+    return [
+        load_bundle(p, parts=parts, device=settings.device, trusted_keys=settings.trusted_keys)
+        for p in settings.bundles
+    ]
 
 
 class ServedModel:

@@ -36,6 +36,11 @@ class Settings:
     bundles: tuple[Path, ...] = _setting(
         (), "bundle directory or .tar[.gz] to serve (repeat for several models)"
     )
+    trusted_keys: tuple[Path, ...] = _setting(
+        (),
+        "ed25519 public key (PEM) one of which must have signed each bundle (splitexit sign); "
+        "repeat for several; none: signatures are not required",
+    )
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
     port: int = _setting(8000, "TCP port to listen on")
     max_batch_size: int = _setting(
@@ -92,6 +97,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundles", tuple(Path(b) for b in self.bundles))
+        object.__setattr__(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
         problems = list(self._problems())
         if problems:
             raise ConfigError("invalid server settings: " + "; ".join(problems))
@@ -157,7 +163,7 @@ class Settings:
             v = getattr(self, f.name)
             if f.metadata.get("secret") and v is not None:
                 v = "***"
-            elif f.name == "bundles":
+            elif f.name in ("bundles", "trusted_keys"):
                 v = [str(p) for p in v]
             out[f.name] = v
         return out

@@ -2,6 +2,7 @@
 
     directory or .tar[.gz] ─ (safe extract) ─ manifest.json ─ validate
         ─ sha256 of every listed file == manifest? no unlisted files? fingerprint recomputes?
+        ─ (trusted keys given) manifest.sig by one of them?
         ─ torch.jit.load the parts asked for ─► Bundle
 
 Nothing here unpickles arbitrary objects: models are TorchScript (`torch.jit.load`) and the
@@ -17,7 +18,7 @@ import tempfile
 import warnings
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -36,6 +37,7 @@ from .manifest import (
     read_manifest,
     sha256_file,
 )
+from .sign import SIGNATURE_FILE, verify_signature
 
 PARTS = ("head", "exits", "tail")
 MAX_ARCHIVE_BYTES = 8 * 2**30  # refuse archives that would extract to more than this
@@ -136,6 +138,7 @@ def load_bundle(
     verify: bool = True,
     parts: Iterable[str] = PARTS,
     device: str | torch.device = "cpu",
+    trusted_keys: Sequence[str | os.PathLike[str]] = (),
 ) -> Bundle:
     """Load a bundle directory or `.tar` / `.tar.gz` archive.
 
@@ -145,6 +148,8 @@ def load_bundle(
         parts: which TorchScript parts to load: any of "head", "exits", "tail". A device
             loads ("head", "exits"), a tail server ("tail",). All files are verified anyway.
         device: where the modules go (`map_location`).
+        trusted_keys: ed25519 public keys (PEM files); when given, the bundle must be signed
+            by one of them (`splitexit sign`, see `splitexit.bundle.sign`), and is verified.
     """
     parts = tuple(parts)
     bad = sorted(set(parts) - set(PARTS))
@@ -162,8 +167,10 @@ def load_bundle(
         if str(src) in str(e):
             raise
         raise BundleError(f"bundle {src}: {e}; re-export or re-download it") from None
-    if verify:
+    if verify or trusted_keys:
         verify_files(src, manifest)
+    if trusted_keys:
+        verify_signature(src, trusted_keys)
     device = torch.device(device)
 
     def load(rel: str) -> torch.jit.ScriptModule:
@@ -251,7 +258,8 @@ def _tolerated(rel: str) -> bool:
     name = PurePosixPath(rel).name
     in_root = "/" not in rel
     temp_manifest = name.startswith(f".{MANIFEST_FILE}.") and name.endswith(".tmp")
-    return in_root and (name.lower().endswith(_DOC_SUFFIXES) or temp_manifest)
+    signature = name == SIGNATURE_FILE  # signs the manifest, so it cannot be listed in it
+    return in_root and (name.lower().endswith(_DOC_SUFFIXES) or temp_manifest or signature)
 
 
 def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory[str], Path]:
