@@ -7,14 +7,13 @@
     GET  /v2 | /v2/models/{name}[/versions/{v}]   server and model metadata
     GET  /metrics                                 Prometheus text format, open
 
-    request ─ header in time (408) ─ AdmissionDoor (429) ─ CloseUnreadBodies (answered
-            before the body was read: close) ─ RequestContext (id, log, metrics, last-resort
-            500) ─ BodyLimit (413)
+    request ─ header in time (408) ─ AdmissionDoor (429, see `server.admission`)
+            ─ CloseUnreadBodies (answered before its body was read: close, `server.connection`)
+            ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
             ─ bearer auth (401) ─ handler ─ body in time (408) ─ parse (400 / 415)
-            ─ frame headers (400 / 409)
-            ─ batcher (429 full, 504 deadline) ─ worker thread ─ answer + Server-Timing
-    admission control (429 + Retry-After, see `server.admission`): at the door, after
-    parsing (the request's own timeout), and when its batch starts
+            ─ frame headers (400 / 409) ─ its own timeout feasible? (429 / 504)
+            ─ batcher (429 full, 504 deadline) ─ worker thread (429: waited past the target)
+            ─ answer + Server-Timing
 
 An answer carries `Server-Timing: queue;dur=<ms>,compute;dur=<ms>,total;dur=<ms>`: the wait
 for a batch, the batch's decode + model time, and the server's time from the whole body
