@@ -81,6 +81,8 @@ class Agent:
         self.head = HeadRunner(bundle, thresholds=config.thresholds)
         self.pre = bundle.preprocess
         self.class_names = list(bundle.manifest.class_names)
+        if self.client is not None and self.client.classes is None:
+            self.client.classes = len(self.class_names)  # an answer outside them is garbage
         self.exit_names = bundle.manifest.exit_names
         self.points = operating_points(bundle)
         self.fixed = (

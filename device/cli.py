@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from splitexit.errors import SplitexitError
+from splitexit.errors import BundleError, SplitexitError
 
 if TYPE_CHECKING:
     from splitexit.link import LinkEmulator
@@ -34,8 +34,9 @@ sources:
   FILE.mp4     a video;     camera:N   camera N   (both need OpenCV)
 
 output: one JSON line per input on stdout (or --out FILE), the summary on stderr.
-exit status: 0 done, 1 error, 2 bad usage, 3 server unreachable or serving another
-bundle (fingerprint mismatch), 130 interrupted (the summary is still printed).
+exit status: 0 done, 1 error, 2 bad usage or a bundle that cannot load, 3 server
+unreachable or serving another bundle (fingerprint mismatch), 130 interrupted (the
+summary is still printed).
 
 examples:
   splitexit-device run --bundle fmnist-small --server http://127.0.0.1:8000 --source test/
@@ -62,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = run.add_argument_group("what and where")
     g.add_argument("--bundle", required=True, type=Path, help="bundle directory or .tar[.gz]")
+    g.add_argument(
+        "--trusted-key",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PEM",
+        help="ed25519 public key one of which must have signed the bundle (repeatable)",
+    )
     g.add_argument("--server", help="tail server URL, e.g. http://127.0.0.1:8000")
     g.add_argument("--source", required=True, help="inputs: DIR, FILE, -, video or camera:N")
     g.add_argument("--model", help="model name on the server (default: the bundle's name)")
@@ -144,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_run(args, thresholds))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BundleError as e:
+        _say(f"cannot use the bundle: {e}")
+        return EXIT_USAGE
     except (SplitexitError, ValueError, ImportError, OSError) as e:
         _say(f"error: {e}")
         return EXIT_ERROR
@@ -158,7 +170,9 @@ async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
     from .sources import limit, open_source
 
     set_torch_threads(args.threads)
-    bundle = load_bundle(args.bundle, parts=("head", "exits"), device=args.device)
+    bundle = load_bundle(
+        args.bundle, parts=("head", "exits"), device=args.device, trusted_keys=args.trusted_key
+    )
     source = limit(open_source(args.source), args.limit)
     config = AgentConfig(
         policy=args.policy,
@@ -194,6 +208,7 @@ async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
                     token=_token(args.token_file),
                     max_connections=max(args.window, 1),
                 ),
+                classes=len(bundle.manifest.class_names),
             )
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         agent = Agent(bundle, config, client, writer=RecordWriter(out), progress=progress)

@@ -116,6 +116,8 @@ class InferResult:
 class OffloadClient:
     """Async client of one model on one tail server. Use as `async with OffloadClient(...)`.
 
+    `classes` (the bundle's class count; the agent sets it from its bundle) makes an answer
+    with a class out of range a garbage answer: retried, then the input is answered locally.
     `transport` replaces the default `KeepAliveTransport` (any httpx async transport);
     `rng` makes the backoff jitter reproducible.
     """
@@ -126,11 +128,13 @@ class OffloadClient:
         model: str,
         config: ClientConfig | None = None,
         *,
+        classes: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.classes = classes
         self.config = config or ClientConfig()
         self.rng = rng or random.Random()
         try:
@@ -190,7 +194,7 @@ class OffloadClient:
             try:
                 response, ex = await self._exchange("POST", path, attempt_s, body, headers)
                 tally.add(ex.request_bytes, ex.response_bytes, len(frame))
-                answer = _answer(response, request_id)
+                answer = _answer(response, request_id, self.classes)
                 return InferResult(
                     answer,
                     tally.attempts,
@@ -375,9 +379,9 @@ class _Tally:
         return error
 
 
-def _answer(response: httpx.Response, request_id: str) -> Answer:
+def _answer(response: httpx.Response, request_id: str, classes: int | None) -> Answer:
     try:
-        return decode_response(response.content, response.headers, request_id)
+        return decode_response(response.content, response.headers, request_id, classes)
     except ProtocolError as e:
         raise _AttemptFailed(ServerFailed(f"bad answer from the server: {e}", status=200)) from e
 

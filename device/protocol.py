@@ -71,9 +71,13 @@ def encode_request(
 
 
 def decode_response(
-    body: bytes, headers: Mapping[str, str], request_id: str | None = None
+    body: bytes,
+    headers: Mapping[str, str],
+    request_id: str | None = None,
+    classes: int | None = None,
 ) -> Answer:
-    """Read `class` and `probability` from a 200 response; raises ProtocolError."""
+    """Read `class` and `probability` from a 200 response; raises ProtocolError, also for an
+    answer that cannot be (a class not below `classes`, the bundle's class count)."""
     header_len = headers.get(HEADER_LENGTH.lower()) or headers.get(HEADER_LENGTH)
     try:
         n = len(body) if header_len is None else int(header_len)
@@ -97,10 +101,15 @@ def decode_response(
     prediction, probability = values["class"], values["probability"]
     if isinstance(prediction, bool) or not isinstance(prediction, int) or prediction < 0:
         raise ProtocolError(f"`class` must be a non-negative integer, got {prediction!r}")
-    if not isinstance(probability, int | float) or not 0.0 <= probability <= 1.0 + 1e-6:
-        raise ProtocolError(f"`probability` must be in [0, 1], got {probability!r}")
-    if math.isnan(probability):
-        raise ProtocolError("`probability` is NaN")
+    if classes is not None and prediction >= classes:
+        raise ProtocolError(
+            f"`class` is {prediction}, but the bundle has {classes} classes (0..{classes - 1}): "
+            "the server runs another model"
+        )
+    if isinstance(probability, bool) or not isinstance(probability, int | float):
+        raise ProtocolError(f"`probability` must be a number, got {probability!r}")
+    if not (math.isfinite(probability) and 0.0 <= probability <= 1.0 + 1e-6):
+        raise ProtocolError(f"`probability` must be finite and in [0, 1], got {probability!r}")
     return Answer(int(prediction), float(probability))
 
 

@@ -7,9 +7,13 @@
     GET  /v2 | /v2/models/{name}[/versions/{v}]   server and model metadata
     GET  /metrics                                 Prometheus text format, open
 
-    request ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
-            ─ bearer auth (401) ─ handler ─ parse (400 / 415) ─ frame headers (400 / 409)
-            ─ batcher (429 full, 504 deadline) ─ worker thread ─ answer + Server-Timing
+    request ─ header in time (408) ─ AdmissionDoor (429, see `server.admission`)
+            ─ CloseUnreadBodies (answered before its body was read: close, `server.connection`)
+            ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
+            ─ bearer auth (401) ─ handler ─ body in time (408) ─ parse (400 / 415)
+            ─ frame headers (400 / 409) ─ its own timeout feasible? (429 / 504)
+            ─ batcher (429 full, 504 deadline) ─ worker thread (429: waited past the target)
+            ─ answer + Server-Timing
 
 An answer carries `Server-Timing: queue;dur=<ms>,compute;dur=<ms>,total;dur=<ms>`: the wait
 for a batch, the batch's decode + model time, and the server's time from the whole body
@@ -40,13 +44,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server import openapi
+from server.admission import AdmissionDoor
 from server.batcher import BatcherFactory, Expired, QueueFull, Stopped
+from server.connection import CloseUnreadBodies
 from server.errors import (
     BadRequest,
     DeadlineExceeded,
     FingerprintRefused,
     NotFound,
     Overloaded,
+    RequestTimeout,
     ServerError,
     Unauthorized,
     with_retry_after,
@@ -121,9 +128,12 @@ def create_app(
         redoc_url=None,
     )
     app.state.splitexit = state
+    app.openapi = openapi.documented(app)  # type: ignore[method-assign]
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(CloseUnreadBodies)  # sees every answer the app gives
+    app.add_middleware(AdmissionDoor, state=state)  # outermost: 429 before anything runs
 
     token = settings.auth_token.encode() if settings.auth_token else None
 
@@ -259,18 +269,14 @@ async def infer_request(
             raise state.not_ready("the server is shutting down; retry on another replica")
         if not model.ready:
             raise state.not_ready(f"model {model.name!r} is warming up; retry shortly")
-        if model.batcher.queued >= settings.max_queue_size:  # refuse before reading the body
-            raise with_retry_after(
-                Overloaded(
-                    f"model {model.name!r} has {model.batcher.queued} requests queued "
-                    f"(max_queue_size={settings.max_queue_size}); retry later"
-                ),
-                settings.retry_after_s,
-            )
+        wait_s = min(settings.client_timeout_s, deadline - time.monotonic())
         try:
-            body = await asyncio.wait_for(request.body(), deadline - time.monotonic())
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("the request body did not arrive before the deadline") from None
+            body = await asyncio.wait_for(request.body(), wait_s)
+        except asyncio.TimeoutError:  # the client's fault: it stopped short or stalled
+            raise RequestTimeout(
+                f"the request body did not arrive within {wait_s:.3g} s: it stopped short of "
+                "its Content-Length or stalled; send the whole body at once"
+            ) from None
         except ClientDisconnect:  # nobody to answer: RequestContextMiddleware logs it
             outcome = CLIENT_DISCONNECT
             raise
@@ -291,6 +297,12 @@ async def infer_request(
         work = model.prepare(req.input_name, req.elements)
         if req.timeout_us is not None:
             deadline = min(deadline, time.monotonic() + req.timeout_us / 1e6)
+            b = model.batcher
+            refused = model.admission.within(
+                model.name, b.queued, b.pending > b.queued, deadline - time.monotonic()
+            )
+            if refused is not None:
+                raise refused
         try:
             job = model.batcher.submit(work, size=work.samples, deadline=deadline)
         except QueueFull as e:

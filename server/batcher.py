@@ -9,7 +9,9 @@
 The event loop only queues and hands out results; the `process` function (decode + model)
 runs in a thread pool, `workers` batches at a time, so HTTP handling never waits behind
 inference. `process` receives the payloads of a batch in order and returns one result or one
-exception per payload: a bad request fails alone, never its batch-mates.
+exception per payload: a bad request fails alone, never its batch-mates. Should `process`
+raise for a whole batch, each of its requests is run again alone, so that only the one that
+made it raise fails.
 """
 
 from __future__ import annotations
@@ -206,17 +208,34 @@ class DynamicBatcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    def _isolated(self, batch: list[Job]) -> list[Any]:
+        """`process(batch)`; should it raise, each job runs alone, so that only the job that
+        made it raise fails (with that exception). Runs in a worker thread."""
+        try:
+            return self._checked(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                return [e]
+        out: list[Any] = []
+        for job in batch:
+            try:
+                out.extend(self._checked([job]))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def _checked(self, batch: list[Job]) -> list[Any]:
+        results = list(self.process(batch))
+        if len(results) != len(batch):
+            raise RuntimeError(f"process returned {len(results)} results for {len(batch)}")
+        return results
+
     async def _execute(self, batch: list[Job]) -> None:
         assert self._slots is not None
         self.running_jobs += len(batch)
         try:
             loop = asyncio.get_running_loop()
-            try:
-                results = await loop.run_in_executor(self._executor, self.process, batch)
-                if len(results) != len(batch):
-                    raise RuntimeError(f"process returned {len(results)} results for {len(batch)}")
-            except Exception as e:  # a bug in process: every job of the batch fails with it
-                results = [e] * len(batch)
+            results = await loop.run_in_executor(self._executor, self._isolated, batch)
             for job, result in zip(batch, results, strict=True):
                 if job.future.done():  # the caller gave up (deadline, disconnect)
                     continue

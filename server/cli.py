@@ -29,8 +29,9 @@ Endpoints (Open Inference Protocol / KServe v2, Triton's binary-data extension):
                                and "logits" if asked; input "image" runs the whole model
   GET  /v2/health/live, /v2/health/ready, /v2/models/NAME/ready, /v2, /v2/models/NAME
   GET  /metrics                Prometheus
-Status codes: 400 bad input, 401 auth, 409 fingerprint mismatch, 413 too large,
-429 overloaded (Retry-After), 503 not ready / draining, 504 deadline passed.
+Status codes: 400 bad input, 401 auth, 404 no such model, 408 header or body too slow,
+409 fingerprint mismatch, 413 too large, 415 bad media type, 429 overloaded (Retry-After),
+503 not ready / draining, 504 deadline passed (see README, "The server under load").
 
 Examples:
   splitexit-server --bundle bundles/fmnist-small
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "bundles":
             parser.add_argument(
                 "--bundle", dest="bundles", action="append", metavar="PATH", help=help_text
+            )
+        elif f.name == "trusted_keys":
+            parser.add_argument(
+                "--trusted-key", dest="trusted_keys", action="append", metavar="PEM", help=help_text
             )
         elif f.name == "auth_token":
             parser.add_argument(
@@ -91,7 +96,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         value = getattr(args, name, None)
         if value is None or name == "auth_token":
             continue
-        if name == "bundles":
+        if name in ("bundles", "trusted_keys"):
             overrides[name] = tuple(Path(p) for p in value)
         elif isinstance(value, str):
             overrides[name] = parse_value(name, value)

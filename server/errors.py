@@ -36,6 +36,12 @@ class NotFound(ServerError):
     status, outcome = 404, "not_found"
 
 
+class RequestTimeout(ServerError):
+    """The client did not send its whole request in time (it stopped short or stalled)."""
+
+    status, outcome = 408, "client_timeout"
+
+
 class FingerprintRefused(ServerError):
     status, outcome = 409, "fingerprint_mismatch"
 

@@ -219,7 +219,8 @@ class ServerMetrics:
         self.requests = r.add(Counter(
             "splitexit_inference_requests_total",
             "inference requests by model and outcome (success, bad_request, fingerprint_mismatch, "
-            "too_large, overloaded, not_ready, timeout, unauthorized, client_disconnect, error)", o,
+            "too_large, overloaded, not_ready, timeout, client_timeout, unauthorized, "
+            "client_disconnect, error)", o,
         ))  # fmt: skip
         self.inference_count = r.add(Counter(
             "splitexit_inference_count_total", "samples inferred (a batch of n counts n)", m

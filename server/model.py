@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.admission import Admission
 from server.batcher import BatcherFactory, DynamicBatcher, Job
 from server.errors import BadRequest
 from server.metrics import ServerMetrics
@@ -39,6 +40,8 @@ from splitexit.errors import BundleError, FingerprintMismatch, FrameError
 from splitexit.runtime.tail import TailAnswer, TailRunner
 
 log = logging.getLogger("server.model")
+
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")  # the `image` input's decoders; no others are tried
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,10 @@ class Answer:
 def load_bundles(settings: Settings) -> list[Bundle]:
     """Load and verify every bundle in `settings` (raises BundleError naming the bad file)."""
     parts = ("head", "tail") if settings.images else ("tail",)
-    return [load_bundle(p, parts=parts, device=settings.device) for p in settings.bundles]
+    return [
+        load_bundle(p, parts=parts, device=settings.device, trusted_keys=settings.trusted_keys)
+        for p in settings.bundles
+    ]
 
 
 class ServedModel:
@@ -101,6 +107,12 @@ class ServedModel:
             self._runners.put(
                 TailRunner(bundle, max_samples=self.max_samples, max_raw_bytes=self.max_raw_bytes)
             )
+        self.admission = Admission(
+            settings.queue_delay_target_s,
+            settings.max_batch_size,
+            settings.workers_per_model,
+            settings.retry_after_s,
+        )
         self.batcher = (batcher_factory or DynamicBatcher)(
             self.process,
             max_batch_size=settings.max_batch_size,
@@ -164,8 +176,18 @@ class ServedModel:
     # --------------------------------------------------------------------- worker side
 
     def process(self, jobs: Sequence[Job]) -> list[Answer | Exception]:
-        """Run one batch (called by the batcher in a worker thread)."""
-        return self.run([j.payload for j in jobs], jobs=jobs)
+        """Run one batch (called by the batcher in a worker thread); a job that waited past
+        the queue-delay target is dropped uncomputed (429, see `server.admission`)."""
+        now = time.perf_counter()
+        target = self.admission.target_s
+        keep = [j for j in jobs if now - j.enqueued <= target]
+        answers = iter(self.run([j.payload for j in keep], jobs=keep) if keep else [])
+        return [
+            next(answers)
+            if now - j.enqueued <= target
+            else self.admission.late(self.name, now - j.enqueued)
+            for j in jobs
+        ]
 
     def run(
         self, works: Sequence[Work], *, jobs: Sequence[Job] | None = None
@@ -185,6 +207,8 @@ class ServedModel:
                         codes[i] = [runner.decode(f) for f in w.elements]
                     except FrameError as e:  # FingerprintMismatch included
                         results[i] = e
+                    except Exception as e:  # decoding trusts nothing: still this input's fault
+                        results[i] = FrameError(f"{type(e).__name__}: {e}")
             image_jobs = [i for i, w in enumerate(works) if w.kind == INPUT_IMAGE]
             pixels = self._decode_images(works, image_jobs, results)
             decoded_images = time.perf_counter()
@@ -194,11 +218,12 @@ class ServedModel:
             answers = iter(runner.run_codes(flat))
             for i, cs in enumerate(codes):
                 if results[i] is None:
-                    results[i] = _join([next(answers) for _ in cs])
+                    results[i] = _finite(_join([next(answers) for _ in cs]))
             done = time.perf_counter()
         finally:
             self._runners.put(runner)
         if jobs is not None:
+            self.admission.record_batch(done - start)
             self._record(jobs, works, results, start, decoded_images - start, done - decoded_images)
             results = [
                 dataclasses.replace(r, queue_s=start - job.enqueued, compute_s=done - start)
@@ -215,15 +240,16 @@ class ServedModel:
 
         pre = self.bundle.preprocess
         out: dict[int, list[torch.Tensor]] = {}
+        limit = self.settings.max_image_pixels
         for i in indices:
             try:
                 arrays = [
-                    decode_image(data, max_pixels=self.settings.max_image_pixels)
+                    decode_image(data, max_pixels=limit, formats=IMAGE_FORMATS)
                     for data in works[i].elements
                 ]
                 out[i] = [pre.one(a) for a in arrays]
-            except (ValueError, TypeError) as e:
-                results[i] = BadRequest(f"image input: {e}")
+            except Exception as e:  # whatever a decoder raises fails this request alone
+                results[i] = BadRequest(f"image input ({'/'.join(IMAGE_FORMATS)} only): {e}")
         return out
 
     @torch.inference_mode()
@@ -380,6 +406,17 @@ def _has_head(bundle: Bundle) -> bool:
         return bool(bundle.segments)
     except BundleError:
         return False
+
+
+def _finite(answer: Answer) -> Answer | BadRequest:
+    """The answer, or a 400 when the model's output for this input is not finite (an input
+    far outside what the model was trained on): the server never sends NaN or infinity."""
+    if np.isfinite(answer.logits).all() and np.isfinite(answer.probability).all():
+        return answer
+    return BadRequest(
+        "the model's output for this input is not finite: the input is far outside the "
+        "range the model was trained on (check the frame's quantization parameters)"
+    )
 
 
 def _join(answers: Sequence[TailAnswer]) -> Answer:

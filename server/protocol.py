@@ -84,6 +84,11 @@ def parse_infer_request(
             "uncompressed (frames are compressed already)"
         )
     if header_length is None:
+        if media == "application/octet-stream":
+            raise BadRequest(
+                f"an application/octet-stream body needs the {HEADER_LENGTH} header (the "
+                "length of its JSON header); or send application/json"
+            )
         if media not in JSON_TYPES:
             raise UnsupportedMediaType(
                 f"Content-Type {content_type!r} is not accepted: send application/json, or the "
@@ -306,7 +311,7 @@ def encode_infer_response(
     if request_id is not None:
         doc["id"] = request_id
     doc["outputs"] = specs
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()  # strict JSON
     if not blobs:
         return header, {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

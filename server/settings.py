@@ -8,6 +8,7 @@ environment, `Settings.replace(**changes)` applies overrides, and both validate.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from splitexit.errors import ConfigError
 
 ENV_PREFIX = "SPLITEXIT_SERVER_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+HTTP_PARSERS = ("auto", "httptools", "h11")
 
 
 def _setting(default: Any, help: str, *, secret: bool = False, **kw: Any) -> Any:
@@ -34,6 +36,11 @@ class Settings:
     bundles: tuple[Path, ...] = _setting(
         (), "bundle directory or .tar[.gz] to serve (repeat for several models)"
     )
+    trusted_keys: tuple[Path, ...] = _setting(
+        (),
+        "ed25519 public key (PEM) one of which must have signed each bundle (splitexit sign); "
+        "repeat for several; none: signatures are not required",
+    )
     host: str = _setting("127.0.0.1", "address to listen on (0.0.0.0 in a container)")
     port: int = _setting(8000, "TCP port to listen on")
     max_batch_size: int = _setting(
@@ -45,13 +52,27 @@ class Settings:
     max_queue_size: int = _setting(
         256, "requests waiting per model before new ones get 429 + Retry-After"
     )
+    queue_delay_target_ms: float = _setting(
+        50.0,
+        "longest a request should wait for its batch: one predicted to wait longer gets 429 "
+        "at once, one that waited longer is dropped uncomputed (429)",
+    )
     max_body_bytes: int = _setting(
         8 * 2**20, "largest request body accepted, checked on Content-Length and while reading"
     )
     request_timeout_s: float = _setting(
         10.0, "server-side deadline of a request, body read to answer (504 when passed)"
     )
+    client_timeout_s: float = _setting(
+        5.0,
+        "longest a request's header, or its body, may take to arrive (408 and the connection "
+        "closed when passed: a client that stops short or stalls)",
+    )
     retry_after_s: int = _setting(1, "seconds a 429 or 503 answer asks the client to wait")
+    http_parser: str = _setting(
+        "auto",
+        "HTTP/1.1 parser: httptools (C, the server extra), h11, or auto (httptools if installed)",
+    )
     auth_token: str | None = _setting(
         None,
         "bearer token inference and metadata require (health and /metrics stay open); "
@@ -76,6 +97,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bundles", tuple(Path(b) for b in self.bundles))
+        object.__setattr__(self, "trusted_keys", tuple(Path(k) for k in self.trusted_keys))
         problems = list(self._problems())
         if problems:
             raise ConfigError("invalid server settings: " + "; ".join(problems))
@@ -89,12 +111,17 @@ class Settings:
         for name in ("max_queue_delay_ms", "drain_s", "graceful_timeout_s"):
             if not getattr(self, name) >= 0:
                 out.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.request_timeout_s > 0:
-            out.append(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        for name in ("request_timeout_s", "client_timeout_s", "queue_delay_target_ms"):
+            if not getattr(self, name) > 0:
+                out.append(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             out.append(f"port must be in 0..65535, got {self.port}")
         if self.torch_threads is not None and self.torch_threads < 1:
             out.append(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.http_parser not in HTTP_PARSERS:
+            out.append(f"http_parser must be one of {HTTP_PARSERS}, got {self.http_parser!r}")
+        if self.http_parser == "httptools" and importlib.util.find_spec("httptools") is None:
+            out.append("http_parser httptools is not installed: pip install 'splitexit[server]'")
         if self.log_level not in LOG_LEVELS:
             out.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.auth_token is not None and not self.auth_token.strip():
@@ -104,6 +131,10 @@ class Settings:
     @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
+
+    @property
+    def queue_delay_target_s(self) -> float:
+        return self.queue_delay_target_ms / 1000.0
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes` applied (None values are ignored) and validated."""
@@ -132,7 +163,7 @@ class Settings:
             v = getattr(self, f.name)
             if f.metadata.get("secret") and v is not None:
                 v = "***"
-            elif f.name == "bundles":
+            elif f.name in ("bundles", "trusted_keys"):
                 v = [str(p) for p in v]
             out[f.name] = v
         return out

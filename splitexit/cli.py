@@ -4,6 +4,7 @@ splitexit models                 the splittable architectures and their split po
 splitexit train CONFIG           run (or resume) a whole experiment from one TOML file
 splitexit export RUN_DIR         turn a finished run into a deployment bundle
 splitexit inspect BUNDLE         print a bundle's manifest readably
+splitexit sign BUNDLE --key KEY  sign a bundle (servers and devices check it: --trusted-key)
 """
 
 from __future__ import annotations
@@ -142,6 +143,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sign(args: argparse.Namespace) -> int:
+    from .bundle.sign import sign_bundle
+
+    out = sign_bundle(args.bundle, args.key)
+    print(f"signed {args.bundle}: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="splitexit",
@@ -269,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--local-only", action="store_true", help="no server: answer on the device")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "sign",
+        help="sign a bundle with an ed25519 key (servers and devices: --trusted-key)",
+        description="Write BUNDLE/manifest.sig, an ed25519 signature of its manifest (which "
+        "holds every file's sha256). Make a key with `openssl genpkey -algorithm ed25519 -out "
+        "signing.pem` and give servers and devices its public half (`openssl pkey -in "
+        "signing.pem -pubout -out signing.pub`). Sign again after calibrating.",
+    )
+    p.add_argument("bundle", help="bundle directory (sign it, then pack it)")
+    p.add_argument("--key", required=True, help="ed25519 private key, PEM")
+    p.set_defaults(func=cmd_sign)
 
     p = sub.add_parser("inspect", help="print a bundle's manifest readably")
     p.add_argument("bundle", help="bundle directory or archive")

@@ -11,7 +11,7 @@ what the image baseline sends on the wire. Pillow is imported only when they are
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -189,10 +189,17 @@ def pil_to_array(img: PILImage, mode: str | None = None) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def open_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PILImage:
-    """Open a path or file object with Pillow and check its size before decoding pixels."""
+def open_image(
+    source: Any,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> PILImage:
+    """Open a path or file object with Pillow and check its size before decoding pixels.
+
+    `formats` (Pillow names, e.g. ("PNG", "JPEG")) limits the decoders tried; None: all.
+    """
     Image = require_pillow()
-    img = Image.open(source)
+    img = Image.open(source, formats=None if formats is None else list(formats))
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         img.close()
@@ -205,21 +212,28 @@ def open_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> PILI
 
 
 def decode_image(
-    data: bytes, mode: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    data: bytes,
+    mode: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    formats: Sequence[str] | None = None,
 ) -> np.ndarray:
     """PNG/JPEG/WebP/... bytes -> uint8 [H, W, C] (C=1 for grayscale, else 3; see `pil_to_array`).
 
-    Raises ValueError on bytes Pillow cannot decode and on images over `max_pixels` (checked
-    from the header, before decompression: a decompression-bomb guard).
+    Raises ValueError on bytes Pillow cannot decode (whatever its decoder raises: some
+    plugins raise NotImplementedError or AttributeError on hostile bytes), on images in none
+    of `formats` (when given) and on images over `max_pixels` (checked from the header,
+    before decompression: a decompression-bomb guard).
     """
-    Image = require_pillow()
+    require_pillow()
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"expected bytes, got {type(data).__name__}")
     try:
-        with open_image(io.BytesIO(data), max_pixels=max_pixels) as img:
+        with open_image(io.BytesIO(data), max_pixels=max_pixels, formats=formats) as img:
             return pil_to_array(img, mode)
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from e
+    except ValueError:
+        raise
+    except Exception as e:  # any decoder's failure on these bytes is the input's fault
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from e
 
 
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}

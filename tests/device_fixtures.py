@@ -270,6 +270,7 @@ class TailServer:
             "port": self.port,
             "log_level": "warning",
             "max_queue_delay_ms": 1.0,
+            "queue_delay_target_ms": 5000.0,  # admission control off, except where tested
         }
         settings = Settings(**{**base, **self.settings})
         app = create_app(settings)
@@ -301,7 +302,8 @@ class FaultServer:
     stall: never answers inference (sleeps `stall_s`);  stall_all: nor anything else;
     ok: answers like the real server;  error500: always 500;
     garbage: 200 with a body that is no inference response;  busy: 429 + Retry-After;
-    flaky: 500 on the first attempt of every request id, then a real answer from the tail.
+    flaky: 500 on the first attempt of every request id, then a real answer from the tail;
+    impossible: 200 with class 99 (the bundle has 10).
     Metadata reports `fingerprint` (default: the bundle's). `attempts` counts by request id.
     """
 
@@ -381,13 +383,16 @@ class FaultServer:
                 content_type=request.headers.get("content-type"),
             )
             answer = self.tb.tail.run_frames(req.elements)[0]
+            prediction = answer.prediction.numpy()
+            if self.mode == "impossible":
+                prediction = np.full_like(prediction, 99)
             content, headers = encode_infer_response(
                 model_name=name,
                 model_version="1",
                 request_id=req.id,
                 outputs=req.outputs,
                 tensors={
-                    "class": answer.prediction.numpy(),
+                    "class": prediction,
                     "probability": answer.probability.numpy(),
                     "logits": answer.logits.numpy(),
                 },

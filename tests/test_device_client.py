@@ -111,6 +111,35 @@ def test_garbage_answers_are_protocol_errors(body: bytes, match: str) -> None:
         decode_response(body, {}, "abc")
 
 
+def answer_body(cls: str, probability: str) -> bytes:
+    return (
+        b'{"outputs": [{"name": "class", "data": [%s]}, {"name": "probability", "data": [%s]}]}'
+        % (cls.encode(), probability.encode())
+    )
+
+
+@pytest.mark.parametrize(
+    ("cls", "probability", "match"),
+    [
+        ("10", "0.5", "class` is 10, but the bundle has 10 classes"),
+        ("99", "0.5", "class` is 99"),
+        ("3", "NaN", "finite"),
+        ("3", "Infinity", "finite"),
+        ("3", "-0.5", r"in \[0, 1\]"),
+        ("3", "true", "must be a number"),
+    ],
+)
+def test_impossible_answers_for_the_bundle_are_protocol_errors(cls, probability, match) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_response(answer_body(cls, probability), {}, "abc", classes=10)
+
+
+def test_the_last_class_and_probabilities_zero_and_one_are_answers() -> None:
+    for cls, p in (("9", "0"), ("0", "1.0")):
+        answer = decode_response(answer_body(cls, p), {}, None, classes=10)
+        assert (answer.prediction, answer.probability) == (int(cls), float(p))
+
+
 def test_server_timing_and_metadata_fingerprint_are_read() -> None:
     import httpx
 

@@ -95,7 +95,8 @@ def test_a_stalled_server_times_out_and_every_input_is_answered_locally() -> Non
 
 
 @pytest.mark.parametrize(
-    ("mode", "reason"), [("error500", "server_error"), ("garbage", "server_error")]
+    ("mode", "reason"),
+    [("error500", "server_error"), ("garbage", "server_error"), ("impossible", "server_error")],
 )
 def test_failing_servers_get_retried_then_answered_locally(mode: str, reason: str) -> None:
     tb = device_bundle()

@@ -21,6 +21,7 @@ from splitexit.bottleneck.quantize import QuantizedTensor, quantize
 from splitexit.codec import (
     FRAME_VERSION,
     HEADER_SIZE,
+    MAX_SCALE,
     QPARAM_SIZE,
     decode_frame,
     encode_frame,
@@ -100,7 +101,7 @@ def quantized_tensors(draw: st.DrawFn) -> QuantizedTensor:
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     high = draw(st.sampled_from([1, 2, qmax + 1]))  # low-entropy draws exercise zstd
     values = rng.integers(0, min(high, qmax + 1), size=(n, k, h, w), dtype=np.uint8)
-    positive = st.floats(min_value=0, exclude_min=True, allow_infinity=False, width=32)
+    positive = st.floats(min_value=0, max_value=MAX_SCALE, exclude_min=True, width=32)
     scale = draw(st.lists(positive, min_size=n, max_size=n))
     zero_point = draw(st.lists(st.integers(0, qmax), min_size=n, max_size=n))
     return QuantizedTensor(
@@ -261,6 +262,7 @@ def test_encoder_refuses_a_malformed_fingerprint(fp: str) -> None:
     [
         ({"scale": torch.tensor([float("nan")])}, "scale of sample 0 is nan"),
         ({"scale": torch.tensor([0.0])}, "scale of sample 0 is 0.0"),
+        ({"scale": torch.tensor([1e30])}, "scale of sample 0 is .*e\\+30"),
         ({"zero_point": torch.tensor([16], dtype=torch.uint8)}, "exceeds 15 for 4 bits"),
         ({"channels": 1}, "channels sent k=2 exceeds channels C=1"),
         ({"bits": 3}, "bits must be 2, 4 or 8, got 3"),
@@ -312,6 +314,8 @@ def test_the_forge_helper_builds_valid_frames() -> None:
         ({"qparams": struct.pack("<fB", float("inf"), 0)}, "scale of sample 0 is inf"),
         ({"qparams": struct.pack("<fB", -1.0, 0)}, "scale of sample 0 is -1.0"),
         ({"qparams": struct.pack("<fB", 0.0, 0)}, "scale of sample 0 is 0.0"),
+        ({"qparams": struct.pack("<fB", 1e38, 0)}, "scale of sample 0 is .*e\\+37.*MAX_SCALE"),
+        ({"qparams": struct.pack("<fB", 65536.5, 0)}, "scale of sample 0 is 65536.5"),
         ({"qparams": struct.pack("<fB", 1.0, 4), "bits": 2}, "zero_point of sample 0 is 4"),
         ({"qparams": b""}, "frame is 40 bytes, but its header announces 32 \\+ 5\\*1 \\+ 8"),
     ],

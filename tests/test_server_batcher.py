@@ -89,6 +89,25 @@ def test_a_failing_job_fails_alone():
     assert isinstance(bad, ValueError)
 
 
+def test_a_job_that_crashes_process_fails_alone_and_its_batch_mates_are_answered():
+    def process(jobs):
+        if any(j.payload == "poison" for j in jobs):
+            raise NotImplementedError("a decoder that raises what nobody expected")
+        return [2 * j.payload for j in jobs]
+
+    async def main():
+        b = DynamicBatcher(process, max_batch_size=8, max_queue_delay_s=0.05)
+        await b.start()
+        jobs = [b.submit(p) for p in (1, 2, "poison", 3)]
+        results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        await b.stop()
+        return results
+
+    one, two, poison, three = run(main())
+    assert (one, two, three) == (2, 4, 6)
+    assert isinstance(poison, NotImplementedError)
+
+
 def test_a_crashing_process_fails_its_batch_only():
     calls = []
 

@@ -134,8 +134,8 @@ def test_malformed_binary_requests_are_bad_requests():
 def test_wrong_content_types_and_encodings_are_refused():
     with pytest.raises(UnsupportedMediaType):
         parse(json_request([b"x"]), {"content-type": "text/plain"})
-    with pytest.raises(UnsupportedMediaType):
-        parse(json_request([b"x"]), {"content-type": "application/octet-stream"})
+    with pytest.raises(BadRequest, match="needs the Inference-Header-Content-Length"):
+        parse(json_request([b"x"]), {"content-type": "application/octet-stream"})  # documented
     with pytest.raises(UnsupportedMediaType):
         parse(json_request([b"x"]), {"content-encoding": "gzip"})
     body, headers = build_binary_request("frame", [b"x"])

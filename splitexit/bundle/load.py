@@ -2,6 +2,7 @@
 
     directory or .tar[.gz] ─ (safe extract) ─ manifest.json ─ validate
         ─ sha256 of every listed file == manifest? no unlisted files? fingerprint recomputes?
+        ─ (trusted keys given) manifest.sig by one of them?
         ─ torch.jit.load the parts asked for ─► Bundle
 
 Nothing here unpickles arbitrary objects: models are TorchScript (`torch.jit.load`) and the
@@ -15,8 +16,9 @@ import os
 import tarfile
 import tempfile
 import warnings
+import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,6 +37,7 @@ from .manifest import (
     read_manifest,
     sha256_file,
 )
+from .sign import SIGNATURE_FILE, verify_signature
 
 PARTS = ("head", "exits", "tail")
 MAX_ARCHIVE_BYTES = 8 * 2**30  # refuse archives that would extract to more than this
@@ -135,6 +138,7 @@ def load_bundle(
     verify: bool = True,
     parts: Iterable[str] = PARTS,
     device: str | torch.device = "cpu",
+    trusted_keys: Sequence[str | os.PathLike[str]] = (),
 ) -> Bundle:
     """Load a bundle directory or `.tar` / `.tar.gz` archive.
 
@@ -144,6 +148,8 @@ def load_bundle(
         parts: which TorchScript parts to load: any of "head", "exits", "tail". A device
             loads ("head", "exits"), a tail server ("tail",). All files are verified anyway.
         device: where the modules go (`map_location`).
+        trusted_keys: ed25519 public keys (PEM files); when given, the bundle must be signed
+            by one of them (`splitexit sign`, see `splitexit.bundle.sign`), and is verified.
     """
     parts = tuple(parts)
     bad = sorted(set(parts) - set(PARTS))
@@ -155,17 +161,32 @@ def load_bundle(
         keepalive, src = _extract(src)
     elif not src.is_dir():
         raise BundleError(f"bundle {src} does not exist")
-    manifest = read_manifest(src)
-    if verify:
+    try:
+        manifest = read_manifest(src)
+    except BundleError as e:
+        if str(src) in str(e):
+            raise
+        raise BundleError(f"bundle {src}: {e}; re-export or re-download it") from None
+    if verify or trusted_keys:
         verify_files(src, manifest)
+    if trusted_keys:
+        verify_signature(src, trusted_keys)
     device = torch.device(device)
 
     def load(rel: str) -> torch.jit.ScriptModule:
         file = src / rel
         if not file.is_file():
             raise BundleError(f"{rel} is missing from bundle {src}; re-export or re-download it")
-        with quiet_torchscript():
-            return torch.jit.load(str(file), map_location=device).eval()
+        try:
+            with quiet_torchscript():
+                return torch.jit.load(str(file), map_location=device).eval()
+        except Exception as e:  # torch says RuntimeError (PytorchStreamReader ...) and more
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise BundleError(
+                f"{rel} in bundle {src} is not a loadable TorchScript module "
+                f"({type(e).__name__}: {first}); the file is damaged or was written by another "
+                "tool: re-export or re-download the bundle"
+            ) from None
 
     segments = [load(rel) for rel in manifest.segment_files] if "head" in parts else None
     exits = (
@@ -174,9 +195,14 @@ def load_bundle(
         else None
     )
     tail = load(TAIL_FILE) if "tail" in parts else None
-    return Bundle(
+    bundle = Bundle(
         src, manifest, device=device, segments=segments, exits=exits, tail=tail, keepalive=keepalive
     )
+    try:
+        bundle.preprocess  # noqa: B018 - checked now, not at the first input
+    except ValueError as e:
+        raise BundleError(f"bundle {src} has invalid preprocessing: {e}") from None
+    return bundle
 
 
 @contextlib.contextmanager
@@ -232,7 +258,8 @@ def _tolerated(rel: str) -> bool:
     name = PurePosixPath(rel).name
     in_root = "/" not in rel
     temp_manifest = name.startswith(f".{MANIFEST_FILE}.") and name.endswith(".tmp")
-    return in_root and (name.lower().endswith(_DOC_SUFFIXES) or temp_manifest)
+    signature = name == SIGNATURE_FILE  # signs the manifest, so it cannot be listed in it
+    return in_root and (name.lower().endswith(_DOC_SUFFIXES) or temp_manifest or signature)
 
 
 def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory[str], Path]:
@@ -241,7 +268,11 @@ def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory[str], Path]:
     Only regular files and directories with relative paths free of `..` are accepted; links,
     devices and absolute paths are refused before anything is written.
     """
-    if not tarfile.is_tarfile(archive):
+    try:
+        is_tar = tarfile.is_tarfile(archive)
+    except OSError as e:
+        raise BundleError(f"cannot read bundle archive {archive}: {e}") from None
+    if not is_tar:
         raise BundleError(f"{archive} is neither a bundle directory nor a tar archive")
     tmp = tempfile.TemporaryDirectory(prefix="splitexit-bundle-")
     root = Path(tmp.name)
@@ -278,6 +309,12 @@ def _extract(archive: Path) -> tuple[tempfile.TemporaryDirectory[str], Path]:
                     while block := src.read(1 << 20):
                         out.write(block)
         return tmp, _bundle_root(root, archive)
+    except (tarfile.TarError, EOFError, zlib.error) as e:  # a truncated or damaged archive
+        tmp.cleanup()
+        raise BundleError(
+            f"archive {archive} is damaged or truncated ({type(e).__name__}: {e}); "
+            "re-download or re-pack it"
+        ) from None
     except BaseException:
         tmp.cleanup()
         raise

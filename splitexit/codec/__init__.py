@@ -7,6 +7,7 @@ from splitexit.codec.bitpack import pack, packed_size, unpack
 from splitexit.codec.frame import (
     FRAME_VERSION,
     HEADER_SIZE,
+    MAX_SCALE,
     QPARAM_SIZE,
     Frame,
     FrameHeader,
@@ -19,6 +20,7 @@ from splitexit.codec.frame import (
 __all__ = [
     "FRAME_VERSION",
     "HEADER_SIZE",
+    "MAX_SCALE",
     "QPARAM_SIZE",
     "Frame",
     "FrameHeader",

@@ -22,7 +22,8 @@ Layout (all integers little-endian):
         24     4  L: payload length in bytes
         28     4  crc32 of bytes 0..27, then the qparams, then the payload
     ──────  ────  ── end of the 32-byte header ──────────────────────────────────────────
-        32    5n  qparams: n records of (scale float32, zero_point u8)
+        32    5n  qparams: n records of (scale float32 in (0, MAX_SCALE], zero_point u8
+                  <= 2^bits - 1)
      32+5n     L  payload: pack(values [n, k, H, W] in C order, bits), zstd-compressed when
                   that makes it smaller (flag bit0), otherwise raw (L = ceil(n*k*H*W*bits/8))
 
@@ -58,6 +59,7 @@ FLAG_ZSTD = 0x01
 FLAG_DICTIONARY = 0x02
 DEFAULT_MAX_RAW_BYTES = 64 * 2**20
 DEFAULT_MAX_SAMPLES = 1024
+MAX_SCALE = 2.0**16  # a code value then stands for at most 255 * 2^16: no float32 overflow
 
 _HEADER = struct.Struct("<2sBB8sBBHHHHHII")
 _HEADER_NO_CRC = struct.Struct("<2sBB8sBBHHHHHI")
@@ -348,10 +350,13 @@ def _decompress(payload: memoryview, header: FrameHeader, dictionary: Dictionary
 def _check_qparams(
     scale: np.ndarray, zero_point: np.ndarray, bits: int, error: type[ValueError]
 ) -> None:
-    bad = ~(np.isfinite(scale) & (scale > 0))
+    bad = ~(np.isfinite(scale) & (scale > 0) & (scale <= MAX_SCALE))
     if bad.any():
         i = int(np.argmax(bad))
-        raise error(f"scale of sample {i} is {scale[i]}, must be finite and > 0")
+        raise error(
+            f"scale of sample {i} is {scale[i]}, must be finite, > 0 and <= {MAX_SCALE:g} "
+            "(MAX_SCALE): larger ones overflow when dequantized"
+        )
     qmax = (1 << bits) - 1
     if zero_point.size and int(zero_point.max()) > qmax:
         i = int(np.argmax(zero_point > qmax))

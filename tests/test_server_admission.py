@@ -1,0 +1,119 @@
+"""Admission control keeps what it admits on time: a request predicted to wait past the
+queue-delay target gets 429 at the door, one that waited past it is dropped uncomputed (429),
+one whose own timeout cannot hold one batch gets 504 uncomputed; the rest are answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from server_fixtures import LiveServer, settings, tiny_bundle
+
+from device.client import server_timings
+from server.admission import Admission
+from server.errors import DeadlineExceeded, Overloaded
+from server.protocol import HEADER_LENGTH, build_binary_request
+from splitexit.runtime.tail import TailRunner
+
+TARGET_MS = 100.0
+
+
+def test_the_predicted_wait_counts_full_batches_ahead_and_the_running_one():
+    adm = Admission(0.05, max_batch_size=8, workers=2)
+    adm.record_batch(0.02)
+    assert adm.expected_wait(ahead=0, running=False) == 0.0
+    assert adm.expected_wait(ahead=7, running=True) == pytest.approx(0.01)
+    assert adm.expected_wait(ahead=40, running=True) == pytest.approx(6 * 0.02 / 2)
+    adm.inflight = 7
+    assert adm.at_door("m", running=True) is None
+    adm.inflight = 40
+    refused = adm.at_door("m", running=True)
+    assert isinstance(refused, Overloaded) and refused.headers["Retry-After"] == "1"
+    assert "60 ms" in refused.message and "50 ms target" in refused.message
+
+
+def test_a_timeout_shorter_than_one_batch_is_504_and_one_shorter_than_the_queue_429():
+    adm = Admission(1.0, max_batch_size=1)
+    adm.record_batch(0.01)
+    assert isinstance(adm.within("m", ahead=0, running=False, left_s=0.005), DeadlineExceeded)
+    assert isinstance(adm.within("m", ahead=5, running=True, left_s=0.03), Overloaded)
+    assert adm.within("m", ahead=1, running=False, left_s=0.03) is None
+
+
+def test_the_batch_time_follows_the_measured_batches():
+    adm = Admission(0.05, max_batch_size=1)
+    assert adm.batch_s == 0.0
+    adm.record_batch(0.010)
+    assert adm.batch_s == 0.010  # the first measurement, as is
+    for _ in range(50):
+        adm.record_batch(0.030)
+    assert adm.batch_s == pytest.approx(0.030, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def a():
+    return tiny_bundle("tiny-a", 0)
+
+
+def slow_model(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every tail call takes `seconds` longer: a slow model, measured as such."""
+    original = TailRunner.run_codes
+
+    def slow(self, codes):
+        time.sleep(seconds)
+        return original(self, codes)
+
+    monkeypatch.setattr(TailRunner, "run_codes", slow)
+
+
+async def burst(url: str, path: str, requests: list[tuple[bytes, dict]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+        return await asyncio.gather(*(c.post(path, content=b, headers=h) for b, h in requests))
+
+
+def test_under_a_burst_admitted_requests_wait_at_most_the_target_the_rest_get_429(a, monkeypatch):
+    slow_model(monkeypatch, 0.15)
+    s = settings(a, max_batch_size=1, queue_delay_target_ms=TARGET_MS, warmup=False)
+    with LiveServer(s, [a]) as live:
+        path = f"/v2/models/{a.name}/infer"
+        frame = a.frame(a.inputs(1, 0), 4, 8)
+        requests = [build_binary_request("frame", [frame], outputs=["class"])] * 12
+        first = asyncio.run(burst(live.url, path, requests))  # no batch measured yet
+        second = asyncio.run(burst(live.url, path, requests))  # now the door knows
+        model = live.state.models[a.name]
+        computed = model.metrics.inference_count.value(model=a.name)
+    for responses in (first, second):
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == "1"
+                assert "queue_delay_target_ms" in r.json()["error"]
+            else:
+                assert server_timings(r)["queue"] <= (TARGET_MS + 30) / 1e3
+    dropped = [r for r in first if "dropped uncomputed" in r.text]
+    assert dropped  # they came before any batch was measured: queued, then dropped
+    at_door = [r for r in second if "would wait about" in r.text]
+    assert at_door  # refused before their body was read
+    ok = sum(r.status_code == 200 for r in first + second)
+    assert computed == ok  # nothing refused was computed
+
+
+def test_a_request_whose_timeout_cannot_hold_one_batch_is_504_uncomputed(a, monkeypatch):
+    slow_model(monkeypatch, 0.05)
+    s = settings(a, max_batch_size=1, queue_delay_target_ms=TARGET_MS, warmup=False)
+    with LiveServer(s, [a]) as live, httpx.Client(base_url=live.url, timeout=10) as c:
+        path = f"/v2/models/{a.name}/infer"
+        body, headers = build_binary_request("frame", [a.frame(a.inputs(1, 0), 4, 8)])
+        assert c.post(path, content=body, headers=headers).status_code == 200  # measured
+        n = int(headers[HEADER_LENGTH])
+        doc = json.loads(body[:n])
+        doc["parameters"]["timeout"] = 10_000  # 10 ms: less than one 50 ms batch
+        head = json.dumps(doc).encode()
+        short, short_headers = head + body[n:], {**headers, HEADER_LENGTH: str(len(head))}
+        r = c.post(path, content=short, headers=short_headers)
+        assert r.status_code == 504 and "shorter than one batch" in r.json()["error"]
+        assert live.state.metrics.inference_count.value(model=a.name) == 1
