@@ -30,9 +30,9 @@ from suite.services import tail_server
 from suite.split_runs import widest_point
 
 from device.client import OffloadClient
-from device.protocol import CONTENT_TYPE, HEADER_LENGTH, encode_request
 from splitexit.bundle import load_bundle
 from splitexit.data import load_fashion_mnist
+from splitexit.protocol.kserve import CONTENT_TYPE, HEADER_LENGTH, encode_request
 from splitexit.runtime import HeadRunner
 from splitexit.zoo import default_bundle_path
 

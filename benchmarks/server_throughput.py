@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "bundles": [],
     }
-    from server.protocol import build_binary_request
+    from splitexit.protocol.kserve import build_binary_request
 
     for bundle in bundles:
         name, frames, point = make_frames(bundle)

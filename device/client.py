@@ -33,6 +33,15 @@ from typing import Any
 
 import httpx
 
+from splitexit.protocol.kserve import (
+    CONTENT_TYPE,
+    HEADER_LENGTH,
+    Answer,
+    ProtocolError,
+    decode_response,
+)
+from splitexit.protocol.kserve import encode_request as _encode
+
 from .errors import (
     FingerprintRejected,
     OffloadError,
@@ -43,8 +52,6 @@ from .errors import (
     ServerFailed,
     ServerUnreachable,
 )
-from .protocol import CONTENT_TYPE, HEADER_LENGTH, Answer, ProtocolError, decode_response
-from .protocol import encode_request as _encode
 from .transport import KeepAliveTransport, fetch, timeouts, within
 
 

@@ -49,18 +49,20 @@ from server.errors import (
     Overloaded,
     ServerError,
     Unauthorized,
+    UnsupportedMediaType,
     with_retry_after,
 )
 from server.limits import BodyLimitMiddleware
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.model import Answer, ServedModel
-from server.protocol import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from server.settings import Settings
 from server.state import ServerState
 from splitexit.bundle.load import Bundle
 from splitexit.bundle.manifest import read_manifest
 from splitexit.errors import ConfigError, FingerprintMismatch, FrameError
+from splitexit.protocol.errors import ProtocolError
+from splitexit.protocol.kserve import HEADER_LENGTH, encode_infer_response, parse_infer_request
 
 log = logging.getLogger("server.app")
 
@@ -324,6 +326,10 @@ async def infer_request(
     except FrameError as e:
         outcome = BadRequest.outcome
         raise BadRequest(f"bad frame: {e}") from None
+    except ProtocolError as e:
+        error = UnsupportedMediaType if e.status == 415 else BadRequest
+        outcome = error.outcome
+        raise error(str(e)) from None
     except ServerError as e:
         outcome = e.outcome
         raise

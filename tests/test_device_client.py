@@ -28,8 +28,14 @@ from device.client import (
     server_seconds,
     server_timings,
 )
-from device.protocol import ProtocolError, decode_response, encode_request
-from server.protocol import RequestedOutput, encode_infer_response, parse_infer_request
+from splitexit.protocol.kserve import (
+    ProtocolError,
+    RequestedOutput,
+    decode_response,
+    encode_infer_response,
+    encode_request,
+    parse_infer_request,
+)
 
 FRAME = b"SX" + bytes(range(50))
 

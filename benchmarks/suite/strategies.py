@@ -28,17 +28,17 @@ from device.client import (
     server_timings,
     timing_total,
 )
-from device.protocol import (
+from device.transport import KeepAliveTransport, fetch, timeouts
+from splitexit.bundle import Bundle
+from splitexit.preprocess import encode_image
+from splitexit.protocol.kserve import (
     CONTENT_TYPE,
     HEADER_LENGTH,
-    INPUT_NAME,
+    INPUT_FRAME,
     ProtocolError,
     decode_response,
     encode_request,
 )
-from device.transport import KeepAliveTransport, fetch, timeouts
-from splitexit.bundle import Bundle
-from splitexit.preprocess import encode_image
 
 from .device_side import DeviceClock, TimedPreprocess
 from .inputs import Inputs
@@ -113,7 +113,7 @@ def image_request(
     input renamed, with the agent's headers, and sent on the agent's transport
     (`device.transport.KeepAliveTransport`): both baselines pay the same HTTP overhead."""
     body, n = encode_request(data)
-    head = body[:n].replace(f'"{INPUT_NAME}"'.encode(), b'"image"', 1)
+    head = body[:n].replace(f'"{INPUT_FRAME}"'.encode(), b'"image"', 1)
     headers = {
         HEADER_LENGTH: str(len(head)),
         "Content-Type": CONTENT_TYPE,
