@@ -26,7 +26,6 @@ Either way /v2/health/ready says 503 until every model is warmed up.
 # the local aliases ModelName / Version defined in create_app
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -39,7 +38,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from server import openapi
+from server import openapi, stream
+from server.auth import AUTH_HINT, bearer_ok
 from server.batcher import BatcherFactory, Expired, QueueFull, Stopped
 from server.errors import (
     BadRequest,
@@ -130,13 +130,8 @@ def create_app(
     token = settings.auth_token.encode() if settings.auth_token else None
 
     async def require_token(request: Request) -> None:  # async: no threadpool hop
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise Unauthorized(
-                "missing or wrong bearer token: send 'Authorization: Bearer <token>'"
-            )
+        if not bearer_ok(request.headers.get("authorization"), token):
+            raise Unauthorized(AUTH_HINT)
 
     auth = [Depends(require_token)]
     ModelName = Annotated[
@@ -197,7 +192,7 @@ def create_app(
         "/v2/models/{name}", tags=["metadata"], dependencies=auth, responses=openapi.MODEL_METADATA
     )
     async def model_metadata(name: ModelName) -> dict[str, Any]:
-        return model_at(name).metadata()
+        return stream.offer(model_at(name).metadata(), name)
 
     @app.get(
         "/v2/models/{name}/versions/{version}",
@@ -206,7 +201,7 @@ def create_app(
         responses=openapi.MODEL_METADATA,
     )
     async def model_version_metadata(name: ModelName, version: Version) -> dict[str, Any]:
-        return model_at(name, version).metadata()
+        return stream.offer(model_at(name, version).metadata(), name)
 
     # ---------------------------------------------------------------------- inference
 
@@ -225,6 +220,7 @@ def create_app(
     async def infer_version(name: ModelName, version: Version, request: Request) -> Response:
         return await infer_request(state, request, model_at(name, version), versioned=True)
 
+    stream.add_stream_route(app, state, token)
     return app
 
 
