@@ -187,8 +187,9 @@ class _Stream:
             asyncio.get_running_loop().create_task(self.close(CLOSE_DRAINING, "draining"))
 
     async def _refuse(self, code: int, text: str) -> bool:
+        failure = Failure(None, "busy" if code == CLOSE_DRAINING else "rejected", text)
         with contextlib.suppress(*_SEND_ERRORS):
-            await self.ws.send_text(encode_failure(Failure(None, "rejected", text)))
+            await self.ws.send_text(encode_failure(failure))
         await self.close(code, text)
         log.info("stream refused", extra={"model": self.name, "code": code, "reason": text})
         return False
