@@ -4,6 +4,7 @@ random bytes, truncations and bit flips only ever raise the stream's (or the fra
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -143,9 +144,9 @@ def test_a_bad_point_or_length_names_the_message() -> None:
     with pytest.raises(MessageError, match="operating point 9") as e:
         read_message(bytes([7, 9]) + bytes(10), SESSION)
     assert e.value.message_id == 7
-    raw = 2 + 5 + 98  # (8, 8) is point 3: 8*7*7 raw bytes
-    with pytest.raises(MessageError, match="payload of 1..392"):
-        read_message(bytes([3, 3]) + bytes(raw + 400), SESSION)
+    # (8, 8) is point 3: a raw payload of 8*7*7 bytes, and nothing longer
+    with pytest.raises(MessageError, match=r"payload of 1\.\.392"):
+        read_message(bytes([3, 3]) + bytes(5 + 393), SESSION)
     with pytest.raises(StreamError, match="no id"):
         read_message(b"\x01", SESSION)
 
@@ -163,10 +164,8 @@ def test_random_messages_raise_only_the_streams_error(data: bytes) -> None:
         _, f = read_message(data, SESSION)
     except StreamError:
         return
-    try:  # what passes the header checks meets the frame decoder's
+    with contextlib.suppress(FrameError):  # what passes meets the frame decoder's checks
         decode_frame(f, expected_fingerprint=FP)
-    except FrameError:
-        pass
 
 
 @settings(max_examples=300, deadline=None)
@@ -250,10 +249,8 @@ def test_random_answers_and_errors_raise_only_the_streams_error(data: bytes) -> 
         lambda: Accepted.decode(data),
         lambda: Session.decode(data),
     ):
-        try:
+        with contextlib.suppress(StreamError):
             read()
-        except StreamError:
-            pass
 
 
 # ------------------------------------------------------------------------------- framing
