@@ -268,3 +268,18 @@ def test_the_stream_counts_its_bytes_as_they_cross_tcp() -> None:
     # and the closing handshake: the client's close frame (masked, 2-byte code), the echo
     assert up == sum(r.frame_bytes + r.overhead_bytes for r in sent) + 8
     assert down == sum(r.response_bytes for r in sent) + 4
+
+
+def test_the_cli_refuses_a_bad_ping_and_a_stream_only_run_without_a_stream(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from device import cli
+
+    tb = device_bundle()
+    base = ["run", "--bundle", str(tb.path), "--source", str(tb.folder), "--limit", "3"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*base, "--server", "http://127.0.0.1:9", "--ping-ms", "0"])
+    assert e.value.code == 2 and "--ping-ms must be > 0" in capsys.readouterr().err
+    with FaultServer("ok", tb) as srv:
+        code = cli.main([*base, "--server", srv.url, "--transport", "stream", "--no-progress"])
+    assert code == 3 and "offers no stream" in capsys.readouterr().err
