@@ -71,7 +71,7 @@ from .errors import (
     ServerFailed,
     ServerUnreachable,
 )
-from .transport import within
+from .http import within
 
 Transport = Literal["auto", "stream", "http"]
 TRANSPORTS = ("auto", "stream", "http")
@@ -216,6 +216,10 @@ class StreamClient:
             await self._connection(time.monotonic() + self.http.config.timeout_s)
         except _NoStream as e:
             return self._no_stream(str(e), meta)
+        except OffloadError as e:
+            if e.fatal:
+                raise
+            self.log(f"the stream did not open ({e}); the first offloads will try again")
         self.transport = "stream"
         self.log(f"offloading over the stream ({SUBPROTOCOL})")
         return meta

@@ -6,6 +6,7 @@
     GET  /v2/models/{name}[/versions/{v}]/ready   open
     GET  /v2 | /v2/models/{name}[/versions/{v}]   server and model metadata
     GET  /metrics                                 Prometheus text format, open
+    WS   /v2/models/{name}/stream                 the device's stream (`server.stream`)
 
     request ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
             ─ bearer auth (401) ─ handler ─ parse (400 / 415) ─ frame headers (400 / 409)

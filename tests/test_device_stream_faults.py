@@ -24,7 +24,9 @@ from device.sources import Input, Source, folder_source, limit
 from device.stream import StreamConfig
 
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
-FAST_PING = StreamConfig(ping_interval_s=0.2, ping_timeout_s=0.2, reconnect_s=0.02)
+FAST_PING = StreamConfig(
+    ping_interval_s=0.2, ping_timeout_s=0.2, reconnect_s=0.02, reconnect_max_s=0.2
+)
 
 
 def one_each(records: list, n: int) -> None:
@@ -95,10 +97,19 @@ def test_server_killed_mid_run_then_restarted_the_stream_reconnects() -> None:
     one_each(out.records, len(items))
     by_index = [out.by_id()[item.id] for item in items]
     before, during, after = by_index[:35], by_index[45:80], by_index[-30:]
-    assert all(r.decided_by == "server" for r in before)
-    assert all(r.decided_by == "fallback" and r.prediction is not None for r in during)
-    assert {r.reason for r in during} <= {"unreachable", "circuit_open", "busy", "timeout"}
-    assert all(r.decided_by == "server" for r in after)  # resumed by itself, on the stream
+    assert all(r.decided_by == "server" for r in before), [r.reason for r in before]
+    local = [r for r in during if r.decided_by == "fallback"]
+    assert len(local) > 25 and all(r.prediction is not None for r in local)
+    # the rest were still trying (reconnecting) within their time when the server came back
+    assert all(r.decided_by == "server" for r in during if r not in local)
+    assert {r.reason for r in local} <= {
+        "unreachable",
+        "circuit_open",
+        "busy",
+        "timeout",
+        "deadline",
+    }
+    assert all(r.decided_by == "server" for r in after), [r.reason for r in after]  # resumed
     assert client.transport == "stream" and client.reconnects >= 1
     assert summary.to_dict()["breaker_opened"] >= 1
 
@@ -119,7 +130,7 @@ def test_a_stopped_server_is_noticed_by_ping_long_before_the_timeout() -> None:
     one_each(out.records, len(items))
     late = [out.by_id()[item.id] for item in items[25:]]
     assert all(r.decided_by == "fallback" for r in late)
-    assert {r.reason for r in late} <= {"unreachable", "timeout", "circuit_open"}
+    assert {r.reason for r in late} <= {"unreachable", "timeout", "deadline", "circuit_open"}
     stalled = [r for r in out.records if r.reason == "unreachable"]
     assert stalled and max(r.timings_ms["total"] for r in stalled) < 2000
     assert seconds < 10
@@ -205,7 +216,7 @@ def test_sigterm_drains_the_stream_and_every_input_is_answered_once() -> None:
     one_each(out.records, len(items))
     assert all(out.by_id()[item.id].decided_by == "server" for item in items[:15])
     reasons = {r.reason for r in out.records if r.decided_by == "fallback"}
-    assert reasons <= {"unreachable", "busy", "circuit_open", "timeout"}
+    assert reasons <= {"unreachable", "busy", "circuit_open", "timeout", "deadline"}
 
 
 def test_ctrl_c_over_the_stream_answers_what_was_taken_and_exits_130(tmp_path: Path) -> None:

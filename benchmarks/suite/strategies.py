@@ -28,7 +28,7 @@ from device.client import (
     server_timings,
     timing_total,
 )
-from device.transport import KeepAliveTransport, fetch, timeouts
+from device.http import fetch, http_transport, timeouts
 from splitexit.bundle import Bundle
 from splitexit.preprocess import encode_image
 from splitexit.protocol.kserve import (
@@ -111,7 +111,7 @@ def image_request(
 ) -> httpx.Request:
     """The `image` inference request, built by the agent's own request encoder with the
     input renamed, with the agent's headers, and sent on the agent's transport
-    (`device.transport.KeepAliveTransport`): both baselines pay the same HTTP overhead."""
+    (`device.http.http_transport`): both baselines pay the same HTTP overhead."""
     body, n = encode_request(data)
     head = body[:n].replace(f'"{INPUT_FRAME}"'.encode(), b'"image"', 1)
     headers = {
@@ -142,7 +142,7 @@ async def run_full_offload(
     assert strategy.image_format is not None
     clock = DeviceClock(speed)
     out = []
-    transport = KeepAliveTransport()
+    transport = http_transport()
     try:
         for i in range(min(2, len(inputs))):  # open the connection, warm the server's path
             data = encode_image(inputs.pixels[i], strategy.image_format, strategy.quality)
