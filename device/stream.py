@@ -151,6 +151,7 @@ class StreamClient:
         self._next_connect = 0.0
         self._opened = 0
         self._sent = self._received = 0
+        self._on_http = False
 
     # ----------------------------------------------------------- OffloadClient's surface
 
@@ -227,8 +228,10 @@ class StreamClient:
     def _no_stream(self, why: str, meta: dict[str, Any] | None = None) -> Any:
         if self.stream_config.transport == "stream":
             raise OffloadRefused(f"{why}; run with --transport auto or http")
+        if not self._on_http:  # once, however many offloads learn it at the same time
+            self._on_http = True
+            self.log(f"{why}: offloading over HTTP (KServe v2)")
         self.transport = "http"
-        self.log(f"{why}: offloading over HTTP (KServe v2)")
         return meta if meta is not None else {}
 
     # --------------------------------------------------------------------------- infer
@@ -387,12 +390,13 @@ class StreamClient:
         except ConnectionClosed as e:
             raise _handshake_refused(e, url) from None
         except StreamError as e:
-            await ws.close()
             if isinstance(reply, str):  # an error answer: the close that follows says why
-                with contextlib.suppress(ConnectionClosed, TimeoutError):
-                    await within(c.timeout_s, ws.recv())
-                if ws.close_code is not None and ws.close_code != 1000:
-                    raise _close_error(ws.close_code, ws.close_reason or str(e), url) from None
+                with contextlib.suppress(TimeoutError):
+                    await within(c.timeout_s, ws.wait_closed())
+            await ws.close()
+            code = ws.close_code
+            if code is not None and code not in (1000, 1005, 1006):
+                raise _close_error(code, ws.close_reason or str(e), url) from None
             raise ServerFailed(f"bad handshake answer from {url}: {e}") from None
         return _Connection(ws, accepted, self.session)
 

@@ -57,7 +57,8 @@ def stream_agent(
 class FaultStreamServer:
     """Modes: ok (real answers from the tail), garbage (bytes that are no answer), flaky
     (closes the connection instead of answering every other message), busy ("busy",
-    Retry-After `retry_after`), stall (never answers), refuse (4409 at the handshake).
+    Retry-After `retry_after`), stall (never answers), refuse (4409 at the handshake),
+    mute_once (the first connection never answers its handshake, the others are ok).
     `messages` and `connections` count what came in."""
 
     def __init__(self, mode: str, tb: DeviceBundle, *, retry_after: float = 1.0) -> None:
@@ -98,6 +99,8 @@ class FaultStreamServer:
             await ws.accept(subprotocol=SUBPROTOCOL)
             self.connections += 1
             session = Session.decode(await ws.receive_text())
+            if self.mode == "mute_once" and self.connections == 1:
+                await asyncio.sleep(30)
             if self.mode == "refuse":
                 text = f"fingerprint {session.fingerprint[:16]} is not {'f' * 16}"
                 await ws.send_text(encode_failure(Failure(None, "rejected", text)))

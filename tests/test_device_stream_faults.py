@@ -159,6 +159,19 @@ def test_garbage_answers_and_closes_mid_message_are_retried_on_a_new_connection(
     assert client.reconnects == connections - 1
 
 
+def test_a_stream_that_does_not_open_at_start_is_opened_by_the_first_offloads() -> None:
+    tb = device_bundle()
+    messages: list[str] = []
+    with FaultStreamServer("mute_once", tb) as srv:
+        config = AgentConfig(policy="fixed", thresholds=NO_EXITS, window=1)
+        agent, out, client = stream_agent(srv.url, tb, config, log=messages.append, timeout_s=0.3)
+        run_agent(agent, limit(folder_source(tb.folder), 10))
+        connections = srv.connections
+    assert any("did not open" in m for m in messages)
+    assert client.transport == "stream" and connections == 2
+    assert all(r.decided_by == "server" for r in out.records)
+
+
 def test_busy_pauses_offloading_for_retry_after_without_tripping_the_breaker() -> None:
     tb = device_bundle()
     with FaultStreamServer("busy", tb, retry_after=30) as srv:
