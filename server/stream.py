@@ -92,7 +92,10 @@ class _Hub:
 
     def count(self, name: str) -> None:
         """Show the open streams of model `name` in the gauge."""
-        opened = lambda: float(sum(s.name == name and s.model is not None for s in self.streams))  # noqa: E731
+
+        def opened() -> float:
+            return float(sum(s.name == name and s.model is not None for s in self.streams))
+
         self.gauge.set_function(opened, model=name)
 
     def drain(self) -> None:
@@ -164,7 +167,11 @@ class _Stream:
                     await self.close(CLOSE_PROTOCOL, "a text message after the handshake")
                     break
                 self.messages += 1
-                await self._on_message(data)
+                try:
+                    await self._on_message(data)
+                except Exception:  # a bug: this connection ends, the server goes on
+                    log.exception("stream message failed", extra=extra)
+                    await self.close(1011, "internal server error")
                 if self.closed:
                     break
         finally:
@@ -290,6 +297,9 @@ class _Stream:
             return
         except QueueFull as e:
             await self._busy(mid, str(e), start)
+            return
+        except Stopped:
+            await self._busy(mid, "the server is shutting down; reconnect", start, "not_ready")
             return
         self.inflight[mid] = asyncio.get_running_loop().create_task(
             self._answer(mid, job.future, deadline, start)
