@@ -6,11 +6,11 @@
 #   PYTHON   interpreter that creates the venv                 (python3)
 #   VENV     where the venv lives                              (.venv)
 #   TORCH    pip requirement(s) for torch, installed first     (auto: see scripts/torch-spec)
-#   EXTRAS   project extras to install                         (dev,efficientnet,notebooks)
+#   EXTRAS   project extras to install                         (server,dev,efficientnet,notebooks)
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= $(shell sh scripts/torch-spec)
-EXTRAS ?= dev,efficientnet,notebooks
+EXTRAS ?= server,dev,efficientnet,notebooks
 PIP    := $(VENV)/bin/python -m pip
 STAMP  := $(VENV)/.installed-$(shell printf '%s|%s' "$(TORCH)" "$(EXTRAS)" | cksum | cut -d' ' -f1)
 

@@ -1,14 +1,14 @@
-"""What the device's HTTP client costs: one frame to the tail server, four ways, same bytes.
+"""What the device's clients cost: one frame to the tail server, four ways, same frame.
 
     python benchmarks/client_overhead.py [--requests 200] [--gap-ms 10]
 
 Starts `splitexit-server` on the shipped small-track bundle (as the suite does: one torch
 thread, no batching wait) and times, closed loop with `--gap-ms` of idle between requests
 (as the suite's inputs arrive), the median round trip of one real frame at the widest point
-sent by: `device.OffloadClient.infer` on its own transport (`device.transport.
-KeepAliveTransport`), the same client on httpx's default transport (httpcore), a plain
-`httpx.AsyncClient.post`, and a minimal keep-alive HTTP/1.1 exchange on an asyncio stream (no
-parsing beyond the Content-Length): the floor a Python client can reach. Writes
+sent by: `device.StreamClient.infer` (the WebSocket stream), `device.OffloadClient.infer`
+(KServe v2 over httpcore's pool, `device.http`), a plain `httpx.AsyncClient.post`, and a
+minimal keep-alive HTTP/1.1 exchange on an asyncio stream (no parsing beyond the
+Content-Length): the floor a Python HTTP client can reach. Writes
 benchmarks/results/client_overhead.md.
 """
 
@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -30,9 +31,10 @@ from suite.services import tail_server
 from suite.split_runs import widest_point
 
 from device.client import OffloadClient
-from device.protocol import CONTENT_TYPE, HEADER_LENGTH, encode_request
+from device.stream import StreamClient, StreamConfig, bundle_session
 from splitexit.bundle import load_bundle
 from splitexit.data import load_fashion_mnist
+from splitexit.protocol.kserve import CONTENT_TYPE, HEADER_LENGTH, encode_request
 from splitexit.runtime import HeadRunner
 from splitexit.zoo import default_bundle_path
 
@@ -60,14 +62,19 @@ async def measure(
     headers = {HEADER_LENGTH: str(header_len), "Content-Type": CONTENT_TYPE}
     out: dict[str, float] = {}
 
-    transports = {
-        "device.OffloadClient (KeepAliveTransport)": None,
-        "device.OffloadClient on httpcore": httpx.AsyncHTTPTransport(retries=0),
+    stream = StreamConfig(transport="stream", ping_interval_s=60, ping_timeout_s=60)
+    bundle = load_bundle(default_bundle_path(), parts=("head", "exits"))
+    clients = {
+        "device.StreamClient (WebSocket stream)": StreamClient(
+            OffloadClient(url, model), bundle_session(bundle, model), stream
+        ),
+        "device.OffloadClient (KServe v2, httpcore)": OffloadClient(url, model),
     }
-    for name, transport in transports.items():
-        async with OffloadClient(url, model, transport=transport) as client:
+    for name, client in clients.items():
+        async with client:
+            await client.check_fingerprint(bundle.fingerprint)
 
-            async def agent_client(i: int) -> None:
+            async def agent_client(i: int, client: Any = client) -> None:
                 res = await client.infer(frame, f"r{i:06d}")
                 if res.compute_s is not None:
                     computes.append(res.compute_s * 1e3)
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tail_ms = statistics.median(computes) if computes else float("nan")
     lines = [
-        "# Device HTTP client overhead",
+        "# Device client overhead",
         "",
         f"`{' '.join(['python benchmarks/client_overhead.py', *sys.argv[1:]])}`",
         "",
@@ -140,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "`splitexit-server` on loopback, no link emulator; median round trip in ms over "
         f"{args.requests} requests, each after {args.gap_ms:g} ms idle; one column per round. "
         "Every row includes the server's own time (the tail's compute, about "
-        f"{tail_ms:.1f} ms here, and its HTTP stack): the differences between rows are the "
-        "clients'.",
+        f"{tail_ms:.1f} ms here, as the HTTP answers report it, and its HTTP or WebSocket "
+        "stack): the differences between rows are the clients' and the protocols'.",
         "",
         f"Machine: {machine_line(machine())}; Python {sys.version.split()[0]}, "
         f"torch {torch.__version__}.",

@@ -12,7 +12,7 @@
 Goal (issue 14): under overload, answers at least 80% of capacity, their p99 at most
 2 x the unloaded p99 + the queue-delay target, no 5xx, resident memory bounded. The request
 is what a device sends: one real frame of the bundle at its best operating point, binary
-extension (`device.protocol.encode_request`). h2load writes one line per request (start,
+extension (`splitexit.protocol.kserve.encode_request`). h2load writes one line per request (start,
 status, duration), so answers and refusals are timed apart.
 
 Run (Debian: `apt-get install nghttp2-client`; needs two cores):
@@ -144,7 +144,7 @@ def h2load(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if shutil.which("h2load") is None or shutil.which("taskset") is None:
         raise SystemExit("needs h2load and taskset: apt-get install nghttp2-client util-linux")
-    from device.protocol import encode_request
+    from splitexit.protocol.kserve import encode_request
 
     name, frames, point = make_frames(args.bundle, n=1)
     deadline_us = None if args.deadline_ms is None else int(args.deadline_ms * 1e3)
@@ -287,7 +287,7 @@ def report(doc: dict[str, Any]) -> str:
         "",
         *_cost_note(doc),
         "Commands (h2load's per-request log gives each status its own latency; body.bin is one",
-        "device request, `device.protocol.encode_request`):",
+        "device request, `splitexit.protocol.kserve.encode_request`):",
         "",
         *[f"- {n}: `{p['command'].split(' --log-file')[0]} URL`" for n, p in doc["phases"].items()],
         "",

@@ -1,10 +1,12 @@
 """Tail-server throughput: requests/s and p50/p99 latency versus concurrency, batching off and
 on, splitexit's server side by side with LitServe serving the same TorchScript tail.
 
-    this process: load generator (keep-alive HTTP/1.1 over asyncio streams, prebuilt requests)
+    this process: load generator (keep-alive HTTP/1.1 over asyncio streams, prebuilt requests;
+        │          WebSockets with the `websockets` client, prebuilt messages)
         │ loopback
         ├─► splitexit-server (subprocess)   POST /v2/models/NAME/infer  binary extension
         │                                   POST /v2/models/NAME/infer  JSON, frame in base64
+        │                                   WS   /v2/models/NAME/stream one stream per client
         └─► LitServe (subprocess)           POST /predict               JSON, frame in base64
 
 Every server runs one tail per model, the same torch thread count, and the same batching
@@ -266,14 +268,56 @@ async def _client(
         writer.close()
 
 
-async def measure(port: int, requests: list[bytes], concurrency: int, seconds: float) -> dict:
+async def _stream_client(
+    port: int, requests: list[bytes], offset: int, stop_at: float, out: dict[str, list]
+) -> None:
+    """One device's stream: requests[0] is the handshake's URL path and session, then the
+    messages; an answer counts as 200, a "busy" or other error answer as 429."""
+    from websockets.asyncio.client import connect
+
+    from splitexit.protocol.stream import SUBPROTOCOL
+
+    path, session = json.loads(requests[0])
+    messages = requests[1:]
+    url = f"ws://{LOOPBACK}:{port}{path}"
+    async with connect(
+        url, subprotocols=[SUBPROTOCOL], compression=None, ping_interval=None, max_size=2**20
+    ) as ws:
+        await ws.send(session)
+        await ws.recv()
+        i = offset
+        for _ in range(1_000_000):
+            if time.perf_counter() >= stop_at:
+                break
+            start = time.perf_counter()
+            await ws.send(messages[i % len(messages)])
+            reply = await ws.recv()
+            out["latency"].append(time.perf_counter() - start)
+            out["status"].append(200 if isinstance(reply, bytes) else 429)
+            i += 1
+
+
+def stream_requests(bundle: Path, name: str, frames: list[bytes], point: tuple[int, int]) -> list:
+    """The stream's "requests": its path and handshake, then one message per frame."""
+    from splitexit.bundle.manifest import read_manifest
+    from splitexit.protocol.stream import message_from_frame, session_for
+
+    m = read_manifest(bundle)
+    session = session_for(name, m.fingerprint, m.bottleneck.code_shape, [point])
+    head = json.dumps([f"/v2/models/{name}/stream", session.encode()]).encode()
+    return [head, *(message_from_frame(f, 0, session) for f in frames)]
+
+
+async def measure(
+    port: int, requests: list[bytes], concurrency: int, seconds: float, client: Any = _client
+) -> dict:
     warm: dict[str, list] = {"latency": [], "status": []}
     stop_warm = time.perf_counter() + min(1.0, seconds / 4)
-    await asyncio.gather(*(_client(port, requests, i, stop_warm, warm) for i in range(concurrency)))
+    await asyncio.gather(*(client(port, requests, i, stop_warm, warm) for i in range(concurrency)))
     out: dict[str, list] = {"latency": [], "status": []}
     start = time.perf_counter()
     await asyncio.gather(
-        *(_client(port, requests, i * 7, start + seconds, out) for i in range(concurrency))
+        *(client(port, requests, i * 7, start + seconds, out) for i in range(concurrency))
     )
     elapsed = time.perf_counter() - start
     lat = np.asarray(out["latency"]) * 1000
@@ -343,7 +387,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "bundles": [],
     }
-    from server.protocol import build_binary_request
+    from splitexit.protocol.kserve import build_binary_request
 
     for bundle in bundles:
         name, frames, point = make_frames(bundle)
@@ -386,20 +430,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frame_bytes": round(statistics.mean(len(f) for f in frames), 1),
             "rows": [],
         }
+        stream = stream_requests(bundle, name, frames, point)
         for max_batch in BATCH_SIZES:
-            servers = [("splitexit (binary)", start_splitexit, binary)]
-            servers.append(("splitexit (JSON)", None, as_json))
+            servers = [("splitexit (stream)", start_splitexit, stream, _stream_client)]
+            servers.append(("splitexit (binary)", None, binary, _client))
+            servers.append(("splitexit (JSON)", None, as_json, _client))
             if have_litserve:
-                servers.append(("LitServe (JSON)", start_litserve, lit))
+                servers.append(("LitServe (JSON)", start_litserve, lit, _client))
             proc = None
-            for label, starter, requests in servers:
+            for label, starter, requests, client in servers:
                 if starter is not None:
                     if proc is not None:
                         stop(proc)
                     port = free_port()
                     proc = starter(bundle, port, max_batch, args.torch_threads)
                 for c in args.concurrency:
-                    cell = asyncio.run(measure(port, requests, c, args.duration))
+                    cell = asyncio.run(measure(port, requests, c, args.duration, client))
                     row = {"server": label, "max_batch": max_batch, "concurrency": c, **cell}
                     print(json.dumps(row), flush=True)
                     entry["rows"].append(row)
@@ -429,7 +475,9 @@ def write_markdown(results: dict[str, Any], path: Path, command: str) -> None:
         f"process over loopback keep-alive connections, one request in flight per connection; "
         f"torch threads {s['torch_threads']}; max queue delay {s['max_queue_delay_ms']} ms. "
         "Batching off = max batch size 1, on = 32. Every request carries one real frame of the "
-        "bundle at its best operating point. `splitexit (binary)` uses the Open Inference "
+        "bundle at its best operating point. `splitexit (stream)` sends it as a stream message "
+        "(one WebSocket per client, the `websockets` client library in this process, one "
+        "message in flight each); `splitexit (binary)` uses the Open Inference "
         "Protocol binary-data extension; the JSON rows send the frame as base64 in JSON.",
         "",
     ]

@@ -2,14 +2,15 @@
 
     sources ─ Input ─► agent (head in a worker thread, exits) ─┬─► local answer
                           │  policy: exit / offload at (k, bits), from estimator + manifest
-                          └─► client ─ HTTP (Open Inference Protocol) ─► tail server
+                          └─► client ─ stream, or HTTP (KServe v2) ─► tail server
                                  └─ failed / circuit open ─► best exit ("fallback")
     every input ─► one JSON-lines record (records) ─► summary
 
 Modules: `sources` (inputs), `agent` (the loop) and `config` (its settings), `policy` (pure
 decisions), `estimator` (link and cost measurements), `offloader` (client + circuit
-`breaker` + measurements), `client` (timeouts, retries; `transport` its keep-alive HTTP/1.1,
-`protocol` the message format, `errors` what goes wrong), `records` (records and summary),
+`breaker` + measurements), `client` (KServe v2 over HTTP: timeouts, retries; `http` its
+keep-alive pool), `stream` (the WebSocket stream, HTTP as fallback), `errors` (what goes
+wrong), `records` (records and summary),
 `cli` (`splitexit-device`). Names below are
 imported lazily, so `splitexit-device --help` does not load torch.
 """
@@ -25,7 +26,7 @@ _EXPORTS = {
     "CircuitBreaker": "breaker",
     "ClientConfig": "client",
     "OffloadClient": "client",
-    "KeepAliveTransport": "transport",
+    "StreamClient": "stream",
     "OffloadError": "errors",
     "FingerprintRejected": "errors",
     "Offloader": "offloader",

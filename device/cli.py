@@ -19,9 +19,12 @@ from typing import IO, TYPE_CHECKING
 from splitexit.errors import BundleError, SplitexitError
 
 if TYPE_CHECKING:
+    from splitexit.bundle import Bundle
     from splitexit.link import LinkEmulator
 
     from .agent import Agent
+    from .client import OffloadClient
+    from .stream import StreamClient
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 TOKEN_ENV = "SPLITEXIT_TOKEN"
@@ -119,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file", type=Path, help=f"bearer token file (or the {TOKEN_ENV} variable)"
     )
     g.add_argument(
+        "--transport",
+        choices=("auto", "stream", "http"),
+        default="auto",
+        help="auto (default): the WebSocket stream when the server offers it, else KServe "
+        "HTTP; stream: the stream only; http: KServe v2 HTTP only (Triton, KServe)",
+    )
+    g.add_argument(
+        "--ping-ms",
+        type=float,
+        default=1000,
+        help="stream liveness: ping this often, and a server silent this long is dead (1000)",
+    )
+    g.add_argument(
         "--link",
         metavar="RATE:RTT",
         help="emulate a link to a loopback server, e.g. 5mbit:20ms (for demos and tests)",
@@ -145,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--server is required unless --local-only is given")
     if not args.local_only and not _is_server_url(args.server):
         parser.error(f"--server must be http(s)://HOST[:PORT], got {args.server!r}")
+    if not args.ping_ms > 0:
+        parser.error(f"--ping-ms must be > 0, got {args.ping_ms:g}")
     try:
         thresholds = _thresholds(args.threshold)
     except ValueError as e:
@@ -210,6 +228,8 @@ async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
                 ),
                 classes=len(bundle.manifest.class_names),
             )
+            if args.transport != "http":
+                client = _stream_client(client, bundle, args)  # type: ignore[assignment]
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         agent = Agent(bundle, config, client, writer=RecordWriter(out), progress=progress)
         try:
@@ -229,6 +249,20 @@ async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
         if args.summary_json is not None:
             args.summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         return EXIT_INTERRUPTED if interrupted() else EXIT_OK
+
+
+def _stream_client(http: OffloadClient, bundle: Bundle, args: argparse.Namespace) -> StreamClient:
+    from .stream import StreamClient, StreamConfig, bundle_session
+
+    timeout_s = args.timeout_ms / 1e3
+    if args.deadline_ms is not None:
+        timeout_s = min(timeout_s, args.deadline_ms / 1e3)
+    config = StreamConfig(
+        transport=args.transport,
+        ping_interval_s=args.ping_ms / 1e3,
+        ping_timeout_s=args.ping_ms / 1e3,
+    )
+    return StreamClient(http, bundle_session(bundle, http.model, timeout_s), config, log=_say)
 
 
 def _install_signals(agent: Agent) -> Callable[[], bool]:

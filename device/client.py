@@ -12,13 +12,13 @@
                                                        a repeat idempotent), else raise
 
 Every request bears the same request id (`X-Request-ID`) on every attempt. Requests are
-`httpx.Request`s sent by `transport.KeepAliveTransport` (lean keep-alive HTTP/1.1, 2-3 ms a
-request cheaper than httpx's own client on a small CPU), which retries only a request that a
-reused connection lost before any answer came: the loop above is the only other retry, and
-the tests exercise each of its paths. Bytes are counted as HTTP/1.1 puts them on the wire
-(request line, headers, body). Requests carry only the headers that do something: Host,
-Content-Type, Content-Length, Inference-Header-Content-Length, X-Request-ID, and
-Authorization when a token is set; no Accept, Accept-Encoding, Connection or User-Agent.
+`httpx.Request`s sent on httpcore's keep-alive pool (`device.http`), which retries nothing:
+the loop above is the only retry, and the tests exercise each of its paths. (The stream,
+`device.stream`, is the fast path; this one is for KServe / Triton interop and fallback.)
+Bytes are counted as HTTP/1.1 puts them on the wire (request line, headers, body). Requests
+carry only the headers that do something: Host, Content-Type, Content-Length,
+Inference-Header-Content-Length, X-Request-ID, and Authorization when a token is set; no
+Accept, Accept-Encoding, Connection or User-Agent.
 """
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ from typing import Any
 
 import httpx
 
+from splitexit.protocol.kserve import (
+    CONTENT_TYPE,
+    HEADER_LENGTH,
+    Answer,
+    ProtocolError,
+    decode_response,
+)
+from splitexit.protocol.kserve import encode_request as _encode
+
 from .errors import (
     FingerprintRejected,
     OffloadError,
@@ -43,9 +52,7 @@ from .errors import (
     ServerFailed,
     ServerUnreachable,
 )
-from .protocol import CONTENT_TYPE, HEADER_LENGTH, Answer, ProtocolError, decode_response
-from .protocol import encode_request as _encode
-from .transport import KeepAliveTransport, fetch, timeouts, within
+from .http import fetch, http_transport, timeouts, within
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ class OffloadClient:
 
     `classes` (the bundle's class count; the agent sets it from its bundle) makes an answer
     with a class out of range a garbage answer: retried, then the input is answered locally.
-    `transport` replaces the default `KeepAliveTransport` (any httpx async transport);
+    `transport` replaces the default `http.http_transport` (any httpx async transport);
     `rng` makes the backoff jitter reproducible.
     """
 
@@ -143,7 +150,7 @@ class OffloadClient:
             raise ValueError(f"cannot read the server URL {base_url!r}: {e}") from e
         if base.scheme not in ("http", "https") or not base.host:
             raise ValueError(f"the server URL must be http(s)://HOST[:PORT], got {base_url!r}")
-        self._transport = transport or KeepAliveTransport(self.config.max_connections)
+        self._transport = transport or http_transport(self.config.max_connections)
         self._urls: dict[str, httpx.URL] = {}
         # only the headers that do something (see the module docstring)
         self._headers = (

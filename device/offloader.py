@@ -177,6 +177,7 @@ class Offloader:
         out: dict[str, Any] = {
             "link": self.measure.snapshot(),
             "breaker_opened": self.breaker.opened,
+            "transport": getattr(self.client, "transport", "http"),
         }
         if self.disabled is not None:
             out["offloading_stopped"] = self.disabled

@@ -6,6 +6,7 @@
     GET  /v2/models/{name}[/versions/{v}]/ready   open
     GET  /v2 | /v2/models/{name}[/versions/{v}]   server and model metadata
     GET  /metrics                                 Prometheus text format, open
+    WS   /v2/models/{name}/stream                 the device's stream (`server.stream`)
 
     request ─ header in time (408) ─ AdmissionDoor (429, see `server.admission`)
             ─ CloseUnreadBodies (answered before its body was read: close, `server.connection`)
@@ -30,7 +31,6 @@ Either way /v2/health/ready says 503 until every model is warmed up.
 # the local aliases ModelName / Version defined in create_app
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -43,8 +43,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from server import openapi
+from server import openapi, stream
 from server.admission import AdmissionDoor
+from server.auth import AUTH_HINT, bearer_ok
 from server.batcher import BatcherFactory, Expired, QueueFull, Stopped
 from server.connection import CloseUnreadBodies
 from server.errors import (
@@ -56,18 +57,20 @@ from server.errors import (
     RequestTimeout,
     ServerError,
     Unauthorized,
+    UnsupportedMediaType,
     with_retry_after,
 )
 from server.limits import BodyLimitMiddleware
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.model import Answer, ServedModel
-from server.protocol import HEADER_LENGTH, encode_infer_response, parse_infer_request
 from server.settings import Settings
 from server.state import ServerState
 from splitexit.bundle.load import Bundle
 from splitexit.bundle.manifest import read_manifest
 from splitexit.errors import ConfigError, FingerprintMismatch, FrameError
+from splitexit.protocol.errors import ProtocolError
+from splitexit.protocol.kserve import HEADER_LENGTH, encode_infer_response, parse_infer_request
 
 log = logging.getLogger("server.app")
 
@@ -138,13 +141,8 @@ def create_app(
     token = settings.auth_token.encode() if settings.auth_token else None
 
     async def require_token(request: Request) -> None:  # async: no threadpool hop
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise Unauthorized(
-                "missing or wrong bearer token: send 'Authorization: Bearer <token>'"
-            )
+        if not bearer_ok(request.headers.get("authorization"), token):
+            raise Unauthorized(AUTH_HINT)
 
     auth = [Depends(require_token)]
     ModelName = Annotated[
@@ -205,7 +203,7 @@ def create_app(
         "/v2/models/{name}", tags=["metadata"], dependencies=auth, responses=openapi.MODEL_METADATA
     )
     async def model_metadata(name: ModelName) -> dict[str, Any]:
-        return model_at(name).metadata()
+        return stream.offer(model_at(name).metadata(), name)
 
     @app.get(
         "/v2/models/{name}/versions/{version}",
@@ -214,7 +212,7 @@ def create_app(
         responses=openapi.MODEL_METADATA,
     )
     async def model_version_metadata(name: ModelName, version: Version) -> dict[str, Any]:
-        return model_at(name, version).metadata()
+        return stream.offer(model_at(name, version).metadata(), name)
 
     # ---------------------------------------------------------------------- inference
 
@@ -233,6 +231,7 @@ def create_app(
     async def infer_version(name: ModelName, version: Version, request: Request) -> Response:
         return await infer_request(state, request, model_at(name, version), versioned=True)
 
+    stream.add_stream_route(app, state, token)
     return app
 
 
@@ -336,6 +335,10 @@ async def infer_request(
     except FrameError as e:
         outcome = BadRequest.outcome
         raise BadRequest(f"bad frame: {e}") from None
+    except ProtocolError as e:
+        error = UnsupportedMediaType if e.status == 415 else BadRequest
+        outcome = error.outcome
+        raise error(str(e)) from None
     except ServerError as e:
         outcome = e.outcome
         raise

@@ -31,12 +31,12 @@ from server.admission import Admission
 from server.batcher import BatcherFactory, DynamicBatcher, Job
 from server.errors import BadRequest
 from server.metrics import ServerMetrics
-from server.protocol import INPUT_FRAME, INPUT_IMAGE
 from server.settings import Settings
 from splitexit.bottleneck.quantize import QuantizedTensor, quantize
 from splitexit.bundle.load import Bundle, load_bundle
 from splitexit.codec import FrameHeader, encode_frame, read_header
 from splitexit.errors import BundleError, FingerprintMismatch, FrameError
+from splitexit.protocol.kserve import INPUT_FRAME, INPUT_IMAGE
 from splitexit.runtime.tail import TailAnswer, TailRunner
 
 log = logging.getLogger("server.model")

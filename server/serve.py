@@ -1,8 +1,9 @@
 """Run the app under uvicorn with a graceful, two-step shutdown.
 
 SIGTERM ─ drain: /v2/health/ready 503, new inferences 503 (for `drain_s`, so load
-          balancers stop routing here) ─ close the listener ─ in-flight requests finish
-          (up to `graceful_timeout_s`) ─ batchers stop ─ exit
+          balancers stop routing here); streams answer what is in flight and close with
+          4503 (waited for up to `graceful_timeout_s`) ─ close the listener ─ in-flight
+          requests finish (up to `graceful_timeout_s`) ─ batchers stop ─ exit
 a second SIGINT/SIGTERM skips the wait
 """
 
@@ -35,14 +36,17 @@ class GracefulServer(uvicorn.Server):
         if self._stop_at is None and not self.should_exit:
             self.state.begin_drain()
             self._stop_at = time.monotonic() + self.drain_s
-            if self.drain_s > 0:
+            if self.drain_s > 0 or self.state.open_streams:
                 self._captured_signals.append(sig)  # uvicorn re-raises it after shutdown
                 return
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
-        if self._stop_at is not None and time.monotonic() >= self._stop_at:
-            self.should_exit = True
+        now = time.monotonic()
+        if self._stop_at is not None and now >= self._stop_at:
+            streams_done = not self.state.open_streams
+            if streams_done or now >= self._stop_at + (self.config.timeout_graceful_shutdown or 0):
+                self.should_exit = True
         return await super().on_tick(counter)
 
 
@@ -64,6 +68,8 @@ def make_server(
         http=guarded_protocol(
             settings.client_timeout_s, settings.http_parser
         ),  # 408 for a header that never completes
+        ws_max_size=settings.max_body_bytes,  # a stream message is bounded like a body
+        ws_per_message_deflate=False,  # payloads are compressed already
     )
     return GracefulServer(config, app.state.splitexit, drain_s=settings.drain_s)
 

@@ -79,6 +79,9 @@ class Settings:
         "prefer the environment variable or --auth-token-file to a flag",
         secret=True,
     )
+    stream_window: int = _setting(
+        64, "stream messages in flight per connection (1..256); more are answered 'busy'"
+    )
     workers_per_model: int = _setting(1, "threads running batches per model")
     torch_threads: int | None = _setting(None, "torch intra-op threads (default: torch's)")
     device: str = _setting("cpu", "torch device for the tails, e.g. cpu or cuda")
@@ -116,6 +119,8 @@ class Settings:
                 out.append(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             out.append(f"port must be in 0..65535, got {self.port}")
+        if not 1 <= self.stream_window <= 256:
+            out.append(f"stream_window must be in 1..256, got {self.stream_window}")
         if self.torch_threads is not None and self.torch_threads < 1:
             out.append(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.http_parser not in HTTP_PARSERS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from server.batcher import BatcherFactory
 from server.errors import NotFound, NotReady, with_retry_after
@@ -43,6 +43,8 @@ class ServerState:
         self.models: dict[str, ServedModel] = {}
         self.phase = "loading"
         self.error: str | None = None
+        self.drain_hooks: list[Callable[[], None]] = []  # called when draining begins
+        self.open_streams = 0  # stream connections open (server.stream)
 
     @property
     def live(self) -> bool:
@@ -73,6 +75,8 @@ class ServerState:
         if self.phase != "draining":
             log.info("draining: not ready, new inference requests get 503")
             self.phase = "draining"
+            for hook in self.drain_hooks:
+                hook()
 
     async def start(self, bundles: Sequence[Bundle] | None) -> None:
         """Load (if not given), start the batchers, warm up; then ready. Never raises."""

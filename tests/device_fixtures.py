@@ -342,7 +342,7 @@ class FaultServer:
         self._uv.stop()
 
     def _app(self) -> Any:
-        from server.protocol import encode_infer_response, parse_infer_request
+        from splitexit.protocol.kserve import encode_infer_response, parse_infer_request
 
         app = FastAPI()
         name = self.tb.name

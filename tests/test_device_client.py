@@ -28,8 +28,14 @@ from device.client import (
     server_seconds,
     server_timings,
 )
-from device.protocol import ProtocolError, decode_response, encode_request
-from server.protocol import RequestedOutput, encode_infer_response, parse_infer_request
+from splitexit.protocol.kserve import (
+    ProtocolError,
+    RequestedOutput,
+    decode_response,
+    encode_infer_response,
+    encode_request,
+    parse_infer_request,
+)
 
 FRAME = b"SX" + bytes(range(50))
 
@@ -123,10 +129,10 @@ def answer_body(cls: str, probability: str) -> bytes:
     [
         ("10", "0.5", "class` is 10, but the bundle has 10 classes"),
         ("99", "0.5", "class` is 99"),
-        ("3", "NaN", "finite"),
-        ("3", "Infinity", "finite"),
+        ("3", "NaN", "NaN or infinity"),
+        ("3", "Infinity", "NaN or infinity"),
         ("3", "-0.5", r"in \[0, 1\]"),
-        ("3", "true", "must be a number"),
+        ("3", "true", "no numeric data"),
     ],
 )
 def test_impossible_answers_for_the_bundle_are_protocol_errors(cls, probability, match) -> None:

@@ -15,7 +15,7 @@ from server_fixtures import LiveServer, settings, tiny_bundle
 from device.client import server_timings
 from server.admission import Admission
 from server.errors import DeadlineExceeded, Overloaded
-from server.protocol import HEADER_LENGTH, build_binary_request
+from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request
 from splitexit.runtime.tail import TailRunner
 
 TARGET_MS = 100.0

@@ -15,7 +15,7 @@ import time
 import pytest
 from server_fixtures import LiveServer, settings, tiny_bundle
 
-from server.protocol import build_binary_request
+from splitexit.protocol.kserve import build_binary_request
 
 TIMEOUT_S = 0.6  # the server's client_timeout_s in these tests
 

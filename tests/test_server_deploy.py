@@ -165,8 +165,8 @@ def test_ray_serve_entry_point_serves_the_app():  # pragma: no cover - opt-in
 
     import httpx
 
-    from server.protocol import HEADER_LENGTH, build_binary_request, decode_infer_response
     from server.ray_serve import deployment
+    from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
 
     a = tiny_bundle("tiny-a", 0)
     with socket.socket() as s:
@@ -197,7 +197,7 @@ def test_the_batcher_seam_used_by_the_ray_entry_point():
     import httpx
 
     from server.batcher import DynamicBatcher
-    from server.protocol import HEADER_LENGTH, build_binary_request, decode_infer_response
+    from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
 
     made = []
 

@@ -19,9 +19,9 @@ from server_fixtures import LiveServer, tiny_bundle
 from server_fixtures import settings as server_settings
 
 from server.model import IMAGE_FORMATS, ServedModel, Work
-from server.protocol import HEADER_LENGTH, build_binary_request, decode_infer_response
 from splitexit.bottleneck.quantize import QuantizedTensor
 from splitexit.codec import encode_frame
+from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
 
 FUZZ_EXAMPLES = 60  # bounded: a few seconds
 

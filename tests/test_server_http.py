@@ -20,9 +20,9 @@ import torch
 from server_fixtures import OPERATING_POINTS, LiveServer, settings, tiny_bundles
 
 from server.logs import JsonFormatter
-from server.protocol import HEADER_LENGTH, build_binary_request, decode_infer_response
 from splitexit.bottleneck.quantize import QuantizedTensor, quantize
 from splitexit.codec import encode_frame
+from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
 
 ATOL = 2e-5  # batching changes float summation order a little; answers differ by >1e-3
 

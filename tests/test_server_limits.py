@@ -14,7 +14,7 @@ import pytest
 from server_fixtures import LiveServer, settings, tiny_bundle
 
 from server.model import ServedModel
-from server.protocol import HEADER_LENGTH, build_binary_request
+from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from server_fixtures import OPERATING_POINTS, LiveServer, settings, tiny_bundles
 
-from server.protocol import HEADER_LENGTH, build_binary_request, decode_infer_response
+from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
 
 CLIENTS = 16
 DURATION_S = 3.0

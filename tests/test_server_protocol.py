@@ -1,5 +1,5 @@
 """The Open Inference Protocol codec: JSON and binary requests parse to the same thing, every
-malformed body is a BadRequest (400) or UnsupportedMediaType (415) saying why."""
+malformed body is a ProtocolError (400) or UnsupportedMedia (415) saying why."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.errors import BadRequest, ServerError, UnsupportedMediaType
-from server.protocol import (
+from splitexit.protocol.errors import ProtocolError, UnsupportedMedia
+from splitexit.protocol.kserve import (
     HEADER_LENGTH,
     RequestedOutput,
     build_binary_request,
@@ -105,7 +105,7 @@ def one_input(**fields) -> bytes:
     ],
 )
 def test_malformed_json_requests_are_bad_requests(body, match):
-    with pytest.raises(BadRequest, match=match):
+    with pytest.raises(ProtocolError, match=match):
         parse(body)
 
 
@@ -119,7 +119,7 @@ def test_malformed_binary_requests_are_bad_requests():
         (headers, body + b"x", "binary section"),  # trailing bytes
     ]
     for hdrs, data, match in cases:
-        with pytest.raises(BadRequest, match=match):
+        with pytest.raises(ProtocolError, match=match):
             parse(data, hdrs)
     # a length prefix pointing past the end
     doc = json.loads(body[:header_len])
@@ -127,19 +127,19 @@ def test_malformed_binary_requests_are_bad_requests():
     doc["inputs"][0]["parameters"]["binary_data_size"] = len(blob)
     doc["inputs"][0]["shape"] = [1]
     head = json.dumps(doc).encode()
-    with pytest.raises(BadRequest, match="claims 65535 bytes"):
+    with pytest.raises(ProtocolError, match="claims 65535 bytes"):
         parse(head + blob, {HEADER_LENGTH: str(len(head))})
 
 
 def test_wrong_content_types_and_encodings_are_refused():
-    with pytest.raises(UnsupportedMediaType):
+    with pytest.raises(UnsupportedMedia):
         parse(json_request([b"x"]), {"content-type": "text/plain"})
-    with pytest.raises(BadRequest, match="needs the Inference-Header-Content-Length"):
+    with pytest.raises(ProtocolError, match="needs the Inference-Header-Content-Length"):
         parse(json_request([b"x"]), {"content-type": "application/octet-stream"})  # documented
-    with pytest.raises(UnsupportedMediaType):
+    with pytest.raises(UnsupportedMedia):
         parse(json_request([b"x"]), {"content-encoding": "gzip"})
     body, headers = build_binary_request("frame", [b"x"])
-    with pytest.raises(UnsupportedMediaType):
+    with pytest.raises(UnsupportedMedia):
         parse(body, {**headers, "content-type": "multipart/form-data"})
 
 
@@ -167,5 +167,5 @@ def test_random_bodies_raise_only_protocol_errors(body, length):
     headers = {} if length is None else {HEADER_LENGTH: length}
     try:
         parse(body, headers)
-    except ServerError as e:
+    except ProtocolError as e:
         assert 400 <= e.status < 500

@@ -28,17 +28,17 @@ from device.client import (
     server_timings,
     timing_total,
 )
-from device.protocol import (
+from device.http import fetch, http_transport, timeouts
+from splitexit.bundle import Bundle
+from splitexit.preprocess import encode_image
+from splitexit.protocol.kserve import (
     CONTENT_TYPE,
     HEADER_LENGTH,
-    INPUT_NAME,
+    INPUT_FRAME,
     ProtocolError,
     decode_response,
     encode_request,
 )
-from device.transport import KeepAliveTransport, fetch, timeouts
-from splitexit.bundle import Bundle
-from splitexit.preprocess import encode_image
 
 from .device_side import DeviceClock, TimedPreprocess
 from .inputs import Inputs
@@ -111,9 +111,9 @@ def image_request(
 ) -> httpx.Request:
     """The `image` inference request, built by the agent's own request encoder with the
     input renamed, with the agent's headers, and sent on the agent's transport
-    (`device.transport.KeepAliveTransport`): both baselines pay the same HTTP overhead."""
+    (`device.http.http_transport`): both baselines pay the same HTTP overhead."""
     body, n = encode_request(data)
-    head = body[:n].replace(f'"{INPUT_NAME}"'.encode(), b'"image"', 1)
+    head = body[:n].replace(f'"{INPUT_FRAME}"'.encode(), b'"image"', 1)
     headers = {
         HEADER_LENGTH: str(len(head)),
         "Content-Type": CONTENT_TYPE,
@@ -142,7 +142,7 @@ async def run_full_offload(
     assert strategy.image_format is not None
     clock = DeviceClock(speed)
     out = []
-    transport = KeepAliveTransport()
+    transport = http_transport()
     try:
         for i in range(min(2, len(inputs))):  # open the connection, warm the server's path
             data = encode_image(inputs.pixels[i], strategy.image_format, strategy.quality)

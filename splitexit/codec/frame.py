@@ -138,7 +138,7 @@ def encode_frame(
     makes it smaller; `compress=False` always sends it raw (cheapest on a weak CPU).
     Raises ValueError if `qt` cannot be represented (see the layout in the module docstring).
     """
-    fp = _fingerprint_bytes(fingerprint)
+    _fingerprint_bytes(fingerprint)
     if qt.bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be 2, 4 or 8, got {qt.bits!r}")
     values = qt.values
@@ -172,12 +172,26 @@ def encode_frame(
     qparams = np.empty(n, dtype=_QPARAM_DTYPE)
     qparams["scale"] = scale
     qparams["zero_point"] = zero_point.numpy()
-    qbytes = qparams.tobytes()
+    return assemble_frame(fingerprint, flags, qt.bits, (n, c, k, h, w), qparams.tobytes(), payload)
+
+
+def assemble_frame(
+    fingerprint: str,
+    flags: int,
+    bits: int,
+    shape: tuple[int, int, int, int, int],
+    qparams: bytes | memoryview,
+    payload: bytes | memoryview,
+) -> bytes:
+    """A frame from its parts, header and crc computed here: `shape` is (n, C, k, H, W),
+    `qparams` the 5n bytes of (scale, zero_point) records, `payload` the (compressed) packed
+    values. Nothing is checked: read the result with `read_header` / `decode_frame`, as the
+    stream does with the parts its messages carry (`splitexit.protocol.stream`)."""
     head = _HEADER_NO_CRC.pack(
-        MAGIC, FRAME_VERSION, flags, fp, qt.bits, 0, n, c, k, h, w, len(payload)
+        MAGIC, FRAME_VERSION, flags, _fingerprint_bytes(fingerprint), bits, 0, *shape, len(payload)
     )
-    crc = zlib.crc32(payload, zlib.crc32(qbytes, zlib.crc32(head)))
-    return b"".join((head, _CRC.pack(crc), qbytes, payload))
+    crc = zlib.crc32(payload, zlib.crc32(qparams, zlib.crc32(head)))
+    return b"".join((head, _CRC.pack(crc), qparams, payload))
 
 
 # --------------------------------------------------------------------------------- decoding
