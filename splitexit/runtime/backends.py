@@ -72,12 +72,19 @@ class RuntimeOptions:
         return cls(runtime=value or "torch")
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
 def has_onnxruntime() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    return _installed("onnxruntime")
 
 
 def has_torch() -> bool:
-    return importlib.util.find_spec("torch") is not None
+    return _installed("torch")
 
 
 def resolve_runtime(requested: str, manifest: Manifest) -> str:
