@@ -174,7 +174,7 @@ def test_auto_picks_onnxruntime_only_for_a_bundle_with_graphs() -> None:
         m, files={k: v for k, v in m.files.items() if not k.startswith("onnx/")}, onnx={}
     )
     assert resolve_runtime("auto", bare) == "torch"
-    with pytest.raises(RuntimeUnavailable, match="no ONNX graphs.*splitexit onnx"):
+    with pytest.raises(RuntimeUnavailable, match=r"no ONNX graphs.*splitexit onnx"):
         resolve_runtime("onnxruntime", bare)
 
 
@@ -182,7 +182,7 @@ def test_a_provider_this_onnxruntime_lacks_is_refused_saying_what_to_install() -
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has TensorRT")
     bundle = load_bundle(SHIPPED, parts=())
-    with pytest.raises(RuntimeUnavailable, match="TensorrtExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(RuntimeUnavailable, match=r"TensorrtExecutionProvider.*onnxruntime-gpu"):
         HeadRunner(bundle, runtime=RuntimeOptions("onnxruntime", ("tensorrt",)))
     with pytest.raises(ValueError, match="unknown execution provider 'tpu'"):
         RuntimeOptions("onnxruntime", ("tpu",))
