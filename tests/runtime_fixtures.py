@@ -67,12 +67,14 @@ def run_agent_cli(
     python: str = sys.executable,
     block_torch: bool = False,
     env: dict[str, str] | None = None,
+    cwd: Path = REPO,
     timeout: float = 240,
 ) -> tuple[list[dict[str, Any]], subprocess.CompletedProcess[str]]:
     """Run `splitexit-device run ARGS` in a subprocess; returns (records, the process).
 
-    With `block_torch`, the process also reports which blocked modules it imported
-    (`imported_blocked(proc)`).
+    By default the checkout's code runs (PYTHONPATH); give another `python`, `env` and a
+    `cwd` outside the checkout to run an installed copy. With `block_torch`, the process
+    also reports which blocked modules it imported (`imported_blocked(proc)`).
     """
     code = ("import json\n" + BLOCKED_RUNNER) if block_torch else PLAIN_RUNNER
     base = {**os.environ, "PYTHONPATH": str(REPO)} if env is None else env
@@ -82,7 +84,7 @@ def run_agent_cli(
         text=True,
         timeout=timeout,
         env=base,
-        cwd=REPO if env is None else None,
+        cwd=cwd,
     )
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return records, proc
