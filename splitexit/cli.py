@@ -173,7 +173,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .bundle.inspect import format_manifest
 
-    bundle = load_bundle(args.bundle, verify=not args.no_verify)
+    bundle = load_bundle(args.bundle, verify=not args.no_verify, parts=())
     print(format_manifest(bundle.manifest))
     return 0
 
@@ -333,6 +333,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SplitexitError as exc:
         print(f"splitexit: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        print(
+            f"splitexit: error: `splitexit {args.command}` needs torch, which a device install "
+            "leaves out: pip install 'splitexit[torch]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("splitexit: interrupted", file=sys.stderr)

@@ -108,6 +108,23 @@ def installed_bundle(venv: Path) -> Path:
     return path
 
 
+def test_splitexit_inspect_works_without_torch_and_names_both_runtimes(venv: Path) -> None:
+    out = subprocess.run(
+        [str(venv / "bin" / "splitexit"), "inspect", str(installed_bundle(venv))],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=venv,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "torch (TorchScript), onnxruntime (ONNX opset 17" in out.stdout
+    models = subprocess.run(
+        [str(venv / "bin" / "splitexit"), "models"], capture_output=True, text=True, cwd=venv
+    )
+    assert models.returncode == 2 and "pip install 'splitexit[torch]'" in models.stderr
+    assert "Traceback" not in models.stderr
+
+
 def test_torch_free_agent_answers_like_torch_locally_and_through_the_server(
     venv: Path, tmp_path: Path
 ) -> None:
