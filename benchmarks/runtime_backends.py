@@ -95,22 +95,32 @@ def tail_throughput(path: Path, reps: int) -> list[dict[str, Any]]:
     for name in BACKENDS:
         tail = TailRunner(bundle, runtime=RuntimeOptions(name, threads=1))
         for b in BATCHES:
-            ms = median_ms(lambda t=tail, c=codes[:b]: t.run_codes(c), max(reps // 4, 20))
+            ms = median_ms(lambda t=tail, c=codes[:b]: t.run_codes(c), reps)
             rows.append({"backend": name, "batch": b, "ms": ms, "samples_per_s": b / ms * 1e3})
     return rows
 
 
+#: The agent's CLI, then its own peak RSS (VmHWM of its address space: getrusage's maxrss
+#: would include the benchmark process it was forked from, torch and all).
+AGENT = """\
+import sys
+from device.cli import main
+rc = main(sys.argv[1:])
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print("VMHWM_KB", hwm, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
 def run_rss(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one process."""
+    """Wall seconds and peak RSS (MiB) of one agent process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    kb = next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("VMHWM_KB"))
+    return wall, int(kb) / 1024
 
 
 def startup(bundle: Path, venv: Path | None, repeats: int = 3) -> list[dict[str, Any]]:
@@ -118,7 +128,7 @@ def startup(bundle: Path, venv: Path | None, repeats: int = 3) -> list[dict[str,
     tmp = Path(tempfile.mkdtemp(prefix="splitexit-bench-"))
     image = tmp / "one.png"
     image.write_bytes(encode_image(np.zeros((28, 28, 1), np.uint8)))
-    code = "import sys\nfrom device.cli import main\nsys.exit(main(sys.argv[1:]))"
+    code = AGENT
     args = ["run", "--bundle", str(bundle), "--source", str(image), "--local-only"]
     here = {**os.environ, "PYTHONPATH": str(ROOT)}
     cases = [
@@ -159,6 +169,7 @@ def device_venv(path: Path | None) -> tuple[Path, bool]:
     subprocess.run(
         [str(root / "bin/python"), "-m", "pip", "install", "--quiet", f"{src}[device]"],
         check=True,
+        capture_output=True,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     shutil.rmtree(src)
@@ -189,7 +200,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         f"`{report['command']}` on {machine_line(m)}; torch {m['torch']}, onnxruntime "
         f"{report['onnxruntime']}, load average {m['load_average']} at the start (the cores "
-        "are shared: read ratios, not absolute times).",
+        "are shared with other jobs: read ratios, not absolute times; a second thread on two "
+        "busy cores mostly waits).",
         "",
         "## Head and tail at batch 1 (median ms)",
         "",
