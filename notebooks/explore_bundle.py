@@ -75,14 +75,8 @@ with torch.inference_mode():
             if spec.segment == i:
                 branch = bundle.exits[spec.name]
                 ms = median_ms(lambda b=branch, f=f: b(f))
-                rows.append(
-                    (
-                        f"exit {spec.name}",
-                        sum(p.numel() for p in branch.parameters()),
-                        ms,
-                        (len(bundle.manifest.class_names),),
-                    )
-                )
+                rows.append((f"exit {spec.name}", sum(p.numel() for p in branch.parameters()),
+                             ms, (len(bundle.manifest.class_names),)))
     tail_params = sum(p.numel() for p in bundle.tail.parameters())
     tail_ms = median_ms(lambda: bundle.tail(f))
 rows.append(("tail (server)", tail_params, tail_ms, (len(bundle.manifest.class_names),)))

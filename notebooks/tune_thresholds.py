@@ -60,7 +60,6 @@ bundle = load_bundle(BUNDLE)
 TABLES = Path(os.environ.get("SPLITEXIT_TABLES") or Path("data") / bundle.fingerprint[:16])
 print(bundle.manifest.name, bundle.fingerprint[:16], [e.name for e in bundle.manifest.exits])
 
-
 # %%
 def tables(limit: int | None = None) -> dict[str, CalibrationTable]:
     """Calibration and test tables: loaded when saved, else recorded (and saved)."""
