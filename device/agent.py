@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sys
 import time
 import uuid
@@ -27,8 +28,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from splitexit.bundle import Bundle
 from splitexit.errors import BundleError
@@ -78,8 +77,7 @@ class Agent:
         self.client = None if config.local_only else client
         if self.client is None and not config.local_only:
             raise ValueError("an Agent needs a client unless config.local_only is set")
-        self.head = HeadRunner(bundle, thresholds=config.thresholds)
-        self.pre = bundle.preprocess
+        self.head = HeadRunner(bundle, thresholds=config.thresholds, runtime=config.runtime)
         self.class_names = list(bundle.manifest.class_names)
         if self.client is not None and self.client.classes is None:
             self.client.classes = len(self.class_names)  # an answer outside them is garbage
@@ -198,7 +196,7 @@ class Agent:
             pixels = item.load()
             work.label = label_index(item.label, self.class_names)
             start = time.monotonic()
-            x = self.pre(pixels[None])
+            x = self.head.preprocess(pixels[None])
             work.result = self.head.run(x)
             work.head_s = time.monotonic() - start
         except Exception as e:  # one bad input must not end the run
@@ -236,7 +234,9 @@ class Agent:
         start = time.monotonic()
         z = work.result.z
         try:
-            if z.numel() <= _INLINE_ENCODE_ELEMENTS:  # a thread hop would cost more than this
+            if (
+                math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS
+            ):  # a thread hop would cost more than this
                 frame = self.head.frame(z, point.bits, point.channels)
             else:
                 frame = await asyncio.get_running_loop().run_in_executor(
@@ -434,9 +434,3 @@ class Agent:
 
 def _next(it: Iterator[Input]) -> Input | None:
     return next(it, None)
-
-
-def set_torch_threads(n: int | None) -> None:
-    """Limit torch's intra-op threads (leave a core to the network side on small devices)."""
-    if n is not None:
-        torch.set_num_threads(n)

@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from splitexit.errors import BundleError, SplitexitError
+from splitexit.errors import BundleError, RuntimeUnavailable, SplitexitError
 
 if TYPE_CHECKING:
     from splitexit.bundle import Bundle
     from splitexit.link import LinkEmulator
+    from splitexit.runtime.backends import RuntimeOptions
 
     from .agent import Agent
     from .client import OffloadClient
@@ -149,9 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
-    g.add_argument("--threads", type=int, help="torch intra-op threads for the head")
-    g.add_argument("--device", default="cpu", help="torch device for the head (cpu, cuda)")
+    g = run.add_argument_group("runtime")
+    add_runtime_arguments(g)
+    g.add_argument("--device", default="cpu", help="--runtime torch: device (cpu, cuda)")
     return parser
+
+
+def add_runtime_arguments(g: argparse._ActionsContainer) -> None:
+    """--runtime, --providers, --threads (shared with splitexit-server)."""
+    from splitexit.runtime.backends import PROVIDERS, RUNTIMES
+
+    g.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the model: onnxruntime (the bundle's ONNX graphs, no torch needed), "
+        "torch (TorchScript), or auto (default): onnxruntime when installed and the bundle "
+        "has ONNX graphs, else torch",
+    )
+    g.add_argument(
+        "--providers",
+        default="cpu",
+        metavar="LIST",
+        help=f"onnxruntime execution providers in order, comma-separated ({', '.join(PROVIDERS)}"
+        "; default cpu; CPU is always the last fallback)",
+    )
+    g.add_argument(
+        "--threads", type=int, help="intra-op threads (leave a core to the network side)"
+    )
+
+
+def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
+    """RuntimeOptions from --runtime/--providers/--threads; ValueError names a bad value."""
+    from splitexit.runtime.backends import RuntimeOptions
+
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    return RuntimeOptions(args.runtime, providers or ("cpu",), args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,32 +199,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ping-ms must be > 0, got {args.ping_ms:g}")
     try:
         thresholds = _thresholds(args.threshold)
+        runtime = runtime_options(args)
     except ValueError as e:
         parser.error(str(e))
     try:
-        return asyncio.run(_run(args, thresholds))
+        return asyncio.run(_run(args, thresholds, runtime))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BundleError as e:
         _say(f"cannot use the bundle: {e}")
+        return EXIT_USAGE
+    except RuntimeUnavailable as e:  # the runtime asked for cannot run here: a usage error
+        _say(f"error: {e}")
         return EXIT_USAGE
     except (SplitexitError, ValueError, ImportError, OSError) as e:
         _say(f"error: {e}")
         return EXIT_ERROR
 
 
-async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
+async def _run(
+    args: argparse.Namespace, thresholds: dict[str, float], runtime: RuntimeOptions
+) -> int:
     from splitexit.bundle import load_bundle
 
-    from .agent import Agent, AgentConfig, set_torch_threads
+    from .agent import Agent, AgentConfig
     from .client import ClientConfig, OffloadClient, OffloadError
     from .records import RecordWriter
     from .sources import limit, open_source
 
-    set_torch_threads(args.threads)
-    bundle = load_bundle(
-        args.bundle, parts=("head", "exits"), device=args.device, trusted_keys=args.trusted_key
-    )
+    # the runner loads what its runtime needs: TorchScript parts, or the ONNX graphs
+    bundle = load_bundle(args.bundle, parts=(), device=args.device, trusted_keys=args.trusted_key)
     source = limit(open_source(args.source), args.limit)
     config = AgentConfig(
         policy=args.policy,
@@ -201,6 +239,7 @@ async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
         thresholds=thresholds or None,
         window=args.window,
         local_only=args.local_only,
+        runtime=runtime,
     )
     link = None
     client = None

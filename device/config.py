@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from splitexit.bundle import Bundle
 from splitexit.codec import HEADER_SIZE, QPARAM_SIZE
+from splitexit.runtime.backends import RuntimeOptions
 
 from .policy import Point
 
@@ -34,6 +35,8 @@ class AgentConfig:
         local_only: never offload (inputs no exit takes get the best exit's answer).
         probe_interval_s: time the link with a small request this often (0: never).
         breaker_failures, breaker_reset_s, breaker_max_reset_s: see `device.breaker`.
+        runtime: what runs the head (`splitexit.runtime.backends`; default auto: onnxruntime
+            when installed and the bundle has ONNX graphs, else TorchScript).
     """
 
     policy: Literal["fixed", "adaptive"] = "adaptive"
@@ -48,6 +51,7 @@ class AgentConfig:
     breaker_failures: int = 3
     breaker_reset_s: float = 0.5
     breaker_max_reset_s: float = 10.0
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
 
     def __post_init__(self) -> None:
         if self.policy not in ("fixed", "adaptive"):

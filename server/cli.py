@@ -111,6 +111,21 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return Settings.from_env(environ, **overrides)
 
 
+def check_runtime(settings: Settings, bundles: list) -> None:
+    """Raise now, not in the background, if a model cannot run as asked: RuntimeUnavailable
+    for a runtime that cannot run here, BundleError for a TorchScript part that cannot load."""
+    from splitexit.runtime.backends import resolve_runtime
+
+    options = settings.runtime_options()
+    for b in bundles:
+        if resolve_runtime(options.runtime, b.manifest) == "onnxruntime":
+            from splitexit.runtime.onnx_backend import session_providers
+
+            session_providers(options.providers)
+        else:
+            b.load_parts(("head", "tail") if settings.images else ("tail",))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -128,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundles = load_bundles(settings)
+        check_runtime(settings, bundles)
     except (SplitexitError, OSError) as e:
         print(f"splitexit-server: refusing to start: {e}", file=sys.stderr)
         return 2

@@ -4,13 +4,14 @@
            ─ batcher ─┐
     images ───────────┤  worker thread, one batch:
                       ├─ frames: decode (crc, zstd bounded by the header) ─ check ─┐
-                      └─ images: decode ─ preprocess ─ head ─ quantize(best k, bits)┤
+                      └─ images: decode ─ HeadRunner (preprocess, head) ─ encode ──┤
                                         one tail call for the whole batch ◄───────┘
                                         ─ split per request ─► Answer
 
 Frames of any operating point share a batch: dequantized and zero-filled they all have the
 code shape. The `image` input runs the whole split model on the server (the "offload
-everything" baseline) at the bundle's best operating point.
+everything" baseline) at the bundle's best operating point, through the same head runner
+and quantizer a device uses. Head and tail run on the runtime the settings choose.
 """
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from server.admission import Admission
 from server.batcher import BatcherFactory, DynamicBatcher, Job
 from server.errors import BadRequest
 from server.metrics import ServerMetrics
 from server.settings import Settings
-from splitexit.bottleneck.quantize import QuantizedTensor, quantize
+from splitexit.bottleneck.quantize import QuantizedTensor
 from splitexit.bundle.load import Bundle, load_bundle
 from splitexit.codec import FrameHeader, encode_frame, read_header
-from splitexit.errors import BundleError, FingerprintMismatch, FrameError
+from splitexit.errors import FingerprintMismatch, FrameError
 from splitexit.protocol.kserve import INPUT_FRAME, INPUT_IMAGE
+from splitexit.runtime.head import HeadRunner
 from splitexit.runtime.tail import TailAnswer, TailRunner
 
 log = logging.getLogger("server.model")
@@ -66,10 +67,10 @@ class Answer:
 
 
 def load_bundles(settings: Settings) -> list[Bundle]:
-    """Load and verify every bundle in `settings` (raises BundleError naming the bad file)."""
-    parts = ("head", "tail") if settings.images else ("tail",)
+    """Load and verify every bundle in `settings` (raises BundleError naming the bad file);
+    the runners load the pieces their runtime needs."""
     return [
-        load_bundle(p, parts=parts, device=settings.device, trusted_keys=settings.trusted_keys)
+        load_bundle(p, parts=(), device=settings.device, trusted_keys=settings.trusted_keys)
         for p in settings.bundles
     ]
 
@@ -92,21 +93,27 @@ class ServedModel:
         self.fingerprint = bundle.fingerprint
         self.version = self.fingerprint[:16]
         self.ready = False
-        self.images = settings.images and _has_head(bundle)
-        if settings.images and not self.images:
-            log.warning(
-                "bundle loaded without its head: the image input is off", extra={"model": self.name}
-            )
+        self.images = settings.images
+        runtime = settings.runtime_options()
+        self.head = HeadRunner(bundle, runtime=runtime) if self.images else None
         b = m.bottleneck
         self.max_samples = settings.max_batch_size
         self.max_raw_bytes = (
             settings.max_batch_size * b.code_shape[0] * b.code_shape[1] * (b.code_shape[2])
         )
-        self._runners: queue.SimpleQueue[TailRunner] = queue.SimpleQueue()
-        for _ in range(settings.workers_per_model):
-            self._runners.put(
-                TailRunner(bundle, max_samples=self.max_samples, max_raw_bytes=self.max_raw_bytes)
+        runners = [
+            TailRunner(
+                bundle,
+                max_samples=self.max_samples,
+                max_raw_bytes=self.max_raw_bytes,
+                runtime=runtime,
             )
+            for _ in range(settings.workers_per_model)
+        ]
+        self.runtime = runners[0].backend.name  # "torch" or "onnxruntime"
+        self._runners: queue.SimpleQueue[TailRunner] = queue.SimpleQueue()
+        for runner in runners:
+            self._runners.put(runner)
         self.admission = Admission(
             settings.queue_delay_target_s,
             settings.max_batch_size,
@@ -235,36 +242,33 @@ class ServedModel:
 
     def _decode_images(
         self, works: Sequence[Work], indices: list[int], results: list[Any]
-    ) -> dict[int, list[torch.Tensor]]:
+    ) -> dict[int, list[np.ndarray]]:
         from splitexit.preprocess import decode_image
 
-        pre = self.bundle.preprocess
-        out: dict[int, list[torch.Tensor]] = {}
+        out: dict[int, list[np.ndarray]] = {}
         limit = self.settings.max_image_pixels
         for i in indices:
             try:
-                arrays = [
+                out[i] = [
                     decode_image(data, max_pixels=limit, formats=IMAGE_FORMATS)
                     for data in works[i].elements
                 ]
-                out[i] = [pre.one(a) for a in arrays]
             except Exception as e:  # whatever a decoder raises fails this request alone
                 results[i] = BadRequest(f"image input ({'/'.join(IMAGE_FORMATS)} only): {e}")
         return out
 
-    @torch.inference_mode()
     def _run_head(
-        self, pixels: dict[int, list[torch.Tensor]], codes: list[list[QuantizedTensor]]
+        self, pixels: dict[int, list[np.ndarray]], codes: list[list[QuantizedTensor]]
     ) -> None:
-        x = torch.stack([t for ts in pixels.values() for t in ts]).to(self.bundle.device)
-        for segment in self.bundle.segments:
-            x = segment(x)
+        assert self.head is not None
+        x = [self.head.preprocess(a[None]) for arrays in pixels.values() for a in arrays]
+        z = self.head.run(_concat(x), exits=False).z
         k, bits = self.best_operating_point
-        qt = quantize(x[:, :k], bits, channels=self.manifest.bottleneck.channels)
+        qt = self.head.encode(z, bits, k)
         row = 0
-        for i, ts in pixels.items():
-            rows = slice(row, row + len(ts))
-            row += len(ts)
+        for i, arrays in pixels.items():
+            rows = slice(row, row + len(arrays))
+            row += len(arrays)
             part = (qt.values[rows], qt.scale[rows], qt.zero_point[rows])
             codes[i] = [QuantizedTensor(*part, bits=bits, channels=qt.channels)]
 
@@ -310,12 +314,12 @@ class ServedModel:
 
     def synthetic_frame(self, k: int, bits: int, n: int = 1, seed: int = 0) -> bytes:
         """A valid frame of random codes at (k, bits) for this bundle."""
-        g = torch.Generator().manual_seed(seed)
+        g = np.random.default_rng(seed)
         _, h, w = self.manifest.bottleneck.code_shape
         qt = QuantizedTensor(
-            values=torch.randint(0, 1 << bits, (n, k, h, w), dtype=torch.uint8, generator=g),
-            scale=torch.full((n,), 0.05),
-            zero_point=torch.full((n,), (1 << bits) // 2, dtype=torch.uint8),
+            values=g.integers(0, 1 << bits, (n, k, h, w), dtype=np.uint8),
+            scale=np.full((n,), 0.05, dtype=np.float32),
+            zero_point=np.full((n,), (1 << bits) // 2, dtype=np.uint8),
             bits=bits,
             channels=self.manifest.bottleneck.channels,
         )
@@ -374,7 +378,9 @@ class ServedModel:
         return {
             "name": self.name,
             "versions": [self.version],
-            "platform": "splitexit_torchscript",
+            "platform": "splitexit_torchscript"
+            if self.runtime == "torch"
+            else f"splitexit_{self.runtime}",
             "inputs": inputs,
             "outputs": [
                 {"name": "class", "datatype": "INT64", "shape": [-1]},
@@ -401,11 +407,13 @@ class ServedModel:
         }
 
 
-def _has_head(bundle: Bundle) -> bool:
-    try:
-        return bool(bundle.segments)
-    except BundleError:
-        return False
+def _concat(parts: list[Any]) -> Any:
+    """Concatenate preprocessed batches of the runner's array kind along the batch axis."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat(parts)
 
 
 def _finite(answer: Answer) -> Answer | BadRequest:
@@ -420,11 +428,7 @@ def _finite(answer: Answer) -> Answer | BadRequest:
 
 
 def _join(answers: Sequence[TailAnswer]) -> Answer:
-    if len(answers) == 1:
-        a = answers[0]
-        return Answer(a.logits.numpy(), a.prediction.numpy(), a.probability.numpy())
-    return Answer(
-        torch.cat([a.logits for a in answers]).numpy(),
-        torch.cat([a.prediction for a in answers]).numpy(),
-        torch.cat([a.probability for a in answers]).numpy(),
-    )
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([np.asarray(getattr(a, name)) for a in answers])
+
+    return Answer(cat("logits"), cat("prediction"), cat("probability"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from splitexit.errors import ConfigError
+from splitexit.runtime.backends import RuntimeOptions
 
 ENV_PREFIX = "SPLITEXIT_SERVER_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -83,7 +84,17 @@ class Settings:
         64, "stream messages in flight per connection (1..256); more are answered 'busy'"
     )
     workers_per_model: int = _setting(1, "threads running batches per model")
-    torch_threads: int | None = _setting(None, "torch intra-op threads (default: torch's)")
+    runtime: str = _setting(
+        "auto",
+        "what runs the models: torch (TorchScript), onnxruntime (the bundle's ONNX graphs), or "
+        "auto: onnxruntime when installed and the bundle has ONNX graphs, else torch",
+    )
+    providers: str = _setting(
+        "cpu", "onnxruntime execution providers in order, comma-separated: cpu, cuda, tensorrt"
+    )
+    torch_threads: int | None = _setting(
+        None, "intra-op threads of the runtime (torch: process-wide; onnxruntime: per session)"
+    )
     device: str = _setting("cpu", "torch device for the tails, e.g. cpu or cuda")
     images: bool = _setting(
         True, "accept the `image` input (PNG/JPEG, whole model on the server): the baseline"
@@ -127,11 +138,20 @@ class Settings:
             out.append(f"http_parser must be one of {HTTP_PARSERS}, got {self.http_parser!r}")
         if self.http_parser == "httptools" and importlib.util.find_spec("httptools") is None:
             out.append("http_parser httptools is not installed: pip install 'splitexit[server]'")
+        try:
+            self.runtime_options()
+        except ValueError as e:
+            out.append(str(e))
         if self.log_level not in LOG_LEVELS:
             out.append(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.auth_token is not None and not self.auth_token.strip():
             out.append("auth_token is empty; unset it to disable auth")
         return out
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The runtime, providers and threads the models run with."""
+        providers = tuple(p.strip() for p in self.providers.split(",") if p.strip())
+        return RuntimeOptions(self.runtime, providers or ("cpu",), self.torch_threads)
 
     @property
     def max_queue_delay_s(self) -> float:

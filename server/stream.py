@@ -30,7 +30,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from server.auth import AUTH_HINT, bearer_ok
 from server.batcher import Expired, QueueFull, Stopped
-from server.errors import BadRequest
+from server.errors import BadRequest, DeadlineExceeded, Overloaded
 from server.metrics import Gauge
 from server.model import Answer, ServedModel
 from server.state import ServerState
@@ -312,8 +312,11 @@ class _Stream:
         try:
             try:
                 answer: Answer = await asyncio.wait_for(future, deadline - time.monotonic())
-            except (asyncio.TimeoutError, Expired):
+            except (asyncio.TimeoutError, Expired, DeadlineExceeded):
                 await self._fail(mid, "deadline", "no answer within the deadline", start, "timeout")
+                return
+            except Overloaded as e:  # admission control dropped it uncomputed: busy, not a fault
+                await self._busy(mid, str(e), start)
                 return
             except Stopped:
                 await self._busy(mid, "the server is shutting down; reconnect", start, "not_ready")

@@ -3,6 +3,7 @@
 splitexit models                 the splittable architectures and their split points
 splitexit train CONFIG           run (or resume) a whole experiment from one TOML file
 splitexit export RUN_DIR         turn a finished run into a deployment bundle
+splitexit onnx BUNDLE            add ONNX graphs (checked for parity) to a bundle in place
 splitexit inspect BUNDLE         print a bundle's manifest readably
 splitexit sign BUNDLE --key KEY  sign a bundle (servers and devices check it: --trusted-key)
 """
@@ -114,6 +115,21 @@ def _require_onnx() -> None:
         )
 
 
+def cmd_onnx(args: argparse.Namespace) -> int:
+    from .bundle.onnx import add_onnx
+
+    _require_onnx()
+    record = add_onnx(args.bundle, triton=args.triton)
+    worst = max(record["max_abs_diff"].values())
+    agree = min(record["argmax_agreement"].values())
+    print(
+        f"ONNX graphs added to {args.bundle} (opset {record['opset']}): max abs difference "
+        f"{worst:.2g}, argmax agreement {agree:.1%} on {record['samples']} samples; "
+        "fingerprint unchanged"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -138,7 +154,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .bundle.inspect import format_manifest
 
-    bundle = load_bundle(args.bundle, verify=not args.no_verify)
+    bundle = load_bundle(args.bundle, verify=not args.no_verify, parts=())
     print(format_manifest(bundle.manifest))
     return 0
 
@@ -222,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "onnx",
+        help="add ONNX graphs of head, exits and tail to a bundle (fingerprint unchanged)",
+        description="Export a bundle directory's TorchScript pieces to ONNX into its onnx/ "
+        "folder, check them against TorchScript on sample inputs (the parity goes into the "
+        "manifest), and list them, so `--runtime onnxruntime` can run it without torch. "
+        "The fingerprint covers the weights, not the files: deployed devices keep working.",
+    )
+    p.add_argument("bundle", help="bundle directory")
+    p.add_argument(
+        "--triton", action="store_true", help="also keep a Triton model of the tail in onnx/triton"
+    )
+    p.set_defaults(func=cmd_onnx)
+
     from . import profile as profile_cmd
     from .calibrate import add_arguments as calibrate_arguments
     from .calibrate import calibrate_main
@@ -304,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SplitexitError as exc:
         print(f"splitexit: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        print(
+            f"splitexit: error: `splitexit {args.command}` needs torch, which a device install "
+            "leaves out: pip install 'splitexit[torch]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("splitexit: interrupted", file=sys.stderr)

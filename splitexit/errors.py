@@ -9,7 +9,8 @@ Every message says what is wrong and, where it can, what to do about it.
     │   └── BundleHashMismatch     a file whose sha256 differs from the manifest
     ├── SplitPointError            a split or exit point the model does not have
     ├── DatasetError               data that cannot be found or read
-    └── ConfigError                an experiment config that does not validate
+    ├── ConfigError                an experiment config that does not validate
+    └── RuntimeUnavailable         a runtime backend or execution provider that is not here
 """
 
 from __future__ import annotations
@@ -57,3 +58,7 @@ class DatasetError(SplitexitError):
 
 class ConfigError(SplitexitError, ValueError):
     """An experiment configuration is invalid."""
+
+
+class RuntimeUnavailable(SplitexitError):
+    """The runtime asked for (torch, onnxruntime, an execution provider) cannot run here."""

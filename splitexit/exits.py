@@ -2,22 +2,18 @@
 
     features at a named point ─ [conv 3x3] ─ global avg pool ─ linear ─ logits ─ confidence
 
-Confidence measures, all batched and "higher means more confident", in [0, 1]:
-
-- `max_prob`: the largest softmax probability;
-- `margin`: top-1 minus top-2 probability;
-- `entropy`: 1 - H(p) / log(K), the normalised negative entropy.
+The confidence measures (`max_prob`, `margin`, `entropy`) live in `splitexit.confidence`,
+which also scores numpy logits on a device without torch; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-CONFIDENCE_MEASURES = ("max_prob", "margin", "entropy")
+from .confidence import CONFIDENCE_MEASURES, confidence
+
+__all__ = ["CONFIDENCE_MEASURES", "ExitBranch", "confidence"]
 
 
 class ExitBranch(nn.Module):
@@ -59,20 +55,3 @@ class ExitBranch(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(f)), 1))
-
-
-def confidence(logits: torch.Tensor, measure: str = "max_prob") -> torch.Tensor:
-    """Per-sample confidence of logits [N, K] as a tensor [N] in [0, 1]."""
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"expected logits of shape [N, K>=2], got {tuple(logits.shape)}")
-    logits = logits.float()
-    if measure == "max_prob":
-        return F.softmax(logits, dim=1).amax(dim=1)
-    if measure == "margin":
-        top2 = F.softmax(logits, dim=1).topk(2, dim=1).values
-        return top2[:, 0] - top2[:, 1]
-    if measure == "entropy":
-        logp = F.log_softmax(logits, dim=1)
-        h = -(logp.exp() * logp).sum(dim=1)
-        return (1.0 - h / math.log(logits.shape[1])).clamp(0.0, 1.0)
-    raise ValueError(f"unknown confidence measure {measure!r}; choose one of {CONFIDENCE_MEASURES}")

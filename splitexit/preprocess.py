@@ -4,6 +4,8 @@
 
 `Preprocess` is what a bundle's manifest stores (`to_dict` / `from_dict`), so the device, the
 server's "image" input baseline and the training code all feed the model the same tensors.
+Calling it gives a torch tensor; `Preprocess.numpy` is its numpy twin (the same steps, the
+same antialiased bilinear weights), for a device that runs ONNX and has no torch.
 `decode_image` / `encode_image` turn PNG/JPEG/WebP bytes into uint8 arrays and back; they are
 what the image baseline sends on the wire. Pillow is imported only when they are called.
 """
@@ -16,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from splitexit.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
     from PIL.Image import Image as PILImage
 
 #: ITU-R 601-2 luma weights, the ones Pillow's ``convert("L")`` uses.
@@ -31,7 +32,7 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 #: before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
-ImageBatch = np.ndarray | torch.Tensor
+ImageBatch = Any  # np.ndarray | torch.Tensor of uint8 pixels
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     channels: int = 1
-    _mean_t: torch.Tensor = field(init=False, repr=False, compare=False)
-    _std_t: torch.Tensor = field(init=False, repr=False, compare=False)
+    _cache: dict[str, Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         size = tuple(int(s) for s in self.size)
@@ -75,13 +75,18 @@ class Preprocess:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
-        object.__setattr__(self, "_mean_t", torch.tensor(mean).view(1, -1, 1, 1))
-        object.__setattr__(self, "_std_t", torch.tensor(std).view(1, -1, 1, 1))
+        object.__setattr__(self, "_cache", {})
 
     def __call__(
         self, images: ImageBatch, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """Preprocess a batch; `device` (e.g. "cuda") moves the uint8 pixels before the math."""
+        import torch
+        import torch.nn.functional as F
+
+        if "mean_t" not in self._cache:
+            self._cache["mean_t"] = torch.tensor(self.mean).view(1, -1, 1, 1)
+            self._cache["std_t"] = torch.tensor(self.std).view(1, -1, 1, 1)
         x = _to_nchw_uint8(images)
         if device is not None:
             x = x.to(device)
@@ -95,9 +100,29 @@ class Preprocess:
             )
         if x.shape[1] == 1 and self.channels == 3:  # after resizing: a third of the work
             x = x.expand(-1, 3, -1, -1)
-        mean = self._mean_t.to(x.device)
-        std = self._std_t.to(x.device)
+        mean = self._cache["mean_t"].to(x.device)
+        std = self._cache["std_t"].to(x.device)
         return ((x - mean) / std).contiguous()
+
+    def numpy(self, images: np.ndarray) -> np.ndarray:
+        """The numpy twin of calling this: uint8 [N,H,W] | [N,H,W,C] to float32 [N,C,*size].
+
+        The same steps in the same order; the resize uses the weights of torch's antialiased
+        bilinear interpolation, so the two agree to float32 rounding.
+        """
+        x = _to_nchw_uint8_np(images).astype(np.float32) / np.float32(255.0)
+        if x.shape[1] == 3 and self.channels == 1:
+            luma = np.asarray(LUMA_WEIGHTS, dtype=np.float32).reshape(1, 3, 1, 1)
+            x = (x * luma).sum(axis=1, keepdims=True, dtype=np.float32)
+        if tuple(x.shape[-2:]) != self.size:
+            rows = _aa_bilinear_weights(x.shape[-2], self.size[0])
+            cols = _aa_bilinear_weights(x.shape[-1], self.size[1])
+            x = (rows @ x @ cols.T).astype(np.float32)
+        if x.shape[1] == 1 and self.channels == 3:
+            x = np.repeat(x, 3, axis=1)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return np.ascontiguousarray((x - mean) / std)
 
     def one(self, image: ImageBatch, device: torch.device | str | None = None) -> torch.Tensor:
         """Preprocess a single image [H, W] or [H, W, C] into [channels, *size]."""
@@ -140,6 +165,8 @@ class Preprocess:
 
 def _to_nchw_uint8(images: ImageBatch) -> torch.Tensor:
     """[N,H,W] or [N,H,W,C] uint8 (numpy or torch) -> uint8 tensor [N,C,H,W] (a view if it can)."""
+    import torch
+
     x = images
     if isinstance(images, np.ndarray):
         # torch wants writable memory (we never write: the next step copies to float)
@@ -156,6 +183,42 @@ def _to_nchw_uint8(images: ImageBatch) -> torch.Tensor:
         "expected a channels-last batch [N, H, W] or [N, H, W, C] with C in {1, 3}, "
         f"got shape {tuple(x.shape)}"
     )
+
+
+def _to_nchw_uint8_np(images: np.ndarray) -> np.ndarray:
+    """[N,H,W] or [N,H,W,C] uint8 numpy -> uint8 [N,C,H,W] (a view)."""
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"expected a numpy array, got {type(images).__name__}")
+    if images.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels in [0, 255], got dtype {images.dtype}")
+    if images.ndim == 3:
+        return images[:, None]
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        return images.transpose(0, 3, 1, 2)
+    raise ValueError(
+        "expected a channels-last batch [N, H, W] or [N, H, W, C] with C in {1, 3}, "
+        f"got shape {tuple(images.shape)}"
+    )
+
+
+def _aa_bilinear_weights(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] weights of antialiased bilinear resizing (align_corners=False).
+
+    The triangle filter widened by the scale when shrinking, taps clipped to the image and
+    normalised, as in torch's `interpolate(..., antialias=True)` (and Pillow's resize).
+    """
+    scale = size_in / size_out
+    support = scale if scale >= 1.0 else 1.0
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    w = np.zeros((size_out, size_in), dtype=np.float64)
+    for i in range(size_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), size_in)
+        j = np.arange(lo, hi)
+        taps = np.maximum(0.0, 1.0 - np.abs((j - center + 0.5) * inv))
+        w[i, lo:hi] = taps / taps.sum()
+    return w.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- image codecs
@@ -239,7 +302,7 @@ def decode_image(
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 
 
-def encode_image(array: np.ndarray | torch.Tensor, format: str = "png", quality: int = 90) -> bytes:
+def encode_image(array: ImageBatch, format: str = "png", quality: int = 90) -> bytes:
     """uint8 [H, W] or [H, W, C] (C in 1, 3, 4) -> image bytes.
 
     PNG is lossless and optimized (`quality` is ignored); JPEG and WebP are lossy at `quality`
@@ -249,7 +312,7 @@ def encode_image(array: np.ndarray | torch.Tensor, format: str = "png", quality:
     fmt = _FORMATS.get(format.lower())
     if fmt is None:
         raise ValueError(f"format must be one of {sorted(_FORMATS)}, got {format!r}")
-    if isinstance(array, torch.Tensor):
+    if not isinstance(array, np.ndarray) and hasattr(array, "detach"):  # a torch tensor
         array = array.detach().cpu().numpy()
     arr = np.asarray(array)
     if arr.dtype != np.uint8:

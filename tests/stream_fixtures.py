@@ -146,7 +146,10 @@ class ProcessServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-W", "ignore", "-m", "server.cli", "--bundle", str(bundle)]
-        cmd += ["--port", str(self.port), "--log-level", "warning", *args]
+        # admission control off in effect (a cold batch on a loaded machine must not be shed):
+        # these tests are about faults; test_server_admission covers shedding
+        cmd += ["--port", str(self.port), "--log-level", "warning"]
+        cmd += ["--queue-delay-target-ms", "10000", *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITEXIT_SERVER_")}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
 

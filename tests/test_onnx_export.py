@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -200,3 +201,67 @@ def test_falls_back_to_the_torch_export_based_exporter(
     [got] = session(path).run(None, feeds)
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), tail(dequantize(qt)), atol=ATOL, rtol=0)
+
+
+def test_export_records_onnx_parity_in_the_manifest(bundle_dir: Path) -> None:
+    m = load_bundle(bundle_dir, parts=()).manifest
+    assert m.has_onnx
+    assert set(m.onnx["max_abs_diff"]) == {
+        "segment_0",
+        "segment_1",
+        "exit_stem",
+        "exit_bottleneck",
+        "tail",
+    }
+    assert max(m.onnx["max_abs_diff"].values()) < ATOL
+    assert m.onnx["argmax_agreement"] == {"exit_stem": 1.0, "exit_bottleneck": 1.0, "tail": 1.0}
+    assert m.onnx["samples"] == 64 and m.onnx["onnxruntime"] == ort.__version__
+
+
+def test_parity_check_refuses_a_graph_that_computes_something_else(bundle_dir: Path) -> None:
+    from splitexit.bundle.onnx import onnx_parity
+    from splitexit.errors import BundleError
+
+    bundle = load_bundle(bundle_dir)
+    exit_at = {e.segment: (e.name, bundle.exits[e.name]) for e in bundle.manifest.exits}
+
+    class Doubled(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * 2
+
+    segments = [bundle.segments[0], Doubled(bundle.segments[1])]
+    with pytest.raises(BundleError, match="segment_1 differs from its TorchScript piece"):
+        onnx_parity(segments, exit_at, bundle.tail, bundle_dir / "onnx", INPUT_SHAPE)
+
+
+def test_splitexit_onnx_adds_graphs_to_a_bundle_and_keeps_its_fingerprint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from splitexit.bundle import verify_files
+    from splitexit.cli import main
+
+    path = tmp_path / "plain"
+    export_bundle(
+        tiny_net(),
+        path,
+        name="plain",
+        architecture={"name": "tiny"},
+        preprocessing={"size": [16, 16], "channels": 1},
+        class_names=[f"c{i}" for i in range(10)],
+        example_input_shape=INPUT_SHAPE,
+    )
+    before = verify_files(path)
+    assert not before.has_onnx and before.onnx == {}
+    assert main(["onnx", str(path)]) == 0
+    assert "fingerprint unchanged" in capsys.readouterr().out
+    after = verify_files(path)  # every file listed and hashed, fingerprint recomputes
+    assert after.has_onnx and after.fingerprint == before.fingerprint
+    assert not (path / "onnx" / "triton").exists()
+    head = HeadRunner(load_bundle(path, parts=()), runtime="onnxruntime")
+    x = torch.randn(3, *INPUT_SHAPE)
+    want = HeadRunner(load_bundle(path), runtime="torch").run(x, exits=False).z
+    np.testing.assert_allclose(head.run(x.numpy(), exits=False).z, want.numpy(), atol=ATOL)

@@ -1,6 +1,11 @@
-"""Learned bottleneck and its per-sample quantization."""
+"""Learned bottleneck and its per-sample quantization.
 
-from .module import Bottleneck, Decoder, Encoder, keep_channels, zero_fill
+The quantizer (`quantize`, `dequantize`, numpy twins included) imports without torch; the
+modules (`Bottleneck`, `Encoder`, `Decoder`, `keep_channels`, `zero_fill`) load on first use.
+"""
+
+from typing import Any
+
 from .quantize import (
     SUPPORTED_BITS,
     QuantizedTensor,
@@ -9,6 +14,8 @@ from .quantize import (
     quant_params,
     quantize,
 )
+
+_MODULES = ("Bottleneck", "Decoder", "Encoder", "keep_channels", "zero_fill")
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -23,3 +30,11 @@ __all__ = [
     "quantize",
     "zero_fill",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        from . import module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

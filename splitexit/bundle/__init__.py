@@ -6,9 +6,13 @@
 `write_thresholds` / `update_manifest` let calibration edit the manifest without changing
 the fingerprint; `format_manifest` renders it for people; `splitexit.bundle.onnx` exports
 ONNX graphs and a Triton model (optional `export` extra).
+
+Loading and verifying need no torch (a device running ONNX has none); the exporters are
+imported on first use.
 """
 
-from .export import archive_bundle, export_bundle, update_manifest, write_thresholds
+from typing import Any
+
 from .inspect import format_manifest
 from .load import PARTS, Bundle, load_bundle, verify_files
 from .manifest import (
@@ -43,3 +47,13 @@ __all__ = [
     "verify_files",
     "write_thresholds",
 ]
+
+_EXPORTERS = ("archive_bundle", "export_bundle", "update_manifest", "write_thresholds")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTERS:
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -95,7 +95,8 @@ def export_bundle(
             calibration writes one with `write_thresholds`.
         measure: confidence measure of every exit.
         dictionary: zstd dictionary for frame payloads, stored in codec/dictionary.zstd.
-        onnx: also export ONNX graphs and a Triton model (needs the `export` extra).
+        onnx: also export ONNX graphs and a Triton model (needs the `export` extra), check
+            them against the TorchScript pieces and record the parity in the manifest.
         overwrite: replace an existing non-empty directory at `path`.
         split_point: name of the split; default the last head stage's name.
         provenance: what the model was trained on (dataset, roots, classes, input shape,
@@ -139,16 +140,9 @@ def export_bundle(
                 else bytes(dictionary)
             )
             (tmp / DICTIONARY_FILE).write_bytes(data)
+        onnx_record: dict[str, Any] = {}
         if onnx:
-            from .onnx import export_onnx
-
-            export_onnx(
-                model,
-                tmp / "onnx",
-                name=name,
-                example_input_shape=input_shape,
-                class_names=list(class_names),
-            )
+            onnx_record = _write_onnx(model, tmp, name, input_shape, list(class_names))
 
         bottleneck = model.bottleneck
         manifest = Manifest(
@@ -179,6 +173,7 @@ def export_bundle(
             metrics=dict(metrics or {}),
             provenance=dict(provenance or {}),
             weights_digest=weights_digest(model.state_dict()),
+            onnx=onnx_record,
         )
         manifest = dataclasses.replace(manifest, fingerprint=manifest.compute_fingerprint())
         write_manifest(tmp, manifest)
@@ -211,6 +206,7 @@ _FROZEN_FIELDS = {
     "files",
     "bottleneck",
     "codec",
+    "onnx",
 }
 
 
@@ -316,6 +312,30 @@ def _write_torchscript(
     if logits.dim() != 2:
         raise BundleError(f"the tail must output logits [N, K], got shape {tuple(logits.shape)}")
     return exits, int(logits.shape[1]), code_shape  # type: ignore[return-value]
+
+
+def _write_onnx(
+    model: SplitExitNet,
+    out: Path,
+    name: str,
+    input_shape: tuple[int, ...],
+    class_names: list[str],
+) -> dict[str, Any]:
+    """ONNX graphs into out/onnx, checked against the TorchScript pieces just written there."""
+    from .load import _load_script
+    from .onnx import export_onnx, onnx_parity
+
+    export_onnx(
+        model, out / "onnx", name=name, example_input_shape=input_shape, class_names=class_names
+    )
+    segments = [_load_script(out, segment_file(i), "cpu") for i in range(len(model.segments()))]
+    exit_at = {
+        i: (e, _load_script(out, exit_file(e), "cpu"))
+        for i, (_, e) in enumerate(model.segments())
+        if e is not None
+    }
+    tail = _load_script(out, TAIL_FILE, "cpu")
+    return onnx_parity(segments, exit_at, tail, out / "onnx", input_shape)
 
 
 def weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -37,6 +37,7 @@ def format_manifest(manifest: Manifest | Bundle, root: str | os.PathLike[str] | 
         f"codec         zstd level {m.codec.zstd_level}, "
         + (f"dictionary {m.codec.dictionary}" if m.codec.dictionary else "no dictionary"),
         f"teacher acc.  {_num(m.teacher_accuracy)}",
+        f"runtimes      {_runtimes(m)}",
         "",
         "exits",
     ]
@@ -90,6 +91,20 @@ def format_manifest(manifest: Manifest | Bundle, root: str | os.PathLike[str] | 
         rows.append([rel, size, digest[:16]])
     lines += _table(["path", "size", "sha256"], rows, right={1})
     return "\n".join(lines) + "\n"
+
+
+def _runtimes(m: Manifest) -> str:
+    if not m.has_onnx:
+        return "torch (TorchScript); no ONNX graphs (add them: splitexit onnx BUNDLE)"
+    rec = m.onnx
+    if not rec.get("max_abs_diff"):
+        return "torch (TorchScript), onnxruntime (ONNX; parity not recorded)"
+    return (
+        f"torch (TorchScript), onnxruntime (ONNX opset {rec.get('opset', '?')}: max abs "
+        f"difference {max(rec['max_abs_diff'].values()):.2g}, argmax agreement "
+        f"{min(rec.get('argmax_agreement', {}).values() or [float('nan')]):.1%} on "
+        f"{rec.get('samples', '?')} samples)"
+    )
 
 
 def _table(

@@ -6,7 +6,9 @@
         ─ torch.jit.load the parts asked for ─► Bundle
 
 Nothing here unpickles arbitrary objects: models are TorchScript (`torch.jit.load`) and the
-state dict goes through `torch.load(weights_only=True)`.
+state dict goes through `torch.load(weights_only=True)`. torch is imported only to load
+TorchScript parts: `parts=()` verifies and reads a bundle without it (the ONNX runtime
+backend opens the graphs itself).
 """
 
 from __future__ import annotations
@@ -20,9 +22,8 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import zstandard
 
 from splitexit.errors import BundleError, BundleHashMismatch
@@ -38,6 +39,9 @@ from .manifest import (
     sha256_file,
 )
 from .sign import SIGNATURE_FILE, verify_signature
+
+if TYPE_CHECKING:
+    import torch
 
 PARTS = ("head", "exits", "tail")
 MAX_ARCHIVE_BYTES = 8 * 2**30  # refuse archives that would extract to more than this
@@ -58,7 +62,7 @@ class Bundle:
         path: Path,
         manifest: Manifest,
         *,
-        device: torch.device,
+        device: Any,
         segments: list[torch.jit.ScriptModule] | None = None,
         exits: OrderedDict[str, torch.jit.ScriptModule] | None = None,
         tail: torch.jit.ScriptModule | None = None,
@@ -112,7 +116,28 @@ class Bundle:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full SplitExitNet state dict (weights only; loaded on each call)."""
+        import torch
+
         return torch.load(self.path / WEIGHTS_FILE, map_location=self.device, weights_only=True)
+
+    def load_parts(self, parts: Iterable[str]) -> None:
+        """Load TorchScript parts ("head", "exits", "tail") not loaded yet, on `device`."""
+        parts = _check_parts(parts)
+        if parts and isinstance(self.device, str):
+            import torch
+
+            self.device = torch.device(self.device)
+        if "head" in parts and self._segments is None:
+            self._segments = [
+                _load_script(self.path, r, self.device) for r in self.manifest.segment_files
+            ]
+        if "exits" in parts and self._exits is None:
+            self._exits = OrderedDict(
+                (e.name, _load_script(self.path, exit_file(e.name), self.device))
+                for e in self.manifest.exits
+            )
+        if "tail" in parts and self._tail is None:
+            self._tail = _load_script(self.path, TAIL_FILE, self.device)
 
     def _need(self, value: Any, part: str) -> Any:
         if value is None:
@@ -151,10 +176,7 @@ def load_bundle(
         trusted_keys: ed25519 public keys (PEM files); when given, the bundle must be signed
             by one of them (`splitexit sign`, see `splitexit.bundle.sign`), and is verified.
     """
-    parts = tuple(parts)
-    bad = sorted(set(parts) - set(PARTS))
-    if bad:
-        raise ValueError(f"unknown bundle parts {bad}; choose from {PARTS}")
+    parts = _check_parts(parts)
     src = Path(path)
     keepalive = None
     if src.is_file():
@@ -171,38 +193,39 @@ def load_bundle(
         verify_files(src, manifest)
     if trusted_keys:
         verify_signature(src, trusted_keys)
-    device = torch.device(device)
-
-    def load(rel: str) -> torch.jit.ScriptModule:
-        file = src / rel
-        if not file.is_file():
-            raise BundleError(f"{rel} is missing from bundle {src}; re-export or re-download it")
-        try:
-            with quiet_torchscript():
-                return torch.jit.load(str(file), map_location=device).eval()
-        except Exception as e:  # torch says RuntimeError (PytorchStreamReader ...) and more
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise BundleError(
-                f"{rel} in bundle {src} is not a loadable TorchScript module "
-                f"({type(e).__name__}: {first}); the file is damaged or was written by another "
-                "tool: re-export or re-download the bundle"
-            ) from None
-
-    segments = [load(rel) for rel in manifest.segment_files] if "head" in parts else None
-    exits = (
-        OrderedDict((e.name, load(exit_file(e.name))) for e in manifest.exits)
-        if "exits" in parts
-        else None
-    )
-    tail = load(TAIL_FILE) if "tail" in parts else None
-    bundle = Bundle(
-        src, manifest, device=device, segments=segments, exits=exits, tail=tail, keepalive=keepalive
-    )
+    bundle = Bundle(src, manifest, device=device, keepalive=keepalive)
+    bundle.load_parts(parts)
     try:
         bundle.preprocess  # noqa: B018 - checked now, not at the first input
     except ValueError as e:
         raise BundleError(f"bundle {src} has invalid preprocessing: {e}") from None
     return bundle
+
+
+def _check_parts(parts: Iterable[str]) -> tuple[str, ...]:
+    parts = tuple(parts)
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        raise ValueError(f"unknown bundle parts {bad}; choose from {PARTS}")
+    return parts
+
+
+def _load_script(root: Path, rel: str, device: Any) -> torch.jit.ScriptModule:
+    import torch
+
+    file = root / rel
+    if not file.is_file():
+        raise BundleError(f"{rel} is missing from bundle {root}; re-export or re-download it")
+    try:
+        with quiet_torchscript():
+            return torch.jit.load(str(file), map_location=device).eval()
+    except Exception as e:  # torch says RuntimeError (PytorchStreamReader ...) and more
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise BundleError(
+            f"{rel} in bundle {root} is not a loadable TorchScript module "
+            f"({type(e).__name__}: {first}); the file is damaged or was written by another "
+            "tool: re-export or re-download the bundle"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -36,8 +36,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from splitexit.bottleneck.quantize import SUPPORTED_BITS
+from splitexit.confidence import CONFIDENCE_MEASURES
 from splitexit.errors import BundleError
-from splitexit.exits import CONFIDENCE_MEASURES
 
 FORMAT = "splitexit-bundle"
 FORMAT_VERSION = 1
@@ -48,6 +48,7 @@ EXITS_DIR = "exits"
 TAIL_FILE = "tail.pt"
 WEIGHTS_FILE = "weights.pt"
 DICTIONARY_FILE = "codec/dictionary.zstd"
+ONNX_DIR = "onnx"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -60,6 +61,17 @@ def segment_file(index: int) -> str:
 def exit_file(name: str) -> str:
     """Relative path of the exit branch `name`."""
     return f"{EXITS_DIR}/{name}.pt"
+
+
+def onnx_graph_files(manifest: Manifest) -> dict[str, str]:
+    """The ONNX graphs a bundle exported with ONNX holds, by piece ("segment_<i>",
+    "exit_<name>", "tail"), as relative paths (whether or not this bundle has them)."""
+    files = {
+        f"segment_{i}": f"{ONNX_DIR}/{HEAD_DIR}/segment_{i}.onnx" for i in range(manifest.segments)
+    }
+    files |= {f"exit_{e.name}": f"{ONNX_DIR}/{EXITS_DIR}/{e.name}.onnx" for e in manifest.exits}
+    files["tail"] = f"{ONNX_DIR}/tail.onnx"
+    return files
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,9 @@ class Manifest:
     # split sizes, file-list hashes, the run's config (how to rebuild the model)
     provenance: dict[str, Any] = field(default_factory=dict)
     weights_digest: str = ""  # sha256 of the state_dict's tensors (see the module docstring)
+    # ONNX graphs beside the TorchScript (optional): opset, the onnxruntime they were checked
+    # with, and their parity with the TorchScript pieces on sample inputs (see bundle/onnx.py)
+    onnx: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -140,6 +155,11 @@ class Manifest:
             if e.name == name:
                 return e
         raise BundleError(f"bundle {self.name!r} has no exit {name!r}; exits: {self.exit_names}")
+
+    @property
+    def has_onnx(self) -> bool:
+        """Whether the bundle lists an ONNX graph for every head segment, exit and the tail."""
+        return all(rel in self.files for rel in onnx_graph_files(self).values())
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -180,7 +200,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         first = ["format", "format_version", "name", "fingerprint", "created", "splitexit_version"]
-        last = ["metrics", "provenance", "files"]
+        last = ["metrics", "provenance", "onnx", "files"]
         head = {k: d.pop(k) for k in first}
         tail = {k: d.pop(k) for k in last}
         return {**head, **d, **tail}
@@ -332,6 +352,7 @@ def _parse(d: Mapping[str, Any]) -> Manifest:
         metrics=_dict(d.get("metrics") or {}, "metrics"),
         provenance=_dict(d.get("provenance") or {}, "provenance"),
         weights_digest=_str(d.get("weights_digest", ""), "weights_digest"),
+        onnx=_dict(d.get("onnx") or {}, "onnx"),
         files={_str(k, "files key"): _str(v, f"files[{k!r}]") for k, v in d["files"].items()},
     )
 

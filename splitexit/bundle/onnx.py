@@ -17,26 +17,41 @@ onnxscript needed) is tried first, the torch.export-based one second. A loaded b
 pieces are TorchScript modules: they go through the TorchScript-based exporter only, and the
 raw tail wraps the scripted tail in a scripted wrapper. Needs the `export`
 extra (`pip install 'splitexit[export]'`) to check the graphs and run them.
+
+`onnx_parity` runs the graphs with onnxruntime next to the TorchScript pieces on seeded
+sample inputs (max abs difference per piece, argmax agreement of exits and tail) and
+refuses graphs that disagree; the manifest's `onnx` field records the result, and the
+device checks its records against it. `add_onnx` gives an existing bundle its graphs
+without changing its fingerprint (which covers the weights, not the files).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import re
+import shutil
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from splitexit.errors import BundleError
 from splitexit.splitnet import SplitExitNet
 
-from .load import Bundle, quiet_torchscript
+from .load import Bundle, load_bundle, quiet_torchscript
+from .manifest import ONNX_DIR, sha256_file, write_manifest
 
 DEFAULT_OPSET = 17
 RAW_TAIL_INPUTS = ("code", "scale", "zero_point")
+PARITY_SAMPLES = 64
+PARITY_RTOL = 1e-3  # max abs difference allowed, relative to the largest reference value
+PARITY_MIN_AGREEMENT = 0.98  # argmax agreement below this refuses the graphs
 
 
 class RawTail(nn.Module):
@@ -176,6 +191,109 @@ dynamic_batching {{
   max_queue_delay_microseconds: 2000
 }}
 """
+
+
+# --------------------------------------------------------------------------------- parity
+
+
+def onnx_parity(
+    segments: Sequence[nn.Module],
+    exits: Mapping[int, tuple[str, nn.Module]],
+    tail: nn.Module,
+    onnx_dir: str | os.PathLike[str],
+    input_shape: Sequence[int],
+    *,
+    samples: int = PARITY_SAMPLES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the graphs in `onnx_dir` (layout above) beside the torch pieces on seeded inputs.
+
+    Every graph gets the torch piece's own input. Returns the manifest's `onnx` record:
+    opset, onnxruntime version, samples, `max_abs_diff` per piece and `argmax_agreement`
+    per exit and the tail. Raises BundleError when a piece differs by more than
+    PARITY_RTOL of its output's scale or agrees on fewer than PARITY_MIN_AGREEMENT argmaxes.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    root = Path(onnx_dir)
+    gen = torch.Generator().manual_seed(seed)
+    amplitude = torch.rand((samples, 1, 1, 1), generator=gen) * 2 + 0.5
+    x = torch.randn((samples, *input_shape), generator=gen) * amplitude
+    diffs: dict[str, float] = {}
+    agreement: dict[str, float] = {}
+
+    def compare(piece: str, rel: str, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        sess = ort.InferenceSession(str(root / rel), providers=["CPUExecutionProvider"])
+        [got] = sess.run(None, {sess.get_inputs()[0].name: inp.numpy()})
+        want = module(inp)
+        diff = float((torch.from_numpy(got) - want).abs().max())
+        diffs[piece] = diff
+        if diff > PARITY_RTOL * max(1.0, float(want.abs().max())):
+            raise BundleError(
+                f"the ONNX graph of {piece} differs from its TorchScript piece by {diff:.3g} "
+                "on sample inputs: export with another opset, or ship TorchScript only"
+            )
+        if want.dim() == 2:
+            agreement[piece] = float(
+                (torch.from_numpy(got).argmax(1) == want.argmax(1)).float().mean()
+            )
+            if agreement[piece] < PARITY_MIN_AGREEMENT:
+                raise BundleError(
+                    f"the ONNX graph of {piece} agrees with TorchScript on "
+                    f"{agreement[piece]:.1%} of sample argmaxes; refusing it"
+                )
+        return want
+
+    with torch.no_grad():
+        f = x
+        for i, segment in enumerate(segments):
+            f = compare(f"segment_{i}", f"head/segment_{i}.onnx", segment, f)
+            if i in exits:
+                name, branch = exits[i]
+                compare(f"exit_{name}", f"exits/{name}.onnx", branch, f)
+        compare("tail", "tail.onnx", tail, f)
+    opset = onnx.load(str(root / "tail.onnx"), load_external_data=False).opset_import[0].version
+    return {
+        "opset": int(opset),
+        "onnxruntime": ort.__version__,
+        "samples": samples,
+        "inputs": f"seeded normal (seed {seed}), per-sample amplitude 0.5..2.5",
+        "max_abs_diff": diffs,
+        "argmax_agreement": agreement,
+    }
+
+
+def add_onnx(
+    path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET, triton: bool = False
+) -> dict[str, Any]:
+    """Export ONNX graphs of a bundle directory's TorchScript pieces into it, check their
+    parity, and list them in its manifest; the fingerprint does not change. Returns the
+    parity record. Replaces graphs the bundle already has; `triton` keeps the Triton model
+    (onnx/triton/, a second copy of the tail) too."""
+    src = Path(path)
+    if not src.is_dir():
+        raise BundleError(f"{src} is not a bundle directory (archives are read-only)")
+    bundle = load_bundle(src)
+    m = bundle.manifest
+    with tempfile.TemporaryDirectory(prefix=".onnx-", dir=src.parent) as tmp:
+        out = Path(tmp) / ONNX_DIR
+        export_onnx(bundle, out, opset=opset)
+        exit_at = {e.segment: (e.name, bundle.exits[e.name]) for e in m.exits}
+        record = onnx_parity(bundle.segments, exit_at, bundle.tail, out, m.input_shape)
+        if not triton:
+            shutil.rmtree(out / "triton")
+        shutil.rmtree(src / ONNX_DIR, ignore_errors=True)
+        shutil.move(str(out), src / ONNX_DIR)
+    files = {k: v for k, v in m.files.items() if not k.startswith(f"{ONNX_DIR}/")}
+    for file in sorted((src / ONNX_DIR).rglob("*")):
+        if file.is_file():
+            files[file.relative_to(src).as_posix()] = sha256_file(file)
+    new = dataclasses.replace(m, files=dict(sorted(files.items())), onnx=record)
+    if new.compute_fingerprint() != m.fingerprint or not new.has_onnx:
+        raise BundleError("adding ONNX graphs would change the fingerprint; this is a bug")
+    write_manifest(src, new)
+    return record
 
 
 # -------------------------------------------------------------------------------- helpers

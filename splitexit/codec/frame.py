@@ -44,7 +44,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 import zstandard
 
 from splitexit.bottleneck.quantize import SUPPORTED_BITS, QuantizedTensor
@@ -141,9 +140,10 @@ def encode_frame(
     _fingerprint_bytes(fingerprint)
     if qt.bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be 2, 4 or 8, got {qt.bits!r}")
-    values = qt.values
-    if not isinstance(values, torch.Tensor) or values.dtype != torch.uint8 or values.dim() != 4:
-        raise ValueError("qt.values must be a uint8 torch tensor of shape [n, k, H, W]")
+    qt = qt.numpy()  # torch tensors come to the CPU; numpy arrays are used as they are
+    values = np.asarray(qt.values)
+    if values.dtype != np.uint8 or values.ndim != 4:
+        raise ValueError("qt.values must be a uint8 array or tensor of shape [n, k, H, W]")
     n, k, h, w = (int(s) for s in values.shape)
     c = int(qt.channels)
     for name, v in (("n", n), ("C", c), ("k", k), ("H", h), ("W", w)):
@@ -151,15 +151,15 @@ def encode_frame(
             raise ValueError(f"{name}={v} does not fit the frame (1..{_U16_MAX})")
     if k > c:
         raise ValueError(f"channels sent k={k} exceeds channels C={c}")
-    scale = qt.scale.detach().cpu().reshape(-1).to(torch.float32).numpy()
-    zero_point = qt.zero_point.detach().cpu().reshape(-1)
-    if scale.shape != (n,) or tuple(zero_point.shape) != (n,):
+    scale = np.asarray(qt.scale).reshape(-1).astype(np.float32, copy=False)
+    zero_point = np.asarray(qt.zero_point).reshape(-1)
+    if scale.shape != (n,) or zero_point.shape != (n,):
         raise ValueError(f"scale and zero_point must have shape [{n}], one entry per sample")
-    if zero_point.dtype != torch.uint8:
+    if zero_point.dtype != np.uint8:
         raise ValueError(f"zero_point must be uint8, got {zero_point.dtype}")
-    _check_qparams(scale, zero_point.numpy(), qt.bits, ValueError)
+    _check_qparams(scale, zero_point, qt.bits, ValueError)
 
-    raw = pack(values.detach().cpu().contiguous().numpy(), qt.bits)
+    raw = pack(np.ascontiguousarray(values), qt.bits)
     payload, flags = raw, 0
     if compress:
         squeezed = _compressor(level, dictionary).compress(raw)
@@ -171,7 +171,7 @@ def encode_frame(
 
     qparams = np.empty(n, dtype=_QPARAM_DTYPE)
     qparams["scale"] = scale
-    qparams["zero_point"] = zero_point.numpy()
+    qparams["zero_point"] = zero_point
     return assemble_frame(fingerprint, flags, qt.bits, (n, c, k, h, w), qparams.tobytes(), payload)
 
 
@@ -326,6 +326,8 @@ def _decode(
     if header.compressed:
         payload = _decompress(payload, header, dictionary)
     values = unpack(payload, header.bits, math.prod(header.shape)).reshape(header.shape)
+    import torch  # decoded codes go to a torch tail (the server); framing needs no torch
+
     tensor = QuantizedTensor(
         values=torch.from_numpy(values),
         scale=torch.from_numpy(scale),

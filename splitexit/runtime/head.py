@@ -8,6 +8,10 @@
 Samples that exit are dropped from the batch before the next segment, so a batch of one stops
 computing at its first confident exit. Batch-norm runs in eval mode, so dropping rows does
 not change the numbers of the others.
+
+The pieces run on a backend (`runtime=`: TorchScript or onnxruntime, see `backends`);
+arrays (`z`, logits) are the backend's kind: torch tensors or numpy arrays. Quantization is
+the bottleneck's own `quantize` (torch or its numpy twin).
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
 
 from splitexit.bottleneck.quantize import QuantizedTensor, quantize
 from splitexit.bundle.load import Bundle
+from splitexit.confidence import CONFIDENCE_MEASURES, confidence
 from splitexit.errors import BundleError
-from splitexit.exits import CONFIDENCE_MEASURES, confidence
+
+from .backends import RuntimeOptions, open_backend
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,7 @@ class ExitAnswer:
     exit_name: str
     prediction: int
     confidence: float
-    logits: torch.Tensor
+    logits: Any  # [K], the backend's array kind
 
 
 @dataclass
@@ -49,12 +56,12 @@ class HeadResult:
     exit_name: list[str | None]
     prediction: list[int | None]
     confidence: list[float | None]
-    exit_logits: list[dict[str, torch.Tensor]]
+    exit_logits: list[dict[str, Any]]
     exit_confidence: list[dict[str, float]]
     pending: list[int]
-    z: torch.Tensor | None
+    z: Any  # torch.Tensor | np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
-    features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    features: dict[str, Any] = field(default_factory=dict, repr=False)
     """Exit inputs kept when exits were skipped (`run(exits=False)`), for `fallback`."""
 
     @property
@@ -86,6 +93,8 @@ class HeadRunner:
         measure: confidence measure for every exit; default each exit's manifest measure.
         thresholds: per-exit thresholds overriding the manifest's (exit when
             confidence >= threshold; a threshold above 1 disables an exit).
+        runtime: `RuntimeOptions` or a runtime name; default TorchScript ("torch"), loading
+            the head and exits if the bundle was loaded without them.
     """
 
     def __init__(
@@ -94,24 +103,26 @@ class HeadRunner:
         *,
         measure: str | None = None,
         thresholds: Mapping[str, float] | None = None,
+        runtime: RuntimeOptions | str | None = None,
     ) -> None:
         if measure is not None and measure not in CONFIDENCE_MEASURES:
             raise ValueError(f"unknown measure {measure!r}; choose one of {CONFIDENCE_MEASURES}")
         self.bundle = bundle
         self.manifest = bundle.manifest
-        self.segments = bundle.segments
-        self.exits = bundle.exits
-        self.device = bundle.device
+        self.backend = open_backend(bundle, ("head", "exits"), runtime)
         self.exit_at = {e.segment: e.name for e in self.manifest.exits}
         self.measures = {e.name: measure or e.measure for e in self.manifest.exits}
         self.thresholds = self._thresholds(thresholds, dict(self.manifest.thresholds))
 
     # ----------------------------------------------------------------------------- head
 
-    @torch.inference_mode()
+    def preprocess(self, images: np.ndarray) -> Any:
+        """uint8 images [N, H, W(, C)] to model input, in this runner's array kind."""
+        return self.backend.preprocess(self.bundle.preprocess, images)
+
     def run(
         self,
-        x: torch.Tensor,
+        x: Any,
         *,
         thresholds: Mapping[str, float] | None = None,
         exits: bool = True,
@@ -132,31 +143,32 @@ class HeadRunner:
             pending=[],
             z=None,
         )
-        active = torch.arange(n)
-        f = x.to(self.device)
-        for i, segment in enumerate(self.segments):
-            f = self._timed(result, f"segment_{i}", segment, f)
+        be = self.backend
+        active = np.arange(n)
+        f = be.input(x)
+        for i in range(self.manifest.segments):
+            f = self._timed(result, f"segment_{i}", be.segment, i, f)
             name = self.exit_at.get(i)
             if name is None:
                 continue
             if not exits:
                 result.features[name] = f
                 continue
-            logits = self._timed(result, f"exit_{name}", self.exits[name], f)
-            conf = confidence(logits, self.measures[name])
+            logits = self._timed(result, f"exit_{name}", be.exit, name, f)
+            conf = be.host(confidence(logits, self.measures[name]))
             self._record(result, active.tolist(), name, logits, conf)
-            take = (conf >= thr[name]).cpu()
-            for row in torch.nonzero(take).flatten().tolist():
+            take = conf >= thr[name]
+            for row in np.flatnonzero(take).tolist():
                 sample = int(active[row])
                 result.exit_name[sample] = name
                 result.prediction[sample] = int(logits[row].argmax())
                 result.confidence[sample] = float(conf[row])
             if take.any():
                 active = active[~take]
-                f = f[~take.to(f.device)]
-            if active.numel() == 0:
+                f = be.rows(f, ~take)
+            if active.size == 0:
                 break
-        if active.numel():
+        if active.size:
             result.pending = active.tolist()
             result.z = f
         return result
@@ -189,7 +201,7 @@ class HeadRunner:
 
     # --------------------------------------------------------------------------- encode
 
-    def encode(self, z: torch.Tensor, bits: int, keep: int | None = None) -> QuantizedTensor:
+    def encode(self, z: Any, bits: int, keep: int | None = None) -> QuantizedTensor:
         """Quantize the first `keep` (default all C) channels of z to `bits`, per sample."""
         b = self.manifest.bottleneck
         if bits not in b.bits:
@@ -201,9 +213,7 @@ class HeadRunner:
             raise ValueError(f"z has shape {tuple(z.shape)}, expected [N, {b.code_shape}]")
         return quantize(z[:, :keep], bits, channels=b.channels)
 
-    def frame(
-        self, z: torch.Tensor, bits: int, keep: int | None = None, *, compress: bool = True
-    ) -> bytes:
+    def frame(self, z: Any, bits: int, keep: int | None = None, *, compress: bool = True) -> bytes:
         """The wire frame for z at (keep, bits), stamped with the bundle's fingerprint."""
         from splitexit.codec import encode_frame
 
@@ -225,13 +235,9 @@ class HeadRunner:
             raise ValueError(f"no exits named {unknown}; this bundle's exits: {list(base)}")
         return {**base, **{k: float(v) for k, v in (override or {}).items()}}
 
-    def _timed(
-        self, result: HeadResult, key: str, module: torch.nn.Module, f: torch.Tensor
-    ) -> torch.Tensor:
+    def _timed(self, result: HeadResult, key: str, call: Any, *args: Any) -> Any:
         start = time.perf_counter()
-        out = module(f)
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)
+        out = call(*args)
         result.timings[key] = time.perf_counter() - start
         return out
 
@@ -240,19 +246,19 @@ class HeadRunner:
         result: HeadResult,
         samples: list[int],
         name: str,
-        logits: torch.Tensor,
-        conf: torch.Tensor,
+        logits: Any,
+        conf: np.ndarray,
     ) -> None:
         conf_list = conf.tolist()
         for row, sample in enumerate(samples):
             result.exit_logits[sample][name] = logits[row]
             result.exit_confidence[sample][name] = conf_list[row]
 
-    @torch.inference_mode()
     def _compute_skipped(self, result: HeadResult) -> None:
         pending = set(result.pending)
         rows = [i for i in range(result.batch_size) if i in pending]
         for name, f in result.features.items():
-            logits = self._timed(result, f"exit_{name}", self.exits[name], f)
-            self._record(result, rows, name, logits, confidence(logits, self.measures[name]))
+            logits = self._timed(result, f"exit_{name}", self.backend.exit, name, f)
+            conf = self.backend.host(confidence(logits, self.measures[name]))
+            self._record(result, rows, name, logits, conf)
         result.features = {}

@@ -5,7 +5,8 @@
     ...                                                     ┘      ─ split by frame ─► answers
 
 Frames may mix operating points (k channels, bits): after dequantizing and zero-filling they
-all have the code shape [n_i, C, h, w], so they batch into one call.
+all have the code shape [n_i, C, h, w], so they batch into one call. The tail runs on a
+backend (`runtime=`, see `backends`); dequantization is the bottleneck's `dequantize`.
 """
 
 from __future__ import annotations
@@ -13,24 +14,25 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-
-from splitexit.bottleneck.module import zero_fill
 from splitexit.bottleneck.quantize import QuantizedTensor
 from splitexit.bundle.load import Bundle
 from splitexit.codec import decode_frame
 from splitexit.codec.frame import DEFAULT_MAX_RAW_BYTES, DEFAULT_MAX_SAMPLES
 from splitexit.errors import FrameError
 
+from .backends import RuntimeOptions, open_backend
+
 
 @dataclass(frozen=True)
 class TailAnswer:
-    """The tail's answer for one frame of n samples (CPU tensors)."""
+    """The tail's answer for one frame of n samples, on the CPU: torch tensors from the torch
+    backend, numpy arrays from onnxruntime (`numpy.asarray` reads either)."""
 
-    logits: torch.Tensor  # [n, K] float32
-    prediction: torch.Tensor  # [n] int64, argmax class
-    probability: torch.Tensor  # [n] float32, softmax probability of that class
+    logits: Any  # [n, K] float32
+    prediction: Any  # [n] int64, argmax class
+    probability: Any  # [n] float32, softmax probability of that class
 
     @property
     def batch_size(self) -> int:
@@ -42,6 +44,7 @@ class TailRunner:
 
     One call runs at a time per runner (a lock serialises callers), so a server may call it
     from a worker thread. `max_samples` / `max_raw_bytes` bound what a frame may claim.
+    `runtime`: `RuntimeOptions` or a runtime name (default "torch", as `HeadRunner`).
     """
 
     def __init__(
@@ -50,11 +53,11 @@ class TailRunner:
         *,
         max_samples: int = DEFAULT_MAX_SAMPLES,
         max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES,
+        runtime: RuntimeOptions | str | None = None,
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
-        self.tail = bundle.tail
-        self.device = bundle.device
+        self.backend = open_backend(bundle, ("tail",), runtime)
         self.max_samples = max_samples
         self.max_raw_bytes = max_raw_bytes
         self._lock = threading.Lock()
@@ -101,31 +104,20 @@ class TailRunner:
             return []
         for qt in codes:
             self.check(qt)
-        channels = self.manifest.bottleneck.channels
-        with self._lock, torch.inference_mode():
-            x = torch.cat([zero_fill(_dequantize(qt, self.device), channels) for qt in codes])
-            logits = self.tail(x).float()
-            probability, prediction = torch.softmax(logits, dim=1).max(dim=1)
-            logits, probability, prediction = (t.cpu() for t in (logits, probability, prediction))
-        sizes = [qt.batch_size for qt in codes]
-        return [
-            TailAnswer(*parts)
-            for parts in zip(
-                logits.split(sizes), prediction.split(sizes), probability.split(sizes), strict=True
-            )
-        ]
+        be = self.backend
+        with self._lock:
+            logits = be.tail(be.codes(codes, self.manifest.bottleneck.channels))
+            logits, prediction, probability = be.answers(logits)
+        answers, row = [], 0
+        for qt in codes:
+            rows = slice(row, row + qt.batch_size)
+            row += qt.batch_size
+            answers.append(TailAnswer(logits[rows], prediction[rows], probability[rows]))
+        return answers
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run the tail once on zeros so the first real request is not the slow one."""
-        with self._lock, torch.inference_mode():
-            self.tail(
-                torch.zeros((batch_size, *self.manifest.bottleneck.code_shape), device=self.device)
+        with self._lock:
+            self.backend.tail(
+                self.backend.zeros((batch_size, *self.manifest.bottleneck.code_shape))
             )
-
-
-def _dequantize(qt: QuantizedTensor, device: torch.device) -> torch.Tensor:
-    """Dequantize on `device` (moving the uint8 values, not the 4x larger floats)."""
-    v = qt.values.to(device).float()
-    zp = qt.zero_point.to(device).float().view(-1, 1, 1, 1)
-    scale = qt.scale.to(device).float().view(-1, 1, 1, 1)
-    return (v - zp) * scale
