@@ -416,3 +416,19 @@ def test_stream_metrics_count_connections_and_outcomes(a):
         m = live.state.metrics
         assert m.requests.value(model=a.name, outcome="success") == 1
         assert m.requests.value(model=a.name, outcome="bad_request") == 1
+
+
+def test_a_refused_message_is_logged_with_its_connection_and_id(a, caplog):
+    session = session_of(a)
+    with LiveServer(settings(a), [a]) as live, caplog.at_level("INFO", logger="server.stream"):
+
+        async def go() -> None:
+            ws, _ = await opened(live, session)
+            await ws.send(b"\x07\x77")  # no such point
+            await ws.recv()
+            await ws.close()
+
+        run(go())
+    lines = [r for r in caplog.records if getattr(r, "request_id", "").endswith("-7")]
+    assert lines and lines[0].outcome == "bad_request"
+    assert "operating point 119" in lines[0].getMessage()
