@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -48,6 +47,18 @@ from .http import within
 
 class NoStream(Exception):
     """The server (or what is in front of it) does not speak the stream: use HTTP."""
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def fresh(error: E) -> E:
+    """A copy of `error` to raise once more: every offload that meets one failure (a lost
+    connection, a refused connect) stamps its own attempts and bytes on its own copy."""
+    new = BaseException.__new__(type(error))
+    new.args = error.args
+    new.__dict__.update(error.__dict__)
+    return new
 
 
 def handshake_refused(e: ConnectionClosed, url: str) -> OffloadError | NoStream:
@@ -99,7 +110,7 @@ class Connection:
             raise OffloadTimeout("the stream's window stayed full") from None
         if self.error is not None:
             self._slots.release()
-            raise copy.copy(self.error)
+            raise fresh(self.error)
         return self._free.pop()
 
     def release(self, mid: int) -> None:
@@ -161,7 +172,7 @@ class Connection:
                 if isinstance(self.error, ServerBusy):  # drained: reconnect, maybe elsewhere
                     self.error = ServerUnreachable(f"the stream was drained ({code})")
             for mid in list(self._pending):
-                self._answer(mid, copy.copy(self.error), 0)
+                self._answer(mid, fresh(self.error), 0)
 
     def _answer(self, mid: int, result: Any, nbytes: int) -> None:
         future = self._pending.pop(mid)

@@ -54,7 +54,7 @@ from splitexit.protocol.stream import (
 
 from .client import _RETRYABLE, Exchange, InferResult, OffloadClient, _Tally
 from .config import operating_points
-from .connection import Connection, NoStream, close_error, handshake_refused
+from .connection import Connection, NoStream, close_error, fresh, handshake_refused
 from .errors import (
     OffloadError,
     OffloadRefused,
@@ -308,6 +308,8 @@ class StreamClient:
             raise OffloadTimeout(
                 "the stream did not connect before the attempt's time ran out"
             ) from None
+        except OffloadError as e:  # one failed connect, many waiting: each its own error
+            raise fresh(e) from None
 
     async def _open(self) -> Connection:
         try:

@@ -307,3 +307,14 @@ def test_the_cli_refuses_a_bad_ping_and_a_stream_only_run_without_a_stream(
     with FaultServer("ok", tb) as srv:
         code = cli.main([*base, "--server", srv.url, "--transport", "stream", "--no-progress"])
     assert code == 3 and "offers no stream" in capsys.readouterr().err
+
+
+def test_offloads_that_meet_one_failure_each_get_their_own_error() -> None:
+    from device.connection import fresh
+    from device.errors import ServerBusy
+
+    shared = ServerBusy("draining", status=503, retry_after_s=2.0)
+    a, b = fresh(shared), fresh(shared)
+    a.attempts, b.attempts = 1, 3
+    assert (a.attempts, b.attempts, shared.attempts) == (1, 3, 0)
+    assert isinstance(a, ServerBusy) and a.retry_after_s == 2.0 and str(a) == "draining"
