@@ -16,7 +16,7 @@ Handshake (device → server, the first message, text, at most 4096 bytes of JSO
     ───────────  ───────────────  ─────────────────────────────────────────────────────────
     v            int              STREAM_VERSION (1)
     model        str              the model's name on the server (1..128 characters)
-    fingerprint  str              the bundle's fingerprint, hex (16..64 characters)
+    fingerprint  str              the bundle's fingerprint, lowercase hex (16..64 digits)
     code_shape   [int, int, int]  (C, H, W) of the bottleneck code, each 1..65535
     points       [[int, int], …]  the (k, bits) operating points messages use, 1..255 of
                                   them: 1 <= k <= min(C, 65535), bits 2, 4 or 8
@@ -55,6 +55,13 @@ Error (server → device, text JSON): `{"id": <id or null>, "error": <code>, "me
 "retry_after_s": <float, with busy>}`, code one of ERROR_CODES: busy (queue or window full,
 draining, warming up: answer locally now, like HTTP 429/503), deadline (504), rejected (this
 message cannot work: 400/413), server_error (500).
+
+Close codes (the server's; the device's answer in brackets): 4400 a handshake or message
+that breaks this layout [use HTTP], 4404 no such model [stop offloading], 4409 another
+fingerprint [stop offloading], 4503 draining or not ready [reconnect with backoff: another
+replica, or this one when back], 1009 a message over the server's size limit, 1011 the
+server failed or a keepalive ping went unanswered [reconnect]. The version is in the
+subprotocol's name and the handshake's `v`; a server refuses versions it does not speak.
 
 Every field is checked before it is used and every size is bounded by the session before
 anything is allocated; bytes that break the layout raise `StreamError` (`MessageError` when
