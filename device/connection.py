@@ -156,10 +156,10 @@ class Connection:
                         raise StreamError(f"an error answer for no message: {failure.message}")
                     self._answer(failure.id, _failure_error(failure), len(data.encode()))
                 else:
-                    mid, answers = decode_answer(data, session, classes)
-                    if mid not in self._pending:
-                        raise StreamError(f"an answer to message {mid}, which is not in flight")
-                    self._answer(mid, answers[0].answer, len(data))
+                    reply = decode_answer(data, session, classes)
+                    if reply.id not in self._pending:
+                        raise StreamError(f"an answer to message {reply.id}, not in flight")
+                    self._answer(reply.id, reply, len(data))
         except StreamError as e:
             self.error = ServerFailed(f"bad answer on the stream: {e}", status=200)
             await self.ws.close(1002, "bad answer")

@@ -98,8 +98,11 @@ class StreamConfig:
             raise ValueError("need 0 <= reconnect_s <= reconnect_max_s")
 
 
-def bundle_session(bundle: Bundle, model: str, timeout_s: float | None = None) -> Session:
-    """The session a device running `bundle` states: its operating points, codec, shape."""
+def bundle_session(
+    bundle: Bundle, model: str, timeout_s: float | None = None, *, timing: bool = False
+) -> Session:
+    """The session a device running `bundle` states: its operating points, codec, shape;
+    `timing` asks the server for its times in every answer (4 more bytes each)."""
     m = bundle.manifest
     return session_for(
         model,
@@ -108,6 +111,7 @@ def bundle_session(bundle: Bundle, model: str, timeout_s: float | None = None) -
         [(p.channels, p.bits) for p in operating_points(bundle)],
         dictionary=m.codec.dictionary is not None,
         timeout_ms=None if timeout_s is None else timeout_s * 1e3,
+        timing=timing,
     )
 
 
@@ -275,7 +279,7 @@ class StreamClient:
         future = await conn.post(mid, message)
         self._sent += up
         try:
-            answer, down = await conn.wait(future, stop)
+            reply, down = await conn.wait(future, stop)
         except OffloadError as e:
             self._received += e.response_bytes
             tally.add(up, e.response_bytes, body)
@@ -284,14 +288,15 @@ class StreamClient:
         tally.add(up, down, body)
         seconds = time.monotonic() - sent_at
         return InferResult(
-            answer,
+            reply.samples[0].answer,
             tally.attempts,
             tally.frame_bytes,
             tally.request_bytes,
             tally.response_bytes,
             sent_at,
             seconds,
-            None,
+            reply.server_s,
+            reply.compute_s,
         )
 
     # --------------------------------------------------------------------- connections

@@ -338,6 +338,8 @@ class _Stream:
                 answer.prediction,
                 answer.probability,
                 answer.logits,
+                compute_s=answer.compute_s,
+                server_s=time.perf_counter() - start,
             )
             with contextlib.suppress(*_SEND_ERRORS):
                 await self.ws.send_bytes(data)

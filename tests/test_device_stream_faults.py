@@ -65,6 +65,18 @@ def test_answers_over_the_stream_match_http_and_cost_a_few_bytes() -> None:
         assert r.overhead_bytes == 2 + 8 and r.response_bytes == 2 + 4
 
 
+def test_a_session_asking_for_timing_gives_records_the_servers_and_the_tails_time() -> None:
+    tb = device_bundle()
+    config = AgentConfig(policy="fixed", thresholds=NO_EXITS)
+    with TailServer(tb.path) as srv:
+        agent, out, _ = stream_agent(srv.url, tb, config, timing=True)
+        run_agent(agent, limit(folder_source(tb.folder), 10))
+    for r in out.records:
+        ms = r.timings_ms
+        assert r.response_bytes == 2 + 4 + 4
+        assert 0 < ms["tail"] <= ms["server"] < ms["network"] + ms["server"] < ms["total"]
+
+
 def test_a_server_without_a_stream_is_used_over_http_and_stream_only_refuses_it() -> None:
     tb = device_bundle()
     with FaultServer("ok", tb) as srv:

@@ -99,9 +99,9 @@ def test_answers_are_the_tails_answers_for_the_same_frames(a):
             for k, bits in session.points:
                 for f in frames(a, 3, k, bits, seed=k * bits):
                     await ws.send(message_from_frame(f, 9, session))
-                    mid, answers = decode_answer(await ws.recv(), session, acc.classes)
-                    assert mid == 9
-                    out.append((answers[0].answer, a.local(f)))
+                    reply = decode_answer(await ws.recv(), session, acc.classes)
+                    assert reply.id == 9
+                    out.append((reply.samples[0].answer, a.local(f)))
             await ws.close()
             return out
 
@@ -120,7 +120,7 @@ def test_top_k_and_logits_come_only_when_the_session_asks(a):
             await ws.send(message_from_frame(f, 0, session))
             data = await ws.recv()
             await ws.close()
-            return data, decode_answer(data, session, acc.classes)[1][0], a.local(f)
+            return data, decode_answer(data, session, acc.classes).samples[0], a.local(f)
 
         data, got, want = run(go())
     assert len(data) == 1 + 3 * (1 + 3) + 4 * 10  # id, (class u8, p u16) x 4, logits

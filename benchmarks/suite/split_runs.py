@@ -64,7 +64,7 @@ def offload_client(
     http = OffloadClient(url, bundle.manifest.name)
     if transport == "http":
         return http
-    session = bundle_session(bundle, bundle.manifest.name)
+    session = bundle_session(bundle, bundle.manifest.name, timing=True)  # the gap's split
     return StreamClient(http, session, StreamConfig(transport="stream"))
 
 
