@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import shlex
 import sys
 import tempfile
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-timeout-s", type=float, help="longest one cell may run (180; quick 30)")
     p.add_argument("--out", type=Path, help=f"results folder ({RESULTS}; --quick: {QUICK_OUT})")
     p.add_argument("--quick", action="store_true", help="30 inputs per cell: about a minute")
+    p.add_argument(
+        "--transport",
+        choices=("http", "stream"),
+        default="http",
+        help="how the split strategies offload: KServe v2 over HTTP (http) or the stream",
+    )
     return p
 
 
@@ -259,11 +266,12 @@ def measure(
     spec = f"{args.rates[0]:g}mbit:{args.rtt_ms:g}ms"
     with tail_server(path, logs / "server.log") as url, LinkEmulator(_target(url), spec) as link:
         say(f"tail server at {url}, link emulator at {link.url} (server log {logs})")
-        direct = asyncio.run(asyncio.wait_for(run_bare_requests(bundle, inputs, url, point), 60))
+        bare_run = functools.partial(run_bare_requests, transport=args.transport)
+        direct = asyncio.run(asyncio.wait_for(bare_run(bundle, inputs, url, point), 60))
         say(f"bare requests  direct (no link)  mean {direct.mean_ms:7.2f} ms")
         for rate in args.rates:
             link.set(f"{rate:g}mbit:{args.rtt_ms:g}ms")
-            run = run_bare_requests(bundle, inputs, link.url, point)
+            run = bare_run(bundle, inputs, link.url, point)
             bare[rate] = asyncio.run(asyncio.wait_for(run, 60))
             say(f"bare requests   {rate:>5g} Mbit/s  mean {bare[rate].mean_ms:7.2f} ms")
             b = bare[rate]
@@ -311,6 +319,7 @@ async def _run_cell(
             speed=args.device_speed,
             timeout_s=limit,
             log=lambda msg: notes.append(f"{where}: {msg}"),
+            transport=args.transport,
         )
     except (asyncio.TimeoutError, SplitexitError, httpx.HTTPError, OSError) as e:
         why = str(e) or "ran over the timeout"

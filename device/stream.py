@@ -23,37 +23,30 @@ in flight on it fails at once, instead of at its own timeout. A message whose at
 out keeps its id until its late answer comes (or the connection goes), so an id is never
 reused while the server may still answer it. Bytes are counted as they cross TCP: each
 message or answer as one WebSocket frame (2-10 header bytes, a 4-byte mask upstream); the
-keepalive pings (10 B up, 6 B down each) are not charged to any offload.
+keepalive pings (10 B up, 6 B down each) are not charged to any offload. A stream offload's
+`frame_bytes` are the frame's content (quantization parameters and payload): its 32-byte
+header is not sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from splitexit.bundle import Bundle
 from splitexit.protocol.errors import StreamError
 from splitexit.protocol.stream import (
-    CLOSE_DRAINING,
-    CLOSE_FINGERPRINT,
-    CLOSE_NOT_FOUND,
-    CLOSE_PROTOCOL,
-    CLOSE_UNAUTHORIZED,
     SUBPROTOCOL,
     Accepted,
-    Failure,
     Session,
-    decode_answer,
-    decode_failure,
     message_from_frame,
     session_for,
     websocket_frame_bytes,
@@ -61,8 +54,8 @@ from splitexit.protocol.stream import (
 
 from .client import _RETRYABLE, Exchange, InferResult, OffloadClient, _Tally
 from .config import operating_points
+from .connection import Connection, NoStream, close_error, fresh, handshake_refused
 from .errors import (
-    FingerprintRejected,
     OffloadError,
     OffloadRefused,
     OffloadTimeout,
@@ -105,8 +98,11 @@ class StreamConfig:
             raise ValueError("need 0 <= reconnect_s <= reconnect_max_s")
 
 
-def bundle_session(bundle: Bundle, model: str, timeout_s: float | None = None) -> Session:
-    """The session a device running `bundle` states: its operating points, codec, shape."""
+def bundle_session(
+    bundle: Bundle, model: str, timeout_s: float | None = None, *, timing: bool = False
+) -> Session:
+    """The session a device running `bundle` states: its operating points, codec, shape;
+    `timing` asks the server for its times in every answer (4 more bytes each)."""
     m = bundle.manifest
     return session_for(
         model,
@@ -115,11 +111,8 @@ def bundle_session(bundle: Bundle, model: str, timeout_s: float | None = None) -
         [(p.channels, p.bits) for p in operating_points(bundle)],
         dictionary=m.codec.dictionary is not None,
         timeout_ms=None if timeout_s is None else timeout_s * 1e3,
+        timing=timing,
     )
-
-
-class _NoStream(Exception):
-    """The server (or what is in front of it) does not speak the stream: use HTTP."""
 
 
 class StreamClient:
@@ -145,8 +138,8 @@ class StreamClient:
         self.log = log or (lambda message: None)
         self.transport: Literal["stream", "http"] = "http"
         self.reconnects = 0  # connections opened after the first
-        self._conn: _Connection | None = None
-        self._opening: asyncio.Task[_Connection] | None = None
+        self._conn: Connection | None = None
+        self._opening: asyncio.Task[Connection] | None = None
         self._failures = 0
         self._next_connect = 0.0
         self._opened = 0
@@ -225,7 +218,7 @@ class StreamClient:
             return self._no_stream("the server offers no stream")
         try:
             await self._connection(time.monotonic() + self.http.config.timeout_s)
-        except _NoStream as e:
+        except NoStream as e:
             return self._no_stream(str(e), meta)
         except OffloadError as e:
             if e.fatal:
@@ -265,7 +258,7 @@ class StreamClient:
             attempt_s = min(c.timeout_s, left)
             try:
                 return await self._attempt(frame, attempt_s, tally)
-            except _NoStream as e:
+            except NoStream as e:
                 self._no_stream(str(e))
                 return await self.http.infer(frame, request_id, deadline=deadline)
             except OffloadError as error:
@@ -296,7 +289,7 @@ class StreamClient:
         future = await conn.post(mid, message)
         self._sent += up
         try:
-            answer, down = await conn.wait(future, stop)
+            reply, down = await conn.wait(future, stop)
         except OffloadError as e:
             self._received += e.response_bytes
             tally.add(up, e.response_bytes, body)
@@ -305,20 +298,21 @@ class StreamClient:
         tally.add(up, down, body)
         seconds = time.monotonic() - sent_at
         return InferResult(
-            answer,
+            reply.samples[0].answer,
             tally.attempts,
             tally.frame_bytes,
             tally.request_bytes,
             tally.response_bytes,
             sent_at,
             seconds,
-            None,
+            reply.server_s,
+            reply.compute_s,
         )
 
     # --------------------------------------------------------------------- connections
 
-    async def _connection(self, stop: float) -> _Connection:
-        """The open connection, or a new one by `stop` (raises OffloadError, _NoStream)."""
+    async def _connection(self, stop: float) -> Connection:
+        """The open connection, or a new one by `stop` (raises OffloadError, NoStream)."""
         if self._conn is not None and self._conn.alive:
             return self._conn
         if self._opening is None:
@@ -329,8 +323,10 @@ class StreamClient:
             raise OffloadTimeout(
                 "the stream did not connect before the attempt's time ran out"
             ) from None
+        except OffloadError as e:  # one failed connect, many waiting: each its own error
+            raise fresh(e) from None
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> Connection:
         try:
             wait = self._next_connect - time.monotonic()
             if wait > 0:
@@ -352,7 +348,7 @@ class StreamClient:
         finally:
             self._opening = None
 
-    async def _handshake(self) -> _Connection:
+    async def _handshake(self) -> Connection:
         c, s = self.http.config, self.stream_config
         url = "ws" + self.http.base_url[4:] + f"/v2/models/{self.model}/stream"
         headers = {"Authorization": f"Bearer {c.token}"} if c.token else None
@@ -380,9 +376,9 @@ class StreamClient:
                 ) from None
             if status in (429, 503):
                 raise ServerBusy(f"the stream at {url}: HTTP {status}", status=status) from None
-            raise _NoStream(f"the stream upgrade got HTTP {status}") from None
+            raise NoStream(f"the stream upgrade got HTTP {status}") from None
         except InvalidHandshake as e:
-            raise _NoStream(f"the stream upgrade failed: {e}") from None
+            raise NoStream(f"the stream upgrade failed: {e}") from None
         except TimeoutError:
             raise OffloadTimeout(
                 f"the stream at {url} did not open within {c.connect_timeout_s:.3g} s"
@@ -398,7 +394,7 @@ class StreamClient:
             await ws.close()
             raise OffloadTimeout(f"no handshake answer within {c.timeout_s:.3g} s") from None
         except ConnectionClosed as e:
-            raise _handshake_refused(e, url) from None
+            raise handshake_refused(e, url) from None
         except StreamError as e:
             if isinstance(reply, str):  # an error answer: the close that follows says why
                 with contextlib.suppress(TimeoutError):
@@ -406,144 +402,6 @@ class StreamClient:
             await ws.close()
             code = ws.close_code
             if code is not None and code not in (1000, 1005, 1006):
-                raise _close_error(code, ws.close_reason or str(e), url) from None
+                raise close_error(code, ws.close_reason or str(e), url) from None
             raise ServerFailed(f"bad handshake answer from {url}: {e}") from None
-        return _Connection(ws, accepted, self.session)
-
-
-def _handshake_refused(e: ConnectionClosed, url: str) -> OffloadError | _NoStream:
-    code = e.rcvd.code if e.rcvd is not None else 1006
-    reason = e.rcvd.reason if e.rcvd is not None else "connection closed"
-    return _close_error(code, reason, url)
-
-
-def _close_error(code: int, reason: str, url: str) -> OffloadError | _NoStream:
-    """What a close code means to the device (see `splitexit.protocol.stream`)."""
-    if code == CLOSE_FINGERPRINT:
-        return FingerprintRejected(
-            f"the stream at {url} refused this device's bundle: {reason}; deploy the same "
-            "bundle to the device and the server (offloading is stopped for this run)",
-            status=409,
-        )
-    if code in (CLOSE_UNAUTHORIZED, CLOSE_NOT_FOUND):
-        return OffloadRefused(f"the stream at {url} refused: {reason}; check --server and --model")
-    if code == CLOSE_PROTOCOL:
-        return _NoStream(f"the stream at {url} refused this session ({reason})")
-    if code == CLOSE_DRAINING:
-        return ServerBusy(f"the stream at {url} is not taking messages: {reason}", status=503)
-    return ServerUnreachable(f"the stream at {url} closed ({code}: {reason})")
-
-
-class _Connection:
-    """One open stream: its reader, its window of ids, the messages waiting for answers."""
-
-    def __init__(self, ws: ClientConnection, accepted: Accepted, session: Session) -> None:
-        self.ws = ws
-        self.accepted = accepted
-        self.session = session
-        window = accepted.window
-        self._free = list(range(window - 1, -1, -1))
-        self._slots = asyncio.Semaphore(window)
-        self._pending: dict[int, asyncio.Future[tuple[Any, int]]] = {}
-        self.error: OffloadError | _NoStream | None = None
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    @property
-    def alive(self) -> bool:
-        return self.error is None
-
-    async def reserve(self, stop: float) -> int:
-        """A free message id, waiting for one until `stop` (the window is full meanwhile)."""
-        try:
-            await within(max(0.0, stop - time.monotonic()), self._slots.acquire())
-        except TimeoutError:
-            raise OffloadTimeout("the stream's window stayed full") from None
-        if self.error is not None:
-            self._slots.release()
-            raise copy.copy(self.error)
-        return self._free.pop()
-
-    def release(self, mid: int) -> None:
-        self._free.append(mid)
-        self._slots.release()
-
-    async def post(self, mid: int, message: bytes) -> asyncio.Future[tuple[Any, int]]:
-        """Send message `mid`; the future of its answer and the answer's bytes on the wire.
-
-        Raises ServerUnreachable (nothing went out) if the connection is gone."""
-        future: asyncio.Future[tuple[Any, int]] = asyncio.get_running_loop().create_future()
-        self._pending[mid] = future
-        try:
-            await self.ws.send(message)
-        except ConnectionClosed:
-            self._pending.pop(mid, None)
-            self.release(mid)
-            raise ServerUnreachable("the stream closed before the message went out") from None
-        return future
-
-    @staticmethod
-    async def wait(future: asyncio.Future[tuple[Any, int]], stop: float) -> tuple[Any, int]:
-        """The answer by `stop`; if it comes later, it is dropped (the id stays taken)."""
-        try:
-            return await within(max(0.0, stop - time.monotonic()), asyncio.shield(future))
-        except TimeoutError:
-            raise OffloadTimeout("no answer on the stream within the attempt's time") from None
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self._reader
-
-    async def _read(self) -> None:
-        session, classes = self.session, self.accepted.classes
-        try:
-            async for data in self.ws:
-                if isinstance(data, str):
-                    failure = decode_failure(data)
-                    if failure.id is None or failure.id not in self._pending:
-                        raise StreamError(f"an error answer for no message: {failure.message}")
-                    self._answer(failure.id, _failure_error(failure), len(data.encode()))
-                else:
-                    mid, answers = decode_answer(data, session, classes)
-                    if mid not in self._pending:
-                        raise StreamError(f"an answer to message {mid}, which is not in flight")
-                    self._answer(mid, answers[0].answer, len(data))
-        except StreamError as e:
-            self.error = ServerFailed(f"bad answer on the stream: {e}", status=200)
-            await self.ws.close(1002, "bad answer")
-        except ConnectionClosed:
-            pass
-        finally:
-            if self.error is None:
-                code = self.ws.close_code or 1006
-                self.error = _close_error(code, self.ws.close_reason or "closed", "the server")
-                if isinstance(self.error, ServerBusy):  # drained: reconnect, maybe elsewhere
-                    self.error = ServerUnreachable(f"the stream was drained ({code})")
-            for mid in list(self._pending):
-                self._answer(mid, copy.copy(self.error), 0)
-
-    def _answer(self, mid: int, result: Any, nbytes: int) -> None:
-        future = self._pending.pop(mid)
-        self.release(mid)
-        down = websocket_frame_bytes(nbytes, masked=False) if nbytes else 0
-        if future.done():  # its attempt timed out: a late answer, dropped
-            return
-        if isinstance(result, BaseException):
-            result.response_bytes = down  # type: ignore[attr-defined]
-            future.set_exception(result)
-        else:
-            future.set_result((result, down))
-
-
-def _failure_error(f: Failure) -> OffloadError:
-    """The OffloadError for an error answer (`code` as the HTTP statuses it stands for)."""
-    text = f"the stream answered {f.code}: {f.message}"
-    if f.code == "busy":
-        return ServerBusy(text, status=429, retry_after_s=f.retry_after_s)
-    if f.code == "deadline":
-        return ServerBusy(text, status=504)
-    if f.code == "rejected":
-        return RequestRejected(text, status=400)
-    return ServerFailed(text, status=500)
+        return Connection(ws, accepted, self.session)

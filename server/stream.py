@@ -145,6 +145,7 @@ class _Stream:
         self.inflight: dict[int, asyncio.Task[None]] = {}
         self.draining = False
         self.closed = False
+        self._closing: asyncio.Task[None] | None = None
         self.messages = 0
 
     # --------------------------------------------------------------------- connection
@@ -191,7 +192,9 @@ class _Stream:
         """Answer what is in flight, then close with 4503; new messages get "busy"."""
         self.draining = True
         if not self.inflight:
-            asyncio.get_running_loop().create_task(self.close(CLOSE_DRAINING, "draining"))
+            self._closing = asyncio.get_running_loop().create_task(
+                self.close(CLOSE_DRAINING, "draining")
+            )
 
     async def _refuse(self, code: int, text: str) -> bool:
         failure = Failure(None, "busy" if code == CLOSE_DRAINING else "rejected", text)
@@ -338,6 +341,8 @@ class _Stream:
                 answer.prediction,
                 answer.probability,
                 answer.logits,
+                compute_s=answer.compute_s,
+                server_s=time.perf_counter() - start,
             )
             with contextlib.suppress(*_SEND_ERRORS):
                 await self.ws.send_bytes(data)

@@ -45,10 +45,11 @@ def stream_agent(
     config: AgentConfig,
     stream: StreamConfig | None = None,
     log: Any = None,
+    timing: bool = False,
     **client: Any,
 ) -> tuple[Agent, ListWriter, StreamClient]:
     http = OffloadClient(url, tb.name, ClientConfig(**client))
-    c = StreamClient(http, bundle_session(tb.load(), tb.name), stream, log=log)
+    c = StreamClient(http, bundle_session(tb.load(), tb.name, timing=timing), stream, log=log)
     writer = ListWriter()
     agent = Agent(tb.load(), config, c, writer=writer, log=log)  # type: ignore[arg-type]
     return agent, writer, c

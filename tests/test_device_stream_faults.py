@@ -65,6 +65,18 @@ def test_answers_over_the_stream_match_http_and_cost_a_few_bytes() -> None:
         assert r.overhead_bytes == 2 + 8 and r.response_bytes == 2 + 4
 
 
+def test_a_session_asking_for_timing_gives_records_the_servers_and_the_tails_time() -> None:
+    tb = device_bundle()
+    config = AgentConfig(policy="fixed", thresholds=NO_EXITS)
+    with TailServer(tb.path) as srv:
+        agent, out, _ = stream_agent(srv.url, tb, config, timing=True)
+        run_agent(agent, limit(folder_source(tb.folder), 10))
+    for r in out.records:
+        ms = r.timings_ms
+        assert r.response_bytes == 2 + 4 + 4
+        assert 0 < ms["tail"] <= ms["server"] < ms["network"] + ms["server"] < ms["total"]
+
+
 def test_a_server_without_a_stream_is_used_over_http_and_stream_only_refuses_it() -> None:
     tb = device_bundle()
     with FaultServer("ok", tb) as srv:
@@ -307,3 +319,14 @@ def test_the_cli_refuses_a_bad_ping_and_a_stream_only_run_without_a_stream(
     with FaultServer("ok", tb) as srv:
         code = cli.main([*base, "--server", srv.url, "--transport", "stream", "--no-progress"])
     assert code == 3 and "offers no stream" in capsys.readouterr().err
+
+
+def test_offloads_that_meet_one_failure_each_get_their_own_error() -> None:
+    from device.connection import fresh
+    from device.errors import ServerBusy
+
+    shared = ServerBusy("draining", status=503, retry_after_s=2.0)
+    a, b = fresh(shared), fresh(shared)
+    a.attempts, b.attempts = 1, 3
+    assert (a.attempts, b.attempts, shared.attempts) == (1, 3, 0)
+    assert isinstance(a, ServerBusy) and a.retry_after_s == 2.0 and str(a) == "draining"

@@ -99,9 +99,9 @@ def test_answers_are_the_tails_answers_for_the_same_frames(a):
             for k, bits in session.points:
                 for f in frames(a, 3, k, bits, seed=k * bits):
                     await ws.send(message_from_frame(f, 9, session))
-                    mid, answers = decode_answer(await ws.recv(), session, acc.classes)
-                    assert mid == 9
-                    out.append((answers[0].answer, a.local(f)))
+                    reply = decode_answer(await ws.recv(), session, acc.classes)
+                    assert reply.id == 9
+                    out.append((reply.samples[0].answer, a.local(f)))
             await ws.close()
             return out
 
@@ -120,7 +120,7 @@ def test_top_k_and_logits_come_only_when_the_session_asks(a):
             await ws.send(message_from_frame(f, 0, session))
             data = await ws.recv()
             await ws.close()
-            return data, decode_answer(data, session, acc.classes)[1][0], a.local(f)
+            return data, decode_answer(data, session, acc.classes).samples[0], a.local(f)
 
         data, got, want = run(go())
     assert len(data) == 1 + 3 * (1 + 3) + 4 * 10  # id, (class u8, p u16) x 4, logits
@@ -416,3 +416,19 @@ def test_stream_metrics_count_connections_and_outcomes(a):
         m = live.state.metrics
         assert m.requests.value(model=a.name, outcome="success") == 1
         assert m.requests.value(model=a.name, outcome="bad_request") == 1
+
+
+def test_a_refused_message_is_logged_with_its_connection_and_id(a, caplog):
+    session = session_of(a)
+    with LiveServer(settings(a), [a]) as live, caplog.at_level("INFO", logger="server.stream"):
+
+        async def go() -> None:
+            ws, _ = await opened(live, session)
+            await ws.send(b"\x07\x77")  # no such point
+            await ws.recv()
+            await ws.close()
+
+        run(go())
+    lines = [r for r in caplog.records if getattr(r, "request_id", "").endswith("-7")]
+    assert lines and lines[0].outcome == "bad_request"
+    assert "operating point 119" in lines[0].getMessage()

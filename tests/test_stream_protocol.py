@@ -196,16 +196,30 @@ def test_an_answer_is_id_class_and_probability_in_four_bytes() -> None:
         5, SESSION, 10, np.array([7]), np.array([0.5], np.float32), np.zeros((1, 10))
     )
     assert len(data) == answer_size(SESSION, 10) == 4
-    mid, [got] = decode_answer(data, SESSION, 10)
-    assert (mid, got.answer.prediction) == (5, 7)
+    reply = decode_answer(data, SESSION, 10)
+    [got] = reply.samples
+    assert (reply.id, got.answer.prediction) == (5, 7)
+    assert reply.server_s is None  # no timing unless the session asks
     assert got.answer.probability == pytest.approx(0.5, abs=1 / 65535)
+
+
+def test_a_session_with_timing_gets_the_servers_times_in_four_more_bytes() -> None:
+    session = session_for("m", FP, SHAPE, POINTS, timing=True)
+    args = (np.array([7]), np.array([0.5], np.float32), np.zeros((1, 10)))
+    data = encode_answer(5, session, 10, *args, compute_s=0.00123, server_s=0.0042)
+    assert len(data) == answer_size(session, 10) == 4 + 4
+    reply = decode_answer(data, session, 10)
+    assert reply.compute_s == pytest.approx(0.00123, abs=1e-5)
+    assert reply.server_s == pytest.approx(0.0042, abs=1e-5)
+    slow = decode_answer(encode_answer(5, session, 10, *args, server_s=9.0), session, 10)
+    assert (slow.compute_s, slow.server_s) == (0.0, 0.65535)  # unknown; 655.35 ms or more
 
 
 def test_more_than_256_classes_take_two_bytes_per_class() -> None:
     logits = np.zeros((1, 1000), np.float32)
     data = encode_answer(0, SESSION, 1000, np.array([999]), np.array([1.0]), logits)
     assert len(data) == 5
-    assert decode_answer(data, SESSION, 1000)[1][0].answer.prediction == 999
+    assert decode_answer(data, SESSION, 1000).samples[0].answer.prediction == 999
 
 
 def test_top_k_and_logits_answers_round_trip() -> None:
@@ -213,7 +227,7 @@ def test_top_k_and_logits_answers_round_trip() -> None:
     logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 5.0]], np.float32)
     data = encode_answer(1, session, 3, np.array([1, 2]), np.array([0.8, 0.9]), logits)
     assert len(data) == answer_size(session, 3) == 1 + 2 * (3 * 3 + 12)
-    _, answers = decode_answer(data, session, 3)
+    answers = decode_answer(data, session, 3).samples
     assert [[c for c, _ in a.top_k] for a in answers] == [[1, 2], [2, 0]]
     assert answers[1].logits == pytest.approx((2.0, 0.0, 5.0))
 

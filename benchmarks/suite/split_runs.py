@@ -25,6 +25,7 @@ from device.client import OffloadClient
 from device.config import AgentConfig
 from device.records import Record, RecordWriter
 from device.sources import Input
+from device.stream import StreamClient, StreamConfig, bundle_session
 from splitexit.bundle import Bundle
 from splitexit.runtime import HeadRunner
 
@@ -56,8 +57,24 @@ class BareRequests:
     tail_ms: float | None = None  # the server's mean reported compute, None if not reported
 
 
+def offload_client(
+    url: str, bundle: Bundle, transport: str = "http"
+) -> OffloadClient | StreamClient:
+    """The agent's client: KServe v2 over HTTP, or the stream (`--transport stream`)."""
+    http = OffloadClient(url, bundle.manifest.name)
+    if transport == "http":
+        return http
+    session = bundle_session(bundle, bundle.manifest.name, timing=True)  # the gap's split
+    return StreamClient(http, session, StreamConfig(transport="stream"))
+
+
 async def run_bare_requests(
-    bundle: Bundle, inputs: Inputs, url: str, point: tuple[int, int] | None = None, n: int = 30
+    bundle: Bundle,
+    inputs: Inputs,
+    url: str,
+    point: tuple[int, int] | None = None,
+    n: int = 30,
+    transport: str = "http",
 ) -> BareRequests:
     """Time `n` inference requests of one real frame at `point` (default: the widest),
     closed loop."""
@@ -68,7 +85,8 @@ async def run_bare_requests(
     channels, bits = point or widest_point(bundle)
     frame = head.frame(z, bits, channels)
     times, computes, up, down = [], [], 0, 0
-    async with OffloadClient(url, bundle.manifest.name) as client:
+    async with offload_client(url, bundle, transport) as client:
+        await client.check_fingerprint(bundle.fingerprint)
         for i in range(3):
             await client.infer(frame, f"warmup-{i:06d}")
         for i in range(n):
@@ -143,6 +161,7 @@ async def run_split(
     speed: float = 1.0,
     timeout_s: float = 600.0,
     log: Callable[[str], None] = print,
+    transport: str = "http",
 ) -> tuple[list[Sample], dict]:
     """Run the device agent over the inputs; returns the samples and the agent's summary.
     The fixed policy sends at `point` (default: the widest)."""
@@ -158,7 +177,7 @@ async def run_split(
     clock = DeviceClock(speed)
     loop = _ClosedLoop(inputs.agent_inputs(), timeout_s=30.0)
     collector = _Collector(loop.answered)
-    async with OffloadClient(url, bundle.manifest.name) as client:
+    async with offload_client(url, bundle, transport) as client:
         agent = Agent(bundle, config, client, writer=collector, log=log)
         agent.pre = TimedPreprocess(bundle.preprocess, clock)  # time and slow the device side
         agent.head = BenchHead(bundle, clock, exits=strategy.exits, thresholds=config.thresholds)

@@ -16,7 +16,7 @@ Handshake (device → server, the first message, text, at most 4096 bytes of JSO
     ───────────  ───────────────  ─────────────────────────────────────────────────────────
     v            int              STREAM_VERSION (1)
     model        str              the model's name on the server (1..128 characters)
-    fingerprint  str              the bundle's fingerprint, hex (16..64 characters)
+    fingerprint  str              the bundle's fingerprint, lowercase hex (16..64 digits)
     code_shape   [int, int, int]  (C, H, W) of the bottleneck code, each 1..65535
     points       [[int, int], …]  the (k, bits) operating points messages use, 1..255 of
                                   them: 1 <= k <= min(C, 65535), bits 2, 4 or 8
@@ -25,6 +25,7 @@ Handshake (device → server, the first message, text, at most 4096 bytes of JSO
     top_k        int              answers also carry the best top_k classes (0..min(16, K))
     logits       bool             answers also carry all logits (false)
     timeout_ms   int | null       the server drops a message's work after this (null: its own)
+    timing       bool             answers also carry the server's times (false)
 
 Accepted (server → device, text JSON): `{"v": 1, "window": W, "classes": K,
 "max_message_bytes": M}`; W messages may be in flight at once (1..256), K classes the model
@@ -50,11 +51,20 @@ Answer (server → device, binary), c = 1 if K <= 256, else 2:
          1  c+2   per sample: class (u8 or u16), probability round(p * 65535) (u16)
                   then top_k records of (class, probability) as above, best first
                   then K logits (float32), when the session asked for them
+    end          4    with timing: compute, then total server time, u16 each, in 10 µs
+                      (the batch's model time; message in to answer out; 65535: or more)
 
 Error (server → device, text JSON): `{"id": <id or null>, "error": <code>, "message": <str>,
 "retry_after_s": <float, with busy>}`, code one of ERROR_CODES: busy (queue or window full,
 draining, warming up: answer locally now, like HTTP 429/503), deadline (504), rejected (this
 message cannot work: 400/413), server_error (500).
+
+Close codes (the server's; the device's answer in brackets): 4400 a handshake or message
+that breaks this layout [use HTTP], 4404 no such model [stop offloading], 4409 another
+fingerprint [stop offloading], 4503 draining or not ready [reconnect with backoff: another
+replica, or this one when back], 1009 a message over the server's size limit, 1011 the
+server failed or a keepalive ping went unanswered [reconnect]. The version is in the
+subprotocol's name and the handshake's `v`; a server refuses versions it does not speak.
 
 Every field is checked before it is used and every size is bounded by the session before
 anything is allocated; bytes that break the layout raise `StreamError` (`MessageError` when
@@ -110,8 +120,9 @@ CLOSE_CODES = {
 }
 _SUPPORTED_BITS = (2, 4, 8)
 _HEX = re.compile(r"[0-9a-f]{16,64}")
-_U16 = struct.Struct("<H")
 _PROBABILITY_SCALE = 65535
+_TIMING = struct.Struct("<HH")
+_TICKS_PER_S = 100_000  # 10 µs
 
 
 class MessageError(StreamError):
@@ -138,6 +149,7 @@ class Session:
     top_k: int = 0
     logits: bool = False
     timeout_ms: int | None = None
+    timing: bool = False
 
     def __post_init__(self) -> None:
         problems = _session_problems(self)
@@ -150,7 +162,7 @@ class Session:
         doc["fingerprint"] = self.fingerprint
         doc["code_shape"] = list(self.code_shape)
         doc["points"] = [list(p) for p in self.points]
-        for name in ("samples", "dictionary", "top_k", "logits", "timeout_ms"):
+        for name in ("samples", "dictionary", "top_k", "logits", "timeout_ms", "timing"):
             doc[name] = getattr(self, name)
         return json.dumps(doc, separators=(",", ":"))
 
@@ -179,6 +191,7 @@ class Session:
                 top_k=doc.get("top_k", 0),
                 logits=doc.get("logits", False),
                 timeout_ms=doc.get("timeout_ms"),
+                timing=doc.get("timing", False),
             )
         except TypeError as e:
             raise StreamError(f"bad stream handshake: {e}") from None
@@ -225,7 +238,7 @@ def _session_problems(s: Session) -> list[str]:
                 out.append(f"point {list(p)} has bits {p[1]!r}, not 2, 4 or 8")
     if not _is_int(s.samples, 1, MAX_SAMPLES):
         out.append(f"samples must be 1..{MAX_SAMPLES}, got {s.samples!r}")
-    for name in ("dictionary", "logits"):
+    for name in ("dictionary", "logits", "timing"):
         if not isinstance(getattr(s, name), bool):
             out.append(f"{name} must be true or false, got {getattr(s, name)!r}")
     if not _is_int(s.top_k, 0, MAX_TOP_K):
@@ -360,6 +373,17 @@ class SampleAnswer:
 
 
 @dataclass(frozen=True)
+class Reply:
+    """A decoded answer: the message's id, its samples' answers, and the server's times
+    (seconds; None unless the session asked for timing)."""
+
+    id: int
+    samples: list[SampleAnswer]
+    compute_s: float | None = None
+    server_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Failure:
     """An error answer: the message's id (None: the handshake), its code, what to do."""
 
@@ -378,7 +402,7 @@ def answer_size(session: Session, classes: int) -> int:
     """Bytes of an answer to one message of this session (the WebSocket framing aside)."""
     pair = class_bytes(classes) + 2
     per_sample = pair * (1 + session.top_k) + (4 * classes if session.logits else 0)
-    return 1 + session.samples * per_sample
+    return 1 + session.samples * per_sample + (_TIMING.size if session.timing else 0)
 
 
 def encode_answer(
@@ -388,8 +412,12 @@ def encode_answer(
     prediction: np.ndarray,
     probability: np.ndarray,
     logits: np.ndarray,
+    *,
+    compute_s: float | None = None,
+    server_s: float | None = None,
 ) -> bytes:
-    """The answer to one message: `prediction` [n], `probability` [n], `logits` [n, K]."""
+    """The answer to one message: `prediction` [n], `probability` [n], `logits` [n, K];
+    the server's times (seconds) go in when the session asked for timing."""
     cls = "<u1" if class_bytes(classes) == 1 else "<u2"
     n = session.samples
     probs = np.rint(np.clip(probability, 0.0, 1.0) * _PROBABILITY_SCALE).astype("<u2")
@@ -410,13 +438,21 @@ def encode_answer(
         parts.append(rec.tobytes())
         if session.logits:
             parts.append(np.ascontiguousarray(logits[i], dtype="<f4").tobytes())
+    if session.timing:
+        parts.append(_TIMING.pack(_ticks(compute_s), _ticks(server_s)))
     return b"".join(parts)
 
 
-def decode_answer(
-    data: bytes | bytearray | memoryview, session: Session, classes: int
-) -> tuple[int, list[SampleAnswer]]:
-    """The id and per-sample answers of a binary answer; raises StreamError."""
+def _ticks(seconds: float | None) -> int:
+    """Seconds in 10 µs ticks, 0..65535 (65535: that long or longer; 0 also when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return 0
+    return max(0, min(0xFFFF, round(seconds * _TICKS_PER_S)))
+
+
+def decode_answer(data: bytes | bytearray | memoryview, session: Session, classes: int) -> Reply:
+    """The id, per-sample answers and (with timing) server times of an answer; raises
+    StreamError."""
     view = memoryview(data).cast("B")
     size = answer_size(session, classes)
     if len(view) != size:
@@ -440,7 +476,10 @@ def decode_answer(
             logits = tuple(values.tolist())
         top = tuple(pairs[1:])
         out.append(SampleAnswer(Answer(*pairs[0]), top, logits))
-    return view[0], out
+    if not session.timing:
+        return Reply(view[0], out)
+    compute, total = _TIMING.unpack_from(view, offset)
+    return Reply(view[0], out, compute / _TICKS_PER_S, total / _TICKS_PER_S)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -495,10 +534,13 @@ def session_for(
     *,
     dictionary: bool = False,
     timeout_ms: int | None = None,
+    timing: bool = False,
 ) -> Session:
     """A one-sample session for a bundle's operating points (sorted, duplicates dropped)."""
     pts = tuple(sorted({(int(k), int(b)) for k, b in points}))
     c, h, w = (int(d) for d in code_shape)
     if timeout_ms is not None:
         timeout_ms = max(1, min(3_600_000, math.ceil(timeout_ms)))
-    return Session(model, fingerprint.lower(), (c, h, w), pts, 1, dictionary, 0, False, timeout_ms)
+    return Session(
+        model, fingerprint.lower(), (c, h, w), pts, 1, dictionary, 0, False, timeout_ms, timing
+    )
