@@ -1,5 +1,5 @@
-"""Connections that cannot be held hostage: a header must arrive in time, and a request
-refused before its body arrived closes its connection.
+"""Connections that cannot be held hostage: a header must arrive in time, and an upload
+refused before its body was read is not read (its connection closes).
 
     connection ─ first byte of a request ─ header complete within client_timeout_s?
                │                          └ no: 408 + Connection: close (slow-header clients)
