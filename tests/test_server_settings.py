@@ -44,6 +44,10 @@ def test_environment_variables_are_parsed_by_type():
         ({f"{ENV_PREFIX}WARMUP": "maybe"}, "1/0, true/false"),
         ({f"{ENV_PREFIX}MAX_BATCH_SIZE": "0"}, "max_batch_size must be >= 1"),
         ({f"{ENV_PREFIX}LOG_LEVEL": "loud"}, "log_level must be one of"),
+        (
+            {f"{ENV_PREFIX}MAX_QUEUE_DELAY_MS": "80"},
+            "queue_delay_target_ms .50. must exceed max_queue_delay_ms .80.",
+        ),
         ({f"{ENV_PREFIX}REQUEST_TIMEOUT_S": "0"}, "request_timeout_s must be > 0"),
     ],
 )
