@@ -208,7 +208,6 @@ async def _run(args: argparse.Namespace, thresholds: dict[str, float]) -> int:
                     token=_token(args.token_file),
                     max_connections=max(args.window, 1),
                 ),
-                classes=len(bundle.manifest.class_names),
             )
         progress = sys.stderr.isatty() if args.progress is None else args.progress
         agent = Agent(bundle, config, client, writer=RecordWriter(out), progress=progress)
