@@ -265,7 +265,6 @@ async def _run(
                     token=_token(args.token_file),
                     max_connections=max(args.window, 1),
                 ),
-                classes=len(bundle.manifest.class_names),
             )
             if args.transport != "http":
                 client = _stream_client(client, bundle, args)  # type: ignore[assignment]

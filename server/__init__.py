@@ -5,8 +5,10 @@
 
 Modules: `settings` (typed settings, env, CLI), `app` (`create_app`), `protocol` (OIP JSON
 and binary-data extension), `batcher` (dynamic batching), `model` (one served bundle),
-`state` (lifecycle), `limits` (body limit), `middleware` (request id, access log),
-`metrics` (Prometheus), `logs` (JSON logs), `serve` (uvicorn with graceful drain), `cli`.
+`state` (lifecycle), `admission` (429 at the door, queue-delay target), `connection`
+(header deadline, closing refused uploads), `limits` (body limit), `middleware` (request id,
+access log), `metrics` (Prometheus), `logs` (JSON logs), `serve` (uvicorn with graceful
+drain), `cli`.
 """
 
 from __future__ import annotations

@@ -141,6 +141,18 @@ class AdmissionDoor:
         finally:
             model.admission.inflight -= 1
 
+    def refusal(self, scope: Scope) -> bytes | None:
+        """The whole HTTP/1.1 429 response for this request if the door refuses it, else None:
+        for the HTTP protocol to write itself, before any ASGI task exists (`server.connection`)."""
+        refused, model = self._check(scope)
+        if refused is None:
+            return None
+        self.state.metrics.requests.inc(model=model.name, outcome=refused.outcome)
+        status, headers, body = _response(scope, refused)
+        lines = [f"HTTP/1.1 {status} Too Many Requests".encode()]
+        lines += [k + b": " + v for k, v in headers]
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
     def _check(self, scope: Scope) -> tuple[ServerError | None, Any]:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return None, None
@@ -158,7 +170,7 @@ class AdmissionDoor:
         return model.admission.at_door(model.name, b.pending > b.queued), model
 
 
-async def _answer(send: Send, scope: Scope, error: ServerError) -> None:
+def _response(scope: Scope, error: ServerError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     from server.connection import close_unread
 
     body = json.dumps({"error": error.message}).encode()
@@ -169,5 +181,10 @@ async def _answer(send: Send, scope: Scope, error: ServerError) -> None:
     ]
     if close_unread(scope, 0):
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    return error.status, headers, body
+
+
+async def _answer(send: Send, scope: Scope, error: ServerError) -> None:
+    status, headers, body = _response(scope, error)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -1,8 +1,10 @@
-"""Connections that cannot be held hostage: a header must arrive in time, and a request
-refused before its body arrived closes its connection.
+"""Connections that cannot be held hostage: a header must arrive in time, and an upload
+refused before its body was read is not read (its connection closes).
 
     connection ─ first byte of a request ─ header complete within client_timeout_s?
                │                          └ no: 408 + Connection: close (slow-header clients)
+               ├ header complete, the admission door refuses (httptools): 429 written here
+               │   before any ASGI task exists
                └ request ─ app answers before the body is all in (401, 413, 429, 408 ...)
                          ─ not a 408, the rest announced and small (DRAIN_BYTES)? uvicorn reads
                          │ and drops it: keep-alive
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from server.limits import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +35,7 @@ class _HeaderDeadline:
     `transport`): a deadline for each request's header."""
 
     header_timeout_s = 5.0
+    door: Callable[[Scope], bytes | None] | None = None  # a refusal to write, or None
     _header_timer: asyncio.TimerHandle | None = None
     cycle: Any
     loop: asyncio.AbstractEventLoop
@@ -52,6 +56,21 @@ class _HeaderDeadline:
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """httptools: a request the door refuses is answered here, with no ASGI task at all
+        (the cheapest refusal there is); the rest of its body is then dropped by the parser's
+        callbacks, as after any complete response."""
+        refusal = self.door(cycle.scope) if self.door is not None else None
+        if refusal is None:
+            super()._start_asgi_task(cycle, app)  # type: ignore[misc]
+            return
+        cycle.response_complete = True
+        self.transport.write(refusal)
+        if not cycle.keep_alive or b"\r\nconnection: close\r\n" in refusal:
+            self.transport.close()
+            return
+        self.on_response_complete()  # type: ignore[attr-defined]
 
     def _arm(self) -> None:
         if self._header_timer is None:
@@ -80,11 +99,16 @@ class _HeaderDeadline:
         self.transport.close()
 
 
-def guarded_protocol(header_timeout_s: float, parser: str = "auto") -> type[asyncio.Protocol]:
+def guarded_protocol(
+    header_timeout_s: float,
+    parser: str = "auto",
+    door: Callable[[Scope], bytes | None] | None = None,
+) -> type[asyncio.Protocol]:
     """The uvicorn `http` protocol class that answers 408 to a header slower than this.
 
     `parser`: "httptools" (C, the `server` extra), "h11" (pure Python), or "auto": httptools
-    when installed, else h11.
+    when installed, else h11. `door` (httptools only: h11 starts its task itself) gives the
+    response refusing a request before its ASGI task starts (`AdmissionDoor.refusal`).
     """
     base: type[asyncio.Protocol]
     if parser not in ("auto", "h11", "httptools"):
@@ -98,7 +122,8 @@ def guarded_protocol(header_timeout_s: float, parser: str = "auto") -> type[asyn
             raise
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     name = f"HeaderDeadline{base.__name__}"
-    return type(name, (_HeaderDeadline, base), {"header_timeout_s": header_timeout_s})
+    attrs = {"header_timeout_s": header_timeout_s, "door": door}
+    return type(name, (_HeaderDeadline, base), attrs)
 
 
 class CloseUnreadBodies:

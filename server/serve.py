@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from server.admission import AdmissionDoor
 from server.connection import guarded_protocol
 from server.logs import uvicorn_log_config
 from server.settings import Settings
@@ -65,9 +66,11 @@ def make_server(
         server_header=False,  # bytes on every response, for nobody
         date_header=False,  # likewise; answers are never cached (RFC 9110 asks for Date)
         lifespan="on",
-        http=guarded_protocol(
-            settings.client_timeout_s, settings.http_parser
-        ),  # 408 for a header that never completes
+        http=guarded_protocol(  # 408 for a header that never completes; 429 before any task
+            settings.client_timeout_s,
+            settings.http_parser,
+            door=AdmissionDoor(app, app.state.splitexit).refusal,
+        ),
         ws_max_size=settings.max_body_bytes,  # a stream message is bounded like a body
         ws_per_message_deflate=False,  # payloads are compressed already
     )

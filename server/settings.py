@@ -134,6 +134,12 @@ class Settings:
             out.append(f"stream_window must be in 1..256, got {self.stream_window}")
         if self.torch_threads is not None and self.torch_threads < 1:
             out.append(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.queue_delay_target_ms <= self.max_queue_delay_ms:
+            out.append(
+                f"queue_delay_target_ms ({self.queue_delay_target_ms:g}) must exceed "
+                f"max_queue_delay_ms ({self.max_queue_delay_ms:g}): a request waiting for its "
+                "batch to fill would be dropped as late"
+            )
         if self.http_parser not in HTTP_PARSERS:
             out.append(f"http_parser must be one of {HTTP_PARSERS}, got {self.http_parser!r}")
         if self.http_parser == "httptools" and importlib.util.find_spec("httptools") is None:

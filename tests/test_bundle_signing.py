@@ -121,7 +121,8 @@ def test_server_and_agent_refuse_an_untrusted_bundle_in_one_line_exit_2(
     sign(bundle, keys["other"][0])
     capsys.readouterr()
     trusted = str(keys["fleet"][1])
-    code = server_main(["--bundle", str(bundle), "--trusted-key", trusted, "--check"])
+    quiet = ["--log-level", "critical"]  # main() configures logging onto captured stderr
+    code = server_main(["--bundle", str(bundle), "--trusted-key", trusted, "--check", *quiet])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "not trusted here" in err, err
     png = tmp_path / "x.png"
@@ -132,7 +133,7 @@ def test_server_and_agent_refuse_an_untrusted_bundle_in_one_line_exit_2(
     assert code == 2 and err.count("\n") == 0 and "not trusted here" in err, err
     # with the right key both start
     sign(bundle, keys["fleet"][0])
-    assert server_main(["--bundle", str(bundle), "--trusted-key", trusted, "--check"]) == 0
+    assert server_main(["--bundle", str(bundle), "--trusted-key", trusted, "--check", *quiet]) == 0
 
 
 def test_signing_with_a_public_key_or_an_archive_says_what_to_do(bundle, keys, tmp_path, capsys):

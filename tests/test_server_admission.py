@@ -117,3 +117,49 @@ def test_a_request_whose_timeout_cannot_hold_one_batch_is_504_uncomputed(a, monk
         r = c.post(path, content=short, headers=short_headers)
         assert r.status_code == 504 and "shorter than one batch" in r.json()["error"]
         assert live.state.metrics.inference_count.value(model=a.name) == 1
+
+
+def _parsers() -> list:
+    import importlib.util
+
+    skip = pytest.mark.skipif(
+        importlib.util.find_spec("httptools") is None, reason="httptools (server extra) absent"
+    )
+    return ["h11", pytest.param("httptools", marks=skip)]
+
+
+@pytest.mark.parametrize("parser", _parsers())
+def test_a_request_refused_at_the_door_keeps_its_connection_for_the_next(a, parser):
+    """The door's 429 (written by the HTTP protocol itself with httptools) drops the small
+    body unread and the same connection carries the next request."""
+    import socket
+
+    s = settings(a, warmup=False, http_parser=parser, queue_delay_target_ms=TARGET_MS)
+    with LiveServer(s, [a]) as live:
+        model = live.state.models[a.name]
+        body, headers = build_binary_request("frame", [a.frame(a.inputs(1, 0), 4, 8)])
+        head = [f"POST /v2/models/{a.name}/infer HTTP/1.1", "Host: x"]
+        head += [f"{k}: {v}" for k, v in {**headers, "Content-Length": len(body)}.items()]
+        request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            answers = []
+            for target_s in (-1.0, TARGET_MS / 1e3, -1.0, TARGET_MS / 1e3):
+                model.admission.target_s = target_s  # -1: every request waits too long
+                sock.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(65536)
+                header, _, rest = data.partition(b"\r\n\r\n")
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in header.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
+                while len(rest) < length:
+                    rest += sock.recv(65536)
+                assert b"connection: close" not in header.lower()
+                answers.append(int(header.split()[1]))
+        assert answers == [429, 200, 429, 200]

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import struct
+import warnings
 
 import httpx
 import numpy as np
@@ -63,7 +64,9 @@ def image_corpus() -> dict[str, bytes]:
         for mode in ("RGB", "L", "1"):
             buf = io.BytesIO()
             try:
-                pixels.convert(mode).save(buf, format=fmt)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # e.g. the IM format
+                    pixels.convert(mode).save(buf, format=fmt)
             except Exception:
                 continue
             data = buf.getvalue()

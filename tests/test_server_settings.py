@@ -44,6 +44,10 @@ def test_environment_variables_are_parsed_by_type():
         ({f"{ENV_PREFIX}WARMUP": "maybe"}, "1/0, true/false"),
         ({f"{ENV_PREFIX}MAX_BATCH_SIZE": "0"}, "max_batch_size must be >= 1"),
         ({f"{ENV_PREFIX}LOG_LEVEL": "loud"}, "log_level must be one of"),
+        (
+            {f"{ENV_PREFIX}MAX_QUEUE_DELAY_MS": "80"},
+            "queue_delay_target_ms .50. must exceed max_queue_delay_ms .80.",
+        ),
         ({f"{ENV_PREFIX}REQUEST_TIMEOUT_S": "0"}, "request_timeout_s must be > 0"),
     ],
 )
@@ -162,6 +166,10 @@ def test_the_command_serves_logs_json_and_drains_on_sigterm(tmp_path):
             proc.wait(5)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert lines, log.read_text()
-    access = [ln for ln in lines if ln.get("request_id") == "probe-1"]
+    # the access line; not the drain's, which carries the id too when SIGTERM lands while
+    # that request's task is still logging it (the signal handler runs in its context)
+    access = [
+        ln for ln in lines if ln.get("request_id") == "probe-1" and ln["logger"] == "server.access"
+    ]
     assert access and access[0]["path"] == "/v2/health/live" and access[0]["status"] == 200
     assert any("draining" in ln["message"] for ln in lines)
