@@ -234,9 +234,7 @@ class Agent:
         start = time.monotonic()
         z = work.result.z
         try:
-            if (
-                math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS
-            ):  # a thread hop would cost more than this
+            if math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:  # a thread hop costs more
                 frame = self.head.frame(z, point.bits, point.channels)
             else:
                 frame = await asyncio.get_running_loop().run_in_executor(

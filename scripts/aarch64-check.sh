@@ -38,12 +38,20 @@ if [ ! -x "$rootfs/usr/bin/python3" ]; then
         --include=python3,python3-venv,python3-pip,ca-certificates bookworm "$rootfs" "$mirror"
 fi
 cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
+# the host's CA bundle, so pip in the rootfs trusts what the host trusts (a TLS proxy's CA)
+host_ca=${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}
+[ -f "$host_ca" ] && cp "$host_ca" "$rootfs/etc/ssl/certs/host-ca-certificates.crt"
 rm -rf "$rootfs/src" && mkdir -p "$rootfs/src"
 tar -C "$repo" -cf - pyproject.toml README.md splitexit device server | tar -C "$rootfs/src" -xf -
 mountpoint -q "$rootfs/proc" || mount -t proc proc "$rootfs/proc"
+# no /sys: the host's CPU topology crashes numpy under qemu; onnxruntime only warns without it
 trap 'umount "$rootfs/proc" 2>/dev/null || true' EXIT
 
-chroot "$rootfs" /bin/sh -eu <<'IN'
+ca=/etc/ssl/certs/host-ca-certificates.crt
+# a clean environment: the host's pip and TLS settings point at host paths
+chroot "$rootfs" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root LANG=C.UTF-8 \
+    ${HTTPS_PROXY:+HTTPS_PROXY=$HTTPS_PROXY} ${HTTP_PROXY:+HTTP_PROXY=$HTTP_PROXY} \
+    PIP_CERT=$ca SSL_CERT_FILE=$ca REQUESTS_CA_BUNDLE=$ca /bin/sh -eu <<'IN'
 echo "== $(uname -m), $(python3 --version)"
 rm -rf /venv && python3 -m venv /venv
 start=$(date +%s)

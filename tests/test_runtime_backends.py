@@ -306,3 +306,18 @@ def test_core_and_device_packages_import_without_torch_or_fastapi() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=SHIPPED.parents[2]
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_server_refuses_to_start_with_a_provider_it_lacks_in_one_line(capsys) -> None:
+    from server.cli import main
+
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has TensorRT")
+    flags = ["--bundle", str(SHIPPED), "--check", "--runtime", "onnxruntime"]
+    assert main([*flags, "--providers", "tensorrt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TensorrtExecutionProvider" in err[0]
+    assert main([*flags, "--providers", "cpu"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["--bundle", str(SHIPPED), "--check", "--runtime", "tensorflow"])
+    assert exc.value.code == 2
