@@ -43,7 +43,14 @@ from .errors import (
     ServerFailed,
     ServerUnreachable,
 )
-from .protocol import CONTENT_TYPE, HEADER_LENGTH, Answer, ProtocolError, decode_response
+from .protocol import (
+    CONTENT_TYPE,
+    HEADER_LENGTH,
+    INPUT_NAME,
+    Answer,
+    ProtocolError,
+    decode_response,
+)
 from .protocol import encode_request as _encode
 from .transport import KeepAliveTransport, fetch, timeouts, within
 
@@ -160,10 +167,16 @@ class OffloadClient:
     # -------------------------------------------------------------------------- requests
 
     async def infer(
-        self, frame: bytes, request_id: str, *, deadline: float | None = None
+        self,
+        frame: bytes,
+        request_id: str,
+        *,
+        deadline: float | None = None,
+        input_name: str = INPUT_NAME,
     ) -> InferResult:
-        """Send one frame; `deadline` is a `time.monotonic()` instant bounding all attempts
-        (and sent along, as the time left, so the server can drop work that comes late).
+        """Send one frame (`input_name` "image": an encoded image); `deadline` is a
+        `time.monotonic()` instant bounding all attempts (and sent along, as the time left,
+        so the server can drop work that comes late).
 
         Raises an OffloadError subclass (see the module docstring) with `attempts` and the
         bytes spent set.
@@ -181,7 +194,7 @@ class OffloadClient:
             tally.attempts += 1
             attempt_s = min(c.timeout_s, left)
             timeout_us = None if deadline is None else int(left * 1e6)
-            body, header_len = _encode(frame, None, timeout_us)
+            body, header_len = _encode(frame, None, timeout_us, input_name)
             headers = {
                 HEADER_LENGTH: str(header_len),
                 "Content-Type": CONTENT_TYPE,

@@ -46,19 +46,22 @@ class Answer:
 
 
 def encode_request(
-    frame: bytes, request_id: str | None = None, timeout_us: int | None = None
+    frame: bytes,
+    request_id: str | None = None,
+    timeout_us: int | None = None,
+    input_name: str = INPUT_NAME,
 ) -> tuple[bytes, int]:
     """The request body and its JSON header's length (the `Inference-Header-Content-Length`).
 
     `request_id` goes into the header as its `id` only when given (the client sends it as
     `X-Request-ID` instead). `timeout_us` (Triton's `timeout` parameter) tells the server
     when the answer stops being useful, so it can drop the work (504) instead of computing
-    it late.
+    it late. `input_name` "image" sends an encoded image to the server's whole model.
     """
     header: dict[str, Any] = {} if request_id is None else {"id": request_id}
     header["inputs"] = [
         {
-            "name": INPUT_NAME,
+            "name": input_name,
             "shape": [1],
             "datatype": "BYTES",
             "parameters": {"binary_data_size": 4 + len(frame)},
