@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from device.policy import (
     AdaptiveRule,
     Choices,
+    Decision,
     FixedRule,
     at_bottleneck,
     best_point,
@@ -29,8 +32,11 @@ GRID = [
 SERVER = Compute(tail_s=0.002)
 
 
+NOTHING = Compute()
+
+
 def model(
-    rtt_s: float, rate_bps: float, device: Compute = Compute(), overhead: float = 400
+    rtt_s: float, rate_bps: float, device: Compute = NOTHING, overhead: float = 400
 ) -> CostModel:
     return CostModel(Link(rate_bps, rtt_s, overhead), device, SERVER, (1,) if device.exit_s else ())
 
@@ -39,7 +45,10 @@ FAST = model(0.005, 100e6)
 SLOW = model(0.040, 100e3)
 
 
-def decide(points, cost, rule, **kw):  # noqa: ANN001, ANN003, ANN201 - the bottleneck decision
+def decide(
+    points: list[Point], cost: CostModel, rule: AdaptiveRule | FixedRule, **kw: Any
+) -> Decision:
+    """The decision at the bottleneck (`kw`: the rest of `Choices`)."""
     return at_bottleneck(Choices(points, **kw), cost, rule)
 
 
