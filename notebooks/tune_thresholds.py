@@ -41,17 +41,17 @@ from splitexit.bundle import load_bundle
 from splitexit.calibrate import (
     CalibrationTable,
     Goal,
-    Link,
     Replay,
     check_promise,
     evaluate_policy,
     format_selection,
     held_out_splits,
-    measure_timings,
+    measure_compute,
     record_table,
     select_thresholds,
     write_selection,
 )
+from splitexit.cost import CostModel, Link
 from splitexit.exits import CONFIDENCE_MEASURES
 from splitexit.zoo import default_bundle_path
 
@@ -151,29 +151,26 @@ print("smallest frames:", [(p, round(float(s)), round(float(a), 4)) for s, a, p 
 # Local-only runs the whole model on the device; full offload sends the input image
 # (PNG) and runs everything on the server; split-only always sends the bottleneck;
 # split + exit answers locally when an exit is confident. Timings are measured on this
-# machine; `DEVICE_SPEED` makes the device that much slower than this machine.
+# machine and priced by `splitexit.cost.CostModel`; `DEVICE_SPEED` makes the device that
+# much slower than this machine.
 
 # %%
 DEVICE_SPEED = float(os.environ.get("SPLITEXIT_DEVICE_SPEED", "4"))
-timings = measure_timings(bundle, repeats=5).scaled(DEVICE_SPEED)
-server = measure_timings(bundle, repeats=5)
+here = measure_compute(bundle, repeats=5)  # this machine: the server
+device = here.scaled(DEVICE_SPEED)
 png_bytes = 509.0  # mean optimised PNG of a 28x28 Fashion-MNIST image (benchmarks/)
-head_ms = sum(timings.segment_ms) + sum(timings.exit_ms)
-local_ms = head_ms + timings.tail_ms * DEVICE_SPEED
 thresholds = {e.name: e.threshold for e in bundle.manifest.exits}
 rates = np.logspace(-1, 2.3, 30)  # Mbit/s
 rtt = 20.0
 curves = {"local only": [], "full offload (PNG)": [], "split only": [], "split + exit": []}
 for mbps in rates:
-    link = Link(mbps, rtt)
-    curves["local only"].append(local_ms)
-    curves["full offload (PNG)"].append(
-        link.transfer_ms(png_bytes) + sum(server.segment_ms) + server.tail_ms
-    )
+    cost = CostModel(Link.mbit(mbps, rtt), device, here, calib.exit_segments)
+    curves["local only"].append(cost.local_s() * 1e3)
+    curves["full offload (PNG)"].append(cost.image_s(png_bytes) * 1e3)
     never = dict.fromkeys(calib.exit_names, 2.0)
-    split = evaluate_policy(calib, never, point=widest, link=link, timings=timings)
+    split = evaluate_policy(calib, never, point=widest, cost=cost)
     curves["split only"].append(split.expected_latency_ms)
-    exits = evaluate_policy(calib, thresholds, point=widest, link=link, timings=timings)
+    exits = evaluate_policy(calib, thresholds, point=widest, cost=cost)
     curves["split + exit"].append(exits.expected_latency_ms)
 fig, ax = plt.subplots(figsize=(6, 4))
 for label, ys in curves.items():
