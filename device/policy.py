@@ -25,12 +25,11 @@ Rules (one model, many operating points, one cost model):
 Accuracies: an offload point's is the manifest's; the tail here runs the float code (the
 bundle's float accuracy, else its best point's); the server answers an image at its most
 accurate point. Where some accuracy is unknown, actions rank by the information they carry
-(channels x bits; the tail here and the image as the most) and a floor cannot be checked.
+(channels x bits; the tail here as the best point) and a floor cannot be checked.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -109,9 +108,10 @@ def at_bottleneck(choices: Choices, cost: CostModel, rule: FixedRule | AdaptiveR
         _Option("offload", p, _offload_s(p, cost), p.accuracy, float(p.channels * p.bits))
         for p in points
     ]
-    if choices.tail_here:
+    if choices.tail_here:  # as informative as the best point: equally accurate, the faster
         acc = choices.tail_accuracy if choices.tail_accuracy is not None else choices.best_accuracy
-        options.append(_Option("tail", None, cost.tail_here_s(), acc, math.inf))
+        proxy = max(o.proxy for o in options)
+        options.append(_Option("tail", None, cost.tail_here_s(), acc, proxy))
     return _choose(options, rule)
 
 
