@@ -100,8 +100,15 @@ class _ClosedLoop:
     """Yields an input `gap_s` after the previous one was answered (waits at most `timeout_s`
     for that answer); see `strategies` for why every strategy has the same gap."""
 
-    def __init__(self, items: Iterable[Input], timeout_s: float, gap_s: float = GAP_S) -> None:
+    def __init__(
+        self,
+        items: Iterable[Input],
+        timeout_s: float,
+        gap_s: float = GAP_S,
+        on_input: Callable[[], None] = lambda: None,
+    ) -> None:
         self._items = items
+        self.on_input = on_input
         self._answered = threading.Event()
         self._answered.set()
         self.timeout_s = timeout_s
@@ -115,6 +122,7 @@ class _ClosedLoop:
                 return
             self._answered.clear()
             time.sleep(self.gap_s)
+            self.on_input()
             yield item
 
     def answered(self) -> None:
@@ -159,11 +167,11 @@ async def run_split(
     )
     clock = DeviceClock(speed)
     items = list(inputs.agent_inputs())
-    loop = _ClosedLoop(items, timeout_s=30.0)
+    loop = _ClosedLoop(items, timeout_s=30.0, on_input=clock.begin)  # one entry an input
     collector = _Collector(loop.answered)
     async with OffloadClient(url, bundle.manifest.name) as client:
         agent = Agent(bundle, config, client, writer=collector, log=log)
-        agent.pre = TimedPreprocess(bundle.preprocess, clock)  # time and slow the device side
+        agent.pre = TimedPreprocess(bundle.preprocess, clock, begins=False)  # time and slow
         agent.head = BenchHead(bundle, clock, exits=strategy.exits, thresholds=config.thresholds)
         if agent.tail is not None:
             agent.tail = timed_tail(bundle, clock)
