@@ -84,7 +84,7 @@ def tables(limit: int | None = None) -> dict[str, CalibrationTable]:
 t = tables(limit=int(os.environ.get("SPLITEXIT_NOTEBOOK_LIMIT", "0")) or None)
 calib, test = t["calibration"], t["test"]
 print(f"calibration: {len(calib.labels)} samples, test: {len(test.labels)} samples")
-print("operating points:", calib.points)
+print("operating points:", [p.key for p in calib.points])
 
 # %% [markdown]
 # ## Accuracy against offload rate, per confidence measure
@@ -94,7 +94,7 @@ print("operating points:", calib.points)
 # better.
 
 # %%
-widest = max(calib.points, key=lambda p: (p[0], p[1]))
+widest = calib.widest_point
 fig, ax = plt.subplots(figsize=(6, 4))
 for measure in CONFIDENCE_MEASURES:
     replay = Replay(calib, measure, widest)
@@ -108,7 +108,7 @@ tail_acc = Replay(calib, "max_prob", widest).stats(np.full(len(calib.exit_names)
 ax.axhline(tail_acc, color="grey", ls="--", lw=0.8, label="tail only")
 ax.set_xlabel("offload rate")
 ax.set_ylabel("accuracy")
-ax.set_title(f"accuracy vs offload (tail at k={widest[0]}, {widest[1]} bits)")
+ax.set_title(f"accuracy vs offload (tail at k={widest.channels}, {widest.bits} bits)")
 ax.legend()
 fig.tight_layout()
 
@@ -132,17 +132,17 @@ fig.tight_layout()
 fig, ax = plt.subplots(figsize=(6, 4))
 acc = calib.tail_correct.mean(axis=0)
 size = calib.frame_bytes.mean(axis=0)
-for bits in sorted({b for _, b in calib.points}):
-    idx = [j for j, p in enumerate(calib.points) if p[1] == bits]
+for bits in sorted({p.bits for p in calib.points}):
+    idx = [j for j, p in enumerate(calib.points) if p.bits == bits]
     ax.plot(size[idx], acc[idx], "o-", label=f"{bits} bits")
     for j in idx:
-        ax.annotate(str(calib.points[j][0]), (size[j], acc[j]), fontsize=7)
+        ax.annotate(str(calib.points[j].channels), (size[j], acc[j]), fontsize=7)
 ax.set_xscale("log")
 ax.set_xlabel("mean frame bytes (header included; labels: channels k)")
 ax.set_ylabel("tail accuracy")
 ax.legend()
 fig.tight_layout()
-best = sorted(zip(size, acc, calib.points, strict=True))
+best = sorted(zip(size, acc, [p.key for p in calib.points], strict=True))
 print("smallest frames:", [(p, round(float(s)), round(float(a), 4)) for s, a, p in best[:5]])
 
 # %% [markdown]
