@@ -123,6 +123,7 @@ def serve(down: int) -> None:
 def measure(rates: list[float], sizes: list[tuple[int, int]], n: int) -> list[dict[str, Any]]:
     from suite.link_check import link_cost
 
+    from splitexit.cost import Link
     from splitexit.link import LinkSpec
 
     rows = []
@@ -149,7 +150,7 @@ def measure(rates: list[float], sizes: list[tuple[int, int]], n: int) -> list[di
                         "rate_mbit": rate,
                         "up_bytes": up,
                         "down_bytes": down,
-                        "payload_ms": round((up + down) * 8 / bps * 1e3, 3),
+                        "payload_ms": round(1e3 * Link(bps, 0.0).transfer_s(up + down), 3),
                         "kernel_tbf_burst_ms": round(burst, 3),
                         "kernel_tbf_paced_ms": round(paced, 3),
                         "emulator_ms": round(emu.through_ms - emu.direct_ms, 3),

@@ -109,10 +109,15 @@ class LinkEstimate:
     samples: int
     base_bytes: float = 0.0
 
+    def link(self, overhead_bytes: float = 0.0, queue_s: float = 0.0) -> Link:
+        """The estimate as the cost model's link."""
+        return Link(
+            self.bandwidth_bps, self.base_latency_s, overhead_bytes, self.base_bytes, queue_s
+        )
+
     def predict(self, nbytes: float) -> float:
         """Expected seconds to get an answer for `nbytes` (both ways)."""
-        extra = max(0.0, nbytes - self.base_bytes)
-        return self.base_latency_s + extra * 8.0 / self.bandwidth_bps
+        return self.link().transfer_s(nbytes)
 
 
 class LinkEstimator:
@@ -352,14 +357,7 @@ class Measurements:
 
     def cost(self, now: float) -> CostModel:
         """Every measurement as of `now`, as the cost model the policy prices actions with."""
-        est = self.link.estimate()
-        link = Link(
-            est.bandwidth_bps,
-            est.base_latency_s,
-            overhead_bytes=self.overhead_bytes.value,
-            base_bytes=est.base_bytes,
-            queue_s=self.link.queue_s(now),
-        )
+        link = self.link.estimate().link(self.overhead_bytes.value, self.link.queue_s(now))
         device = Compute(
             segment_s=tuple(e.value for e in self.segment_s),
             exit_s=tuple(e.value for e in self.exit_s),
