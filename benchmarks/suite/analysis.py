@@ -312,7 +312,8 @@ BASELINES = ("local", "offload-jpeg95", "offload-png")
 def goals(cells: Sequence[Cell], rates: Sequence[float]) -> list[dict[str, Any]]:
     """Per rate: the adaptive policy's mean latency against the best fixed strategy's (goal:
     within 5%) and against the best of local-only and full offload (goal where splitting
-    should pay: at least 30% below), with what it did."""
+    should pay: at least 30% below), with what it did, what its cost model expected, and
+    its link estimate at the end."""
     local = next((c for c in cells if c.strategy == "local" and c.samples), None)
     rows = []
     for rate in rates:
@@ -326,9 +327,12 @@ def goals(cells: Sequence[Cell], rates: Sequence[float]) -> list[dict[str, Any]]
             continue
         a = adaptive.mean_ms()
         best = min(fixed, key=lambda k: fixed[k])
+        link = adaptive.extra.get("link") or {}
         row: dict[str, Any] = {
             "rate_mbit": rate,
             "adaptive_ms": round(a, 3),
+            "expected_ms": adaptive.stats.get("expected_ms"),
+            "link_estimate_mbit": round(link["bandwidth_bps"] / 1e6, 3) if link else None,
             "adaptive_accuracy": adaptive.stats["accuracy"],
             "actions": adaptive.stats.get("actions"),
             "best_fixed": best,

@@ -364,12 +364,17 @@ def _goals(doc: dict[str, Any]) -> list[str]:
             [
                 f"{g['rate_mbit']:g}",
                 _ms(g["adaptive_ms"]),
+                _ms(g.get("expected_ms")),
+                "-" if g.get("link_estimate_mbit") is None else f"{g['link_estimate_mbit']:.3g}",
                 "-" if g["adaptive_accuracy"] is None else f"{g['adaptive_accuracy']:.4f}",
                 f"{_label(g['best_fixed'])} {_ms(g['best_fixed_ms'])}",
                 f"{g['vs_best_fixed_pct']:+.1f}% " + ("yes" if g["within_5pct"] else "**no**"),
-                f"{_label(g.get('best_baseline', '-'))} {_ms(g.get('best_baseline_ms'))}",
-                f"{g.get('vs_best_baseline_pct', 0):+.1f}% "
-                + ("yes" if g.get("below_by_30pct") else "no"),
+                f"{_label(g['best_baseline'])} {_ms(g['best_baseline_ms'])}"
+                if "best_baseline" in g
+                else "-",
+                f"{g['vs_best_baseline_pct']:+.1f}% " + ("yes" if g["below_by_30pct"] else "no")
+                if "best_baseline" in g
+                else "-",
                 acts,
             ]
         )
@@ -380,12 +385,16 @@ def _goals(doc: dict[str, Any]) -> list[str]:
         "cell (goal: within 5%) and against the best of local-only and full offload (goal "
         "where splitting should pay: 30% or more below), with the actions it took (image: "
         "sent the image; exit; offload at (k, bits); tail: finished the tail on the device; "
-        "local: the best exit, for the deadline).",
+        "local: the best exit, for the deadline); *expected* is the mean of what its cost "
+        "model expected each input to take when it chose, *link estimate* the agent's "
+        "bandwidth estimate at the end of the cell.",
         "",
         *_table(
             [
                 "Mbit/s",
                 "adaptive ms",
+                "expected ms",
+                "link estimate Mbit/s",
                 "accuracy",
                 "best fixed",
                 "vs best fixed",
