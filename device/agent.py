@@ -58,6 +58,7 @@ from .policy import (
     at_bottleneck,
     best_point,
     find_point,
+    pareto,
     start,
 )
 from .records import DEVICE, ERROR, FALLBACK, SERVER, Record, RecordWriter, Summary
@@ -132,6 +133,8 @@ class Agent:
         self.encode_image: Callable[[Any], bytes] = lambda px: encode_image(px, fmt, quality)
         self.images = False  # the server takes images and the rule may send them (start())
         self._small_image = math.prod(m.input_shape) <= _INLINE_ENCODE_ELEMENTS
+        self._choices_now: Choices | None = None
+        self._sizes_now: tuple[float, ...] = ()
         self._warm = False
         self.breaker = CircuitBreaker(
             config.breaker_failures, config.breaker_reset_s, config.breaker_max_reset_s
@@ -481,8 +484,15 @@ class Agent:
         return got
 
     def _choices(self) -> Choices:
-        points = [replace(p, frame_bytes=self.measure.mean_frame_bytes(p.key)) for p in self.points]
-        return Choices(points, self.tail is not None, self.tail_accuracy)
+        """The points with their measured frame sizes (rebuilt when a size moved)."""
+        sizes = tuple(round(self.measure.mean_frame_bytes(p.key)) for p in self.points)
+        if self._choices_now is None or sizes != self._sizes_now:
+            points = [replace(p, frame_bytes=n) for p, n in zip(self.points, sizes, strict=True)]
+            if self.config.policy == "adaptive":
+                points = pareto(points)
+            self._choices_now = Choices(points, self.tail is not None, self.tail_accuracy)
+            self._sizes_now = sizes
+        return self._choices_now
 
     def _rule(self, work: _Work) -> FixedRule | AdaptiveRule:
         cfg = self.config

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from splitexit.bundle.manifest import OperatingPoint
 from splitexit.cost import CostModel
@@ -87,13 +87,12 @@ class Choices:
         return max(acc) if len(acc) == len(self.points) and acc else None
 
 
-@dataclass(frozen=True)
-class _Option:
+class _Option(NamedTuple):
     action: Action
     point: OperatingPoint | None
     expected_s: float
     accuracy: float | None
-    proxy: float  # information carried (channels x bits; inf: full precision)
+    proxy: float  # information carried (channels x bits)
 
 
 def at_bottleneck(choices: Choices, cost: CostModel, rule: FixedRule | AdaptiveRule) -> Decision:
@@ -104,8 +103,12 @@ def at_bottleneck(choices: Choices, cost: CostModel, rule: FixedRule | AdaptiveR
     if isinstance(rule, FixedRule):
         p = find_point(points, rule.channels, rule.bits)
         return Decision("offload", p, _offload_s(p, cost), "fixed")
+    fixed_s = cost.device.encode_s + cost.server.tail_s  # the rest: the frame's transfer
+    transfer = cost.link.transfer_s
     options = [
-        _Option("offload", p, _offload_s(p, cost), p.accuracy, float(p.channels * p.bits))
+        _Option(
+            "offload", p, fixed_s + transfer(p.frame_bytes or 0.0), p.accuracy, p.channels * p.bits
+        )
         for p in points
     ]
     if choices.tail_here:  # as informative as the best point: equally accurate, the faster
@@ -150,9 +153,14 @@ def _offload_s(p: OperatingPoint, cost: CostModel) -> float:
 
 def _choose(options: list[_Option], rule: AdaptiveRule) -> Decision:
     by_acc = all(o.accuracy is not None for o in options)
+    # higher is more accurate: (accuracy, information) or, without accuracies, information
+    ranked = [(o, (o.accuracy, o.proxy) if by_acc else (0.0, o.proxy)) for o in options]
 
-    def rank(o: _Option) -> tuple[float, ...]:
-        return (o.accuracy, o.proxy) if by_acc else (o.proxy,)  # type: ignore[return-value]
+    def fastest(pool: list[tuple[_Option, tuple]]) -> _Option:
+        return min(pool, key=lambda x: (x[0].expected_s, -x[1][0], -x[1][1]))[0]
+
+    def most_accurate(pool: list[tuple[_Option, tuple]]) -> _Option:
+        return max(pool, key=lambda x: (*x[1], -x[0].expected_s))[0]
 
     def decision(o: _Option, reason: str) -> Decision:
         return Decision(o.action, o.point, o.expected_s, reason)
@@ -160,28 +168,44 @@ def _choose(options: list[_Option], rule: AdaptiveRule) -> Decision:
     floor = rule.accuracy_floor if by_acc else None
     deadline = rule.deadline_s
     if floor is not None:
-        meets = [o for o in options if o.accuracy >= floor]  # type: ignore[operator]
+        meets = [x for x in ranked if x[0].accuracy >= floor]  # type: ignore[operator]
         if meets:
-            o = min(meets, key=lambda o: (o.expected_s, tuple(-r for r in rank(o))))
+            o = fastest(meets)
             if deadline is None or o.expected_s <= deadline:
                 return decision(o, "floor: fastest meeting it")
     if deadline is not None:
-        in_time = [o for o in options if o.expected_s <= deadline]
+        in_time = [x for x in ranked if x[0].expected_s <= deadline]
         if in_time:
-            o = max(in_time, key=lambda o: (*rank(o), -o.expected_s))
-            return decision(o, "deadline: most accurate in time")
-        fastest = min(options, key=lambda o: (o.expected_s, tuple(-r for r in rank(o))))
+            return decision(most_accurate(in_time), "deadline: most accurate in time")
+        o = fastest(ranked)
         if rule.local_ok:
             return Decision(
                 "local",
                 None,
                 0.0,
-                f"deadline: fastest action {fastest.expected_s:.3f}s > {deadline:.3f}s left",
+                f"deadline: fastest action {o.expected_s:.3f}s > {deadline:.3f}s left",
             )
-        return decision(fastest, "deadline: none in time, fastest")
+        return decision(o, "deadline: none in time, fastest")
     if floor is not None:
-        return decision(max(options, key=rank), "floor: none meets it, most accurate")
-    return decision(max(options, key=lambda o: (*rank(o), -o.expected_s)), "most accurate")
+        return decision(most_accurate(ranked), "floor: none meets it, most accurate")
+    return decision(most_accurate(ranked), "most accurate")
+
+
+def pareto(points: Sequence[OperatingPoint]) -> list[OperatingPoint]:
+    """The points no other beats at once on accuracy, information carried and frame size:
+    the only ones the adaptive rule can choose (all of them where an accuracy is unknown)."""
+    if any(p.accuracy is None for p in points):
+        return list(points)
+
+    def key(p: OperatingPoint) -> tuple[float, float, float]:
+        return (p.accuracy, p.channels * p.bits, -(p.frame_bytes or 0.0))  # type: ignore[return-value]
+
+    keys = [key(p) for p in points]
+    return [
+        p
+        for p, k in zip(points, keys, strict=True)
+        if not any(o != k and all(a >= b for a, b in zip(o, k, strict=True)) for o in keys)
+    ]
 
 
 def find_point(points: Sequence[OperatingPoint], channels: int, bits: int) -> OperatingPoint:

@@ -62,9 +62,9 @@ class Link:
 
     def transfer_s(self, payload_bytes: Any) -> Any:
         """Seconds from sending `payload_bytes` (a number or an array) to the answer."""
-        wire = np.maximum(payload_bytes + self.overhead_bytes - self.base_bytes, 0.0)
-        out = self.queue_s + self.rtt_s + wire * 8.0 / self.rate_bps
-        return float(out) if np.ndim(out) == 0 else out
+        wire = payload_bytes + self.overhead_bytes - self.base_bytes
+        wire = np.maximum(wire, 0.0) if isinstance(wire, np.ndarray) else max(float(wire), 0.0)
+        return self.queue_s + self.rtt_s + wire * 8.0 / self.rate_bps
 
 
 @dataclass(frozen=True)

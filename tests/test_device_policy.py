@@ -16,6 +16,7 @@ from device.policy import (
     at_bottleneck,
     best_point,
     find_point,
+    pareto,
     start,
 )
 from splitexit.bundle import OperatingPoint as Point
@@ -227,3 +228,19 @@ def test_exits_that_answer_more_often_make_the_head_path_cheaper() -> None:
     often = cost.head_path_s([0.9], after_s=0.05)
     assert often < rarely
     assert cost.head_path_s([1.0], after_s=0.05) == pytest.approx(cost.exit_s(0))
+
+
+def test_only_points_nothing_beats_at_once_are_left_to_choose_from() -> None:
+    same = Point(2, 2, 0.70, 100)  # as accurate as 4x2 and as big, but carries less
+    worse = Point(2, 8, 0.75, 900)  # less accurate than the other 2x8 and bigger
+    grid = [*GRID, same.__class__(4, 2, 0.70, 100), worse]
+    front = pareto(grid)
+    assert same not in front and worse not in front
+    assert set(front) == {Point(4, 2, 0.70, 100), *GRID[1:]}
+    for cost in (FAST, SLOW):
+        for rule in (AdaptiveRule(accuracy_floor=0.84), AdaptiveRule(deadline_s=0.13)):
+            assert decide(grid, cost, rule).point in front
+    assert pareto([Point(2, 2, None, 100), Point(4, 4, None, 50)]) == [
+        Point(2, 2, None, 100),
+        Point(4, 4, None, 50),
+    ]
