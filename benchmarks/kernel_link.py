@@ -8,9 +8,10 @@
 Both move exactly a request's and a response's bytes over TCP, one exchange at a time after
 an idle gap, and report the mean time less the same exchange unshaped (veth without tbf;
 loopback without the emulator): the time the rate limit costs. `tbf` is shaped two ways: with
-a bucket of one MTU (a small message after idle time passes at once) and with `peakrate`
-just above the rate (every packet paced, as the emulator, which keeps no credit, does). The
-kernel counts TCP/IP headers (~66 B a packet), the emulator only payload. `netem` is absent
+a bucket of one MTU, and with `peakrate` 1% above the rate (its peak bucket is one MTU too,
+so a packet still leaves at once after idle time). The emulator keeps no credit (burst 0):
+it serializes every byte. The kernel counts TCP/IP headers (~66 B a packet), the emulator
+only payload. `netem` is absent
 on these kernels, so the kernel link has no added RTT; the emulator runs at 0 ms too.
 Only namespaces this script creates carry traffic; they are deleted at the end. Writes
 `results/kernel_link.md` and `.json`.
@@ -176,8 +177,8 @@ def write(rows: list[dict[str, Any]], out: Path, command: str) -> None:
         "",
         "Mean ms an exchange of `up` + `down` bytes takes beyond the same exchange unshaped "
         "(one at a time, 10 ms apart, 20 each). payload: (up + down) x 8 / rate. tbf burst: "
-        "bucket of one MTU; tbf paced: `peakrate` 1% above the rate (every packet paced); "
-        "emulator: `splitexit.link.LinkEmulator` at the rate, 0 ms RTT.",
+        "bucket of one MTU; tbf paced: `peakrate` 1% above the rate (a one-MTU peak bucket); "
+        "emulator: `splitexit.link.LinkEmulator` at the rate, 0 ms RTT, no burst credit.",
         "",
         "| Mbit/s | up B | down B | payload ms | tbf burst ms | tbf paced ms | emulator ms |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown()
     args.out.mkdir(parents=True, exist_ok=True)
-    write(rows, args.out, "python benchmarks/kernel_link.py " + " ".join(argv or sys.argv[1:]))
+    command = " ".join(["python benchmarks/kernel_link.py", *(argv or sys.argv[1:])])
+    write(rows, args.out, command)
     return 0
 
 
