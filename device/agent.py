@@ -16,8 +16,9 @@ this agent measured (`estimator.Measurements`: its own compute per piece, timed 
 on the first input and then on every input; the link; the server's times), and each record
 says which action was taken, its expected and its actual time. The head runs in one worker
 thread, so it computes the next inputs while earlier requests are on the wire; a small code
-(up to 4,096 values) is framed, and a small image (a model input of up to 4,096 values)
-encoded, on the event loop, where the thread hop would cost more than the work. A circuit
+(up to 4,096 values) is framed and its tail finished, and a small model input (up to 4,096
+values) encoded as an image or, while nothing is on the wire, run through the head, on the
+event loop, where the thread hop would cost more than the work. A circuit
 breaker answers locally while the server is down and lets a trial through now and then, so
 offloading resumes by itself; a 409 (fingerprint) or 401/403/404 stops offloading for the
 run. `stop()` (Ctrl-C) stops taking inputs; requests in flight
@@ -132,7 +133,7 @@ class Agent:
         fmt, quality = config.image_format, config.image_quality
         self.encode_image: Callable[[Any], bytes] = lambda px: encode_image(px, fmt, quality)
         self.images = False  # the server takes images and the rule may send them (start())
-        self._small_image = math.prod(m.input_shape) <= _INLINE_ENCODE_ELEMENTS
+        self._small_input = math.prod(m.input_shape) <= _INLINE_ENCODE_ELEMENTS
         self._choices_now: Choices | None = None
         self._sizes_now: tuple[float, ...] = ()
         self._warm = False
@@ -253,8 +254,8 @@ class Agent:
                 work = _Work(item, seq, time.monotonic())
                 seq += 1
                 self._plan(work)
-                if self._small_image and work.plan is not None and work.plan.action == "image":
-                    record = self._run_head(work)  # encoding a small image beats a thread hop
+                if self._small_input and (not tasks or _is(work.plan, "image")):
+                    record = self._run_head(work)  # nothing to overlap: a hop costs more
                 else:
                     record = await loop.run_in_executor(self._pool, self._run_head, work)
                 self._observe_head(work)
@@ -672,6 +673,10 @@ def _device_tail(bundle: Bundle) -> Callable[[torch.Tensor], torch.Tensor] | Non
         return bundle.tail
     except BundleError:
         return None
+
+
+def _is(plan: Decision | None, action: str) -> bool:
+    return plan is not None and plan.action == action
 
 
 def _next(it: Iterator[Input]) -> Input | None:
