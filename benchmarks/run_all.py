@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
             "all channels, most bits; calibrate the bundle at it: `splitexit calibrate --point`)",
         )
     p.add_argument("--inputs", type=int, help="test images per cell, each track (300; quick 30)")
-    p.add_argument("--rates", default="1,5,20,100", help="link rates, Mbit/s (1,5,20,100)")
+    p.add_argument("--rates", default="0.1,1,5,20,100", help="link rates, Mbit/s (0.1,1,5,20,100)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time (20)")
     p.add_argument(
         "--device-speed",
@@ -85,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="device F times slower than this CPU: sleeps (F-1) x device compute (1.0)",
     )
+    p.add_argument("--deadline-ms", type=float, help="adaptive policy's per-input deadline (none)")
     p.add_argument(
-        "--deadline-ms",
+        "--accuracy-floor",
         type=float,
-        help="adaptive policy's per-input deadline (default: 2 x RTT)",
+        help="adaptive policy's accuracy floor (default: the bundle's most accurate point, "
+        "less 1 point: calibration's default)",
     )
-    p.add_argument("--accuracy-floor", type=float, help="adaptive policy's accuracy floor")
     p.add_argument(
         "--reference-rate",
         type=float,
@@ -175,8 +176,11 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
     say(f"bundle {bundle.manifest.name} ({path}), {len(inputs)} inputs, sends at {point}")
     warm_up(bundle, inputs)
     tail_ms = analysis.tail_compute_ms(bundle, inputs)
-    deadline_ms = args.deadline_ms if args.deadline_ms is not None else 2 * args.rtt_ms
-    adaptive = AdaptiveSettings(deadline_ms / 1e3, args.accuracy_floor)
+    deadline_ms = args.deadline_ms
+    adaptive = AdaptiveSettings(
+        None if deadline_ms is None else deadline_ms / 1e3,
+        args.accuracy_floor if args.accuracy_floor is not None else default_floor(bundle),
+    )
     notes: list[str] = []
     if all(t > 1 for t in bundle.manifest.thresholds.values()):
         notes.append(
@@ -215,7 +219,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "gap_ms": GAP_S * 1e3,
             "cell_timeout_s": args.cell_timeout_s,
         },
-        "adaptive": {"deadline_ms": deadline_ms, "accuracy_floor": args.accuracy_floor},
+        "adaptive": {"deadline_ms": deadline_ms, "accuracy_floor": adaptive.accuracy_floor},
         "machine": machine,
         "link": report.LINK_NOTE,
         "cells": [
@@ -230,6 +234,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
         "wire": wire,
         "device_cost": analysis.device_cost(cells, ref, speed),
         "projections": analysis.projections(cells, args.rates, speed),
+        "goals": analysis.goals(cells, args.rates),
         "notes": sorted(set(notes)),
     }
     doc["seconds"] = round(time.perf_counter() - began, 1)
@@ -330,6 +335,12 @@ async def _run_cell(
     return analysis.Cell(key, rate, samples, {k: summary.get(k) for k in keep})
 
 
+def default_floor(bundle: Bundle) -> float | None:
+    """The most accurate operating point's accuracy less 1 point (None: not measured)."""
+    acc = [p.accuracy for p in bundle.manifest.operating_points if p.accuracy is not None]
+    return round(max(acc) - 0.01, 4) if acc else None
+
+
 @torch.inference_mode()
 def warm_up(bundle: Bundle, inputs: Inputs, rounds: int = 3) -> None:
     """Run every TorchScript piece a few times at batch 1 (the profiling executor optimises
@@ -371,6 +382,7 @@ def _line(c: analysis.Cell) -> str:
         f"{c.strategy:<20} {rate:>5} Mbit/s  mean {lat['mean']:7.2f} ms  p95 {lat['p95']:7.2f} ms"
         f"  acc {acc}  up {st['bytes_per_input']['request']:7.0f} B/input"
         f"  offloaded {100 * st['offload_rate']:5.1f}%"
+        + (f"  {st['actions']}" if st.get("actions") else "")
     )
 
 

@@ -1,9 +1,10 @@
 """The device agent: run the head on the device, exit early or offload the bottleneck.
 
-    sources ─ Input ─► agent (head in a worker thread, exits) ─┬─► local answer
-                          │  policy: exit / offload at (k, bits), from estimator + manifest
-                          └─► client ─ stream, or HTTP (KServe v2) ─► tail server
-                                 └─ failed / circuit open ─► best exit ("fallback")
+    sources ─ Input ─► agent (head in a worker thread, exits) ─┬─► local answer (exit, tail)
+                │  policy: image / exit / offload at (k, bits) / tail here, priced by
+                │  splitexit.cost from the estimator's measurements + the manifest
+                └─► client ─ stream, or HTTP (KServe v2) ─► tail server (frame or image)
+                       └─ failed / circuit open ─► best exit ("fallback")
     every input ─► one JSON-lines record (records) ─► summary
 
 Modules: `sources` (inputs), `agent` (the loop) and `config` (its settings), `policy` (pure
@@ -32,9 +33,9 @@ _EXPORTS = {
     "Offloader": "offloader",
     "LinkEstimator": "estimator",
     "Measurements": "estimator",
-    "decide": "policy",
-    "Point": "policy",
-    "Costs": "policy",
+    "at_bottleneck": "policy",
+    "start": "policy",
+    "Choices": "policy",
     "FixedRule": "policy",
     "AdaptiveRule": "policy",
     "Record": "records",

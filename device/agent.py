@@ -1,19 +1,28 @@
-"""The agent loop: every input answered exactly once, locally or by the tail server.
+"""The agent loop: every input answered exactly once, on the device or by the tail server.
 
-    source ─► [worker thread] load ─ preprocess ─ head (exits) ─┬─ confident exit ─► record
-                                                               └─ policy ─┬─ local ─► record
-                      [worker thread, or inline if small] encode (k, bits) ◄┘ offload
-                                         │
-                                         ▼  (at most `window` frames in flight)
+    source ─► [event loop] plan (cost model) ─┬─ image ─► [worker] encode image ─► send ─┐
+                                              └─ head ─► [worker thread] load ─ preprocess ─
+                  head (exits) ─┬─ confident exit ─► record ("exit")                     │
+                                └─ policy ─┬─ local ─► record (best exit, "local")       │
+                                           ├─ tail ─► [worker] tail here ─► record       │
+      [worker thread, or inline if small] encode (k, bits) ◄┘ offload                    │
+                                         │                                               │
+                                         ▼  (at most `window` requests in flight) ◄──────┘
                                [event loop] client.infer ─┬─ answer ─► record ("server")
                                                           └─ failed ─► best exit ("fallback")
 
-The head runs in one worker thread, so it computes the next inputs while earlier frames are
-on the wire; a small code (up to 4,096 values) is framed on the event loop, where the
-thread hop would cost more than the work. A circuit breaker answers locally while the
-server is down and lets a trial through now and then, so offloading resumes by itself; a
-409 (fingerprint) or 401/403/404 stops offloading for the run. `stop()` (Ctrl-C) stops
-taking inputs; frames in flight are answered locally, and the summary still comes.
+Each decision prices its actions with the one cost model (`splitexit.cost`) built from what
+this agent measured (`estimator.Measurements`: its own compute per piece, timed at warm-up
+on the first input and then on every input; the link; the server's times), and each record
+says which action was taken, its expected and its actual time. The head runs in one worker
+thread, so it computes the next inputs while earlier requests are on the wire; a small code
+(up to 4,096 values) is framed and its tail finished, and a small model input (up to 4,096
+values) encoded as an image or, while nothing is on the wire, run through the head, on the
+event loop, where the thread hop would cost more than the work. A circuit
+breaker answers locally while the server is down and lets a trial through now and then, so
+offloading resumes by itself; a 409 (fingerprint) or 401/403/404 stops offloading for the
+run. `stop()` (Ctrl-C) stops taking inputs; requests in flight
+are answered locally, and the summary still comes.
 """
 
 from __future__ import annotations
@@ -26,20 +35,34 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from splitexit.bundle import Bundle
+import numpy as np
+
+from splitexit.bundle import Bundle, OperatingPoint
+from splitexit.cost import CostModel
 from splitexit.errors import BundleError
-from splitexit.runtime import HeadResult, HeadRunner
+from splitexit.preprocess import encode_image
+from splitexit.runtime import HeadResult, HeadRunner, TailRunner
 
 from .breaker import CircuitBreaker
 from .client import OffloadClient, OffloadError
-from .config import AgentConfig, operating_points
+from .config import AgentConfig, exit_rates, float_accuracy, operating_points
 from .estimator import LinkEstimator, Measurements
 from .offloader import Offloader
-from .policy import AdaptiveRule, Decision, FixedRule, Point, best_point, decide, find_point
-from .records import ERROR, FALLBACK, SERVER, Record, RecordWriter, Summary
+from .policy import (
+    AdaptiveRule,
+    Choices,
+    Decision,
+    FixedRule,
+    at_bottleneck,
+    best_point,
+    find_point,
+    pareto,
+    start,
+)
+from .records import DEVICE, ERROR, FALLBACK, SERVER, Record, RecordWriter, Summary
 from .sources import Input, label_index
 
 _RESPONSE_BYTES_GUESS = 350.0
@@ -56,7 +79,12 @@ class _Work:
     t0: float
     result: HeadResult | None = None
     head_s: float = 0.0
+    preprocess_s: float = 0.0
     label: int | None = None
+    cost: CostModel | None = None  # the cost model when the input was taken
+    plan: Decision | None = None  # before the head: "image" or "head" (None: no choice)
+    image: bytes | None = None
+    image_s: float = 0.0
 
 
 class Agent:
@@ -91,11 +119,26 @@ class Agent:
         overhead = _RESPONSE_BYTES_GUESS + (
             self.client.request_overhead() if self.client is not None else 0
         )
+        m = bundle.manifest
         self.measure = Measurements(
-            {(p.channels, p.bits): p.frame_bytes for p in self.points},
+            {p.key: p.frame_bytes or 0.0 for p in self.points},
             overhead_bytes=overhead,
             link=LinkEstimator(),
+            segments=m.segments,
+            exit_names=tuple(self.exit_names),
+            exit_segments=tuple(e.segment for e in m.exits),
+            leave_prior=exit_rates(bundle),
         )
+        # code z -> logits on this device (the same runtime as the head), or None
+        self.tail = TailRunner(bundle, runtime=config.runtime) if config.tail_here else None
+        self.tail_accuracy = float_accuracy(bundle)
+        fmt, quality = config.image_format, config.image_quality
+        self.encode_image: Callable[[Any], bytes] = lambda px: encode_image(px, fmt, quality)
+        self.images = False  # the server takes images and the rule may send them (start())
+        self._small_input = math.prod(m.input_shape) <= _INLINE_ENCODE_ELEMENTS
+        self._choices_now: Choices | None = None
+        self._sizes_now: tuple[float, ...] = ()
+        self._warm = False
         self.breaker = CircuitBreaker(
             config.breaker_failures, config.breaker_reset_s, config.breaker_max_reset_s
         )
@@ -130,7 +173,52 @@ class Agent:
         """
         if self.net is None:
             return None
-        return await self.net.start(self.bundle.fingerprint)
+        meta = await self.net.start(self.bundle.fingerprint)
+        takes = any(i.get("name") == "image" for i in meta.get("inputs") or ())
+        self.images = takes and self.config.images and self.config.policy == "adaptive"
+        return meta
+
+    def warm_up(self, item: Input, rounds: int = 5) -> None:
+        """Time this device's pieces on `item`: preprocess, head segments, exits, encoding,
+        the tail here and the image encode, each the quickest of `rounds` after a first
+        round where TorchScript optimises (timing noise only ever adds time). `run` does it
+        on its first input unless done already."""
+        self._warm = True
+        try:
+            pixels = item.load()
+        except Exception:  # the run will record the error
+            return
+        never = dict.fromkeys(self.exit_names, 2.0)
+        p = self.fixed
+        best: dict[str, float] = {}
+        frame, image = b"", b""
+
+        def timed(key: str, fn: Callable[..., Any], *args: Any) -> Any:
+            t = time.perf_counter()
+            out = fn(*args)
+            best[key] = min(best.get(key, math.inf), time.perf_counter() - t)
+            return out
+
+        for r in range(rounds + 1):
+            if r == 1:
+                best.clear()
+            x = timed("preprocess", self.head.preprocess, pixels[None])
+            result = self.head.run(x, thresholds=never)
+            for key, t in result.timings.items():
+                best[key] = min(best.get(key, math.inf), t)
+            assert result.z is not None
+            frame = timed("encode", self.head.frame, result.z, p.bits, p.channels)
+            if self.tail is not None:
+                timed("tail", self.tail.run_code, result.z)
+            if self.images:
+                image = timed("image", self.encode_image, pixels)
+        pieces = {k: v for k, v in best.items() if k.startswith(("segment_", "exit_"))}
+        self.measure.observe_head(pieces, best["preprocess"])
+        self.measure.observe_frame(p.key, len(frame), best["encode"])
+        if self.tail is not None:
+            self.measure.observe_tail(best["tail"])
+        if self.images:
+            self.measure.observe_image(len(image), best["image"])
 
     def stop(self) -> None:
         """Stop taking inputs (Ctrl-C); in-flight frames are answered locally. Thread-safe."""
@@ -162,9 +250,16 @@ class Agent:
                 item = await loop.run_in_executor(self._pool, _next, it)
                 if item is None:
                     break
+                if not self._warm:
+                    await loop.run_in_executor(self._pool, self.warm_up, item)
                 work = _Work(item, seq, time.monotonic())
                 seq += 1
-                record = await loop.run_in_executor(self._pool, self._run_head, work)
+                self._plan(work)
+                if self._small_input and (not tasks or _is(work.plan, "image")):
+                    record = self._run_head(work)  # nothing to overlap: a hop costs more
+                else:
+                    record = await loop.run_in_executor(self._pool, self._run_head, work)
+                self._observe_head(work)
                 if record is None:
                     record = await self._after_head(work, window, tasks)
                 if record is not None:
@@ -188,15 +283,31 @@ class Agent:
 
     # ------------------------------------------------------------------------ per input
 
+    def _plan(self, work: _Work) -> None:
+        """Event loop, before the head: the cost model now, and whether to send the image."""
+        work.cost = self.measure.cost(work.t0)
+        if not self.images or self.net is None or self.net.disabled is not None:
+            return
+        image_bytes = self.measure.image_bytes.value if self.measure.image_bytes.seen else None
+        work.plan = start(
+            self._choices(), work.cost, self._rule(work), self.measure.leave_rates(), image_bytes
+        )
+
     def _run_head(self, work: _Work) -> Record | None:
-        """Worker thread: load, preprocess, run the head. A record if it is already decided."""
+        """Worker thread: load, then encode the image (the plan says so) or preprocess and
+        run the head. A record if the input is already answered."""
         item = work.item
-        work.t0 = time.monotonic()
         try:
             pixels = item.load()
             work.label = label_index(item.label, self.class_names)
+            if work.plan is not None and work.plan.action == "image":
+                start = time.monotonic()
+                work.image = self.encode_image(pixels)
+                work.image_s = time.monotonic() - start
+                return None
             start = time.monotonic()
             x = self.head.preprocess(pixels[None])
+            work.preprocess_s = time.monotonic() - start
             work.result = self.head.run(x)
             work.head_s = time.monotonic() - start
         except Exception as e:  # one bad input must not end the run
@@ -204,6 +315,7 @@ class Agent:
         answer = work.result.answer(0)
         if answer is None:
             return None
+        e = self.exit_names.index(answer.exit_name)
         return self._record(
             work,
             answer.exit_name,
@@ -211,24 +323,44 @@ class Agent:
             confidence=answer.confidence,
             exit=answer.exit_name,
             reason="threshold",
+            action="exit",
+            expected_s=None if work.cost is None else work.cost.exit_s(e),
         )
+
+    def _observe_head(self, work: _Work) -> None:
+        """Event loop: what the head (or the image encode) of this input cost."""
+        if work.image is not None:
+            self.measure.observe_image(len(work.image), work.image_s)
+        r = work.result
+        if r is None:
+            return
+        self.measure.observe_head(r.timings, work.preprocess_s)
+        exited = r.exit_name[0]
+        if exited is not None or all(f"exit_{n}" in r.timings for n in self.exit_names):
+            self.measure.observe_leave(exited)
 
     async def _after_head(
         self, work: _Work, window: asyncio.Semaphore, tasks: set[asyncio.Task]
     ) -> Record | None:
-        """Event loop: decide, encode, and hand the frame to a request task (None then)."""
+        """Event loop: decide, encode, and hand the request to a task (None then), or
+        answer here."""
+        if work.image is not None:
+            return await self._send_image(work, window, tasks)
         if self.net is None:
             return self._local(work, FALLBACK, "local_only")
         if self.net.disabled is not None:
-            return self._local(work, FALLBACK, self.net.disabled)
+            return await self._here(work, self.net.disabled)
         decision = self._decide(work)
+        expected = self._expected(work, decision)
         if decision.action == "local":
-            return self._local(work, None, "deadline")
+            return self._local(work, None, "deadline", action="local", expected_s=expected)
+        if decision.action == "tail":
+            return await self._finish_tail(work, decision.reason, expected)
         if self._stopping:
             return self._local(work, FALLBACK, "interrupted")
         blocked = self.net.blocked()
         if blocked is not None:
-            return self._local(work, FALLBACK, blocked)
+            return await self._here(work, blocked)
         point = decision.point
         assert point is not None and work.result is not None and work.result.z is not None
         start = time.monotonic()
@@ -253,10 +385,74 @@ class Agent:
             window.release()
             self.net.release()
             return self._local(work, FALLBACK, late, encode_s=encode_s)
-        task = asyncio.create_task(self._offload(work, point, frame, encode_s))
+        task = asyncio.create_task(self._offload(work, point, frame, encode_s, expected))
         tasks.add(task)
         task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
         return None
+
+    async def _send_image(
+        self, work: _Work, window: asyncio.Semaphore, tasks: set[asyncio.Task]
+    ) -> Record | None:
+        """Event loop: hand the encoded image to a request task (None then); if it cannot
+        go out, run the head after all and answer here."""
+        assert self.net is not None and work.image is not None and work.plan is not None
+        expected = work.plan.expected_s  # planned at t0: from the start
+        why = self.net.disabled or ("interrupted" if self._stopping else self.net.blocked())
+        if why is None and not await self._acquire(window):
+            self.net.release()
+            why = "interrupted"
+        if why is None:
+            why = self._blocked_while_waiting()
+            if why is not None:
+                window.release()
+                self.net.release()
+        if why is not None:
+            return await self._head_then_here(work, why)
+        task = asyncio.create_task(self._offload(work, None, work.image, work.image_s, expected))
+        tasks.add(task)
+        task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+        return None
+
+    async def _head_then_here(self, work: _Work, reason: str) -> Record:
+        """An image that could not be sent: run the head now and answer here."""
+        work.image = None
+        work.plan = None
+        record = await asyncio.get_running_loop().run_in_executor(self._pool, self._run_head, work)
+        self._observe_head(work)
+        if record is not None:
+            return record
+        return await self._here(work, reason)
+
+    async def _here(self, work: _Work, reason: str) -> Record:
+        """No request can go out: the tail here if this device has it, else the best exit."""
+        if self.tail is None:
+            return self._local(work, FALLBACK, reason)
+        return await self._finish_tail(work, reason, None)
+
+    async def _finish_tail(self, work: _Work, reason: str, expected_s: float | None) -> Record:
+        """Finish the tail on this device (in the worker thread)."""
+        assert self.tail is not None and work.result is not None and work.result.z is not None
+        z = work.result.z
+        start = time.monotonic()
+        if math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:  # a small tail: a hop costs as much
+            answer = self.tail.run_code(z)
+        else:
+            answer = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.tail.run_code, z
+            )
+        tail_s = time.monotonic() - start
+        self.measure.observe_tail(tail_s)
+        prediction, probability = np.asarray(answer.prediction), np.asarray(answer.probability)
+        return self._record(
+            work,
+            DEVICE,
+            prediction=int(prediction[0]),
+            confidence=float(probability[0]),
+            reason=reason,
+            action="tail",
+            expected_s=expected_s,
+            tail_s=tail_s,
+        )
 
     def _blocked_while_waiting(self) -> str | None:
         """Why a frame that already passed `blocked()` must not go out after all, or None."""
@@ -289,34 +485,66 @@ class Agent:
             return False
         return got
 
-    def _decide(self, work: _Work) -> Decision:
+    def _choices(self) -> Choices:
+        """The points with their measured frame sizes (rebuilt when a size moved)."""
+        sizes = tuple(round(self.measure.mean_frame_bytes(p.key)) for p in self.points)
+        if self._choices_now is None or sizes != self._sizes_now:
+            points = [replace(p, frame_bytes=n) for p, n in zip(self.points, sizes, strict=True)]
+            if self.config.policy == "adaptive":
+                points = pareto(points)
+            self._choices_now = Choices(points, self.tail is not None, self.tail_accuracy)
+            self._sizes_now = sizes
+        return self._choices_now
+
+    def _rule(self, work: _Work) -> FixedRule | AdaptiveRule:
         cfg = self.config
-        costs = self.measure.costs(time.monotonic())
-        points = [
-            Point(
-                p.channels, p.bits, p.accuracy, self.measure.mean_frame_bytes((p.channels, p.bits))
-            )
-            for p in self.points
-        ]
         if cfg.policy == "fixed":
-            return decide(points, costs, FixedRule(self.fixed.channels, self.fixed.bits))
+            return FixedRule(self.fixed.channels, self.fixed.bits)
         left = None
         if cfg.deadline_s is not None:
             left = cfg.deadline_s - (time.monotonic() - work.t0) - _LOCAL_MARGIN_S
-        rule = AdaptiveRule(cfg.accuracy_floor, left, local_ok=bool(self.exit_names))
-        return decide(points, costs, rule)
+        return AdaptiveRule(cfg.accuracy_floor, left, local_ok=bool(self.exit_names))
 
-    async def _offload(self, work: _Work, point: Point, frame: bytes, encode_s: float) -> None:
-        """Request task: one record, whatever happens."""
+    def _decide(self, work: _Work) -> Decision:
+        """At the bottleneck: offload at which point, the tail here, or the best exit now."""
+        return at_bottleneck(self._choices(), self.measure.cost(time.monotonic()), self._rule(work))
+
+    def _expected(self, work: _Work, decision: Decision) -> float | None:
+        """The input's expected total seconds, taking `decision` now."""
+        if decision.expected_s is None:
+            return None
+        return time.monotonic() - work.t0 + decision.expected_s
+
+    async def _offload(
+        self,
+        work: _Work,
+        point: OperatingPoint | None,
+        payload: bytes,
+        encode_s: float,
+        expected_s: float | None,
+    ) -> None:
+        """Request task (a frame at `point`, or the image when None): one record, whatever
+        happens."""
         assert self.net is not None
         deadline = None
         if self.config.deadline_s is not None:
             deadline = work.t0 + self.config.deadline_s - _LOCAL_MARGIN_S
-        common = {"channels": point.channels, "bits": point.bits, "encode_s": encode_s}
+        image = point is None
+        common: dict[str, Any] = {
+            "channels": None if image else point.channels,  # type: ignore[union-attr]
+            "bits": None if image else point.bits,  # type: ignore[union-attr]
+            "encode_s": encode_s,
+            "action": "image" if image else "offload",
+            "expected_s": expected_s,
+        }
+        request_id = f"{self._run_id}-{work.seq}"
         try:
-            res = await self.net.send(frame, f"{self._run_id}-{work.seq}", deadline)
+            res = await self.net.send(payload, request_id, deadline, image=image)
         except asyncio.CancelledError:
-            self._emit(self._local(work, FALLBACK, "interrupted", **common))
+            if work.result is None:
+                self._emit(self._interrupted(work))
+            else:
+                self._emit(self._local(work, FALLBACK, "interrupted", **common))
             return
         except OffloadError as e:
             wire = {
@@ -325,6 +553,10 @@ class Agent:
                 "response_bytes": e.response_bytes,
                 "attempts": e.attempts,
             }
+            if work.result is None:  # an image: the head has not run
+                record = await self._head_then_here(work, e.reason)
+                self._emit(record)
+                return
             self._emit(self._local(work, FALLBACK, e.reason, **common, **wire))
             return
         self._emit(
@@ -348,6 +580,7 @@ class Agent:
 
     def _local(self, work: _Work, decided_by: str | None, reason: str, **kw: Any) -> Record:
         """The best exit's answer; `decided_by` None means that exit's own name."""
+        kw.setdefault("action", "local")
         assert work.result is not None
         try:
             answer = self.head.fallback(work.result)[0]
@@ -378,6 +611,7 @@ class Agent:
         network_s: float | None = None,
         server_s: float | None = None,
         tail_s: float | None = None,
+        expected_s: float | None = None,
         **fields: Any,
     ) -> Record:
         name = None
@@ -400,6 +634,7 @@ class Agent:
             label=work.label,
             timings_ms=ms,
             source=source,
+            expected_ms=None if expected_s is None else expected_s * 1e3,
             **fields,
         )
 
@@ -428,6 +663,10 @@ class Agent:
         self.summary.finish()
         if self.net is not None:
             self.summary.extra.update(self.net.snapshot())
+
+
+def _is(plan: Decision | None, action: str) -> bool:
+    return plan is not None and plan.action == action
 
 
 def _next(it: Iterator[Input]) -> Input | None:

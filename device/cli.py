@@ -87,18 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fixed", "adaptive"),
         default="adaptive",
         help="fixed: always --channels x --bits; adaptive (default): choose per input from "
-        "the measured link, the deadline and the accuracy floor",
+        "the measured link and compute, the deadline and the accuracy floor: send the image, "
+        "answer at an exit, offload at (k, bits) or finish the tail here",
     )
+    g.add_argument(
+        "--no-tail", action="store_true", help="adaptive: never finish the tail on the device"
+    )
+    g.add_argument("--no-images", action="store_true", help="adaptive: never send the image")
     g.add_argument("--channels", type=int, help="fixed policy: channels sent")
     g.add_argument("--bits", type=int, help="fixed policy: bits per value")
     g.add_argument(
         "--deadline-ms",
         type=float,
-        help="per-input latency budget: answer locally when no offload can meet it",
+        help="per-input latency budget: answer locally when no action can meet it",
     )
-    g.add_argument(
-        "--accuracy-floor", type=float, help="lowest accuracy an operating point may have"
-    )
+    g.add_argument("--accuracy-floor", type=float, help="lowest accuracy an action may have")
     g.add_argument(
         "--threshold",
         action="append",
@@ -236,6 +239,8 @@ async def _run(
         bits=args.bits,
         deadline_s=None if args.deadline_ms is None else args.deadline_ms / 1e3,
         accuracy_floor=args.accuracy_floor,
+        images=not args.no_images,
+        tail_here=not args.no_tail,
         thresholds=thresholds or None,
         window=args.window,
         local_only=args.local_only,

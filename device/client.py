@@ -36,6 +36,7 @@ import httpx
 from splitexit.protocol.kserve import (
     CONTENT_TYPE,
     HEADER_LENGTH,
+    INPUT_FRAME,
     Answer,
     ProtocolError,
     decode_response,
@@ -171,10 +172,16 @@ class OffloadClient:
     # -------------------------------------------------------------------------- requests
 
     async def infer(
-        self, frame: bytes, request_id: str, *, deadline: float | None = None
+        self,
+        frame: bytes,
+        request_id: str,
+        *,
+        deadline: float | None = None,
+        input_name: str = INPUT_FRAME,
     ) -> InferResult:
-        """Send one frame; `deadline` is a `time.monotonic()` instant bounding all attempts
-        (and sent along, as the time left, so the server can drop work that comes late).
+        """Send one frame (`input_name` "image": an encoded image); `deadline` is a
+        `time.monotonic()` instant bounding all attempts (and sent along, as the time left,
+        so the server can drop work that comes late).
 
         Raises an OffloadError subclass (see the module docstring) with `attempts` and the
         bytes spent set.
@@ -192,7 +199,7 @@ class OffloadClient:
             tally.attempts += 1
             attempt_s = min(c.timeout_s, left)
             timeout_us = None if deadline is None else int(left * 1e6)
-            body, header_len = _encode(frame, None, timeout_us)
+            body, header_len = _encode(frame, None, timeout_us, input_name=input_name)
             headers = {
                 HEADER_LENGTH: str(header_len),
                 "Content-Type": CONTENT_TYPE,

@@ -1,23 +1,22 @@
-"""The agent's settings, and the operating points it chooses from.
+"""The agent's settings, and what the bundle says about the choices it has.
 
 `AgentConfig` says how the agent decides (fixed or adaptive policy, deadline, accuracy
-floor, exit thresholds) and how much it keeps in flight; `operating_points` reads the
-(k channels, bits) grid a bundle supports, with the accuracy and frame size the manifest
-measured (or, where it did not, the frame's size bound).
+floor, exit thresholds, whether and how it may send images) and how much it keeps in
+flight; `operating_points` reads the (k channels, bits) grid a bundle supports, with the
+accuracy and frame size the manifest measured (or, where it did not, the frame's size
+bound); `float_accuracy` and `exit_rates` the calibration's numbers the agent starts from.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from splitexit.bundle import Bundle
+from splitexit.bundle import Bundle, OperatingPoint
 from splitexit.codec import HEADER_SIZE, QPARAM_SIZE
 from splitexit.runtime.backends import RuntimeOptions
-
-from .policy import Point
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,10 @@ class AgentConfig:
         window: most frames in flight at once.
         local_only: never offload (inputs no exit takes get the best exit's answer).
         probe_interval_s: time the link with a small request this often (0: never).
+        images: the adaptive rule may send the image (when the server takes images);
+            `image_format` / `image_quality` are how it is encoded.
+        tail_here: the device may finish the tail itself, running the bundle's tail on the
+            head's runtime (`splitexit-device` turns it on unless `--no-tail`).
         breaker_failures, breaker_reset_s, breaker_max_reset_s: see `device.breaker`.
         runtime: what runs the head (`splitexit.runtime.backends`; default auto: onnxruntime
             when installed and the bundle has ONNX graphs, else TorchScript).
@@ -48,6 +51,10 @@ class AgentConfig:
     window: int = 4
     local_only: bool = False
     probe_interval_s: float = 0.5
+    images: bool = True
+    tail_here: bool = False
+    image_format: str = "jpeg"
+    image_quality: int = 95
     breaker_failures: int = 3
     breaker_reset_s: float = 0.5
     breaker_max_reset_s: float = 10.0
@@ -64,17 +71,28 @@ class AgentConfig:
             raise ValueError(f"accuracy floor must be in [0, 1], got {self.accuracy_floor}")
 
 
-def operating_points(bundle: Bundle) -> list[Point]:
+def operating_points(bundle: Bundle) -> list[OperatingPoint]:
     """The bundle's operating points with a frame-size prior (manifest, else the raw bound)."""
     m = bundle.manifest
     b = m.bottleneck
-    listed = m.operating_points or ()
-    specs = [(p.channels, p.bits, p.accuracy, p.frame_bytes) for p in listed]
-    if not specs:
-        specs = [(b.channels, bits, None, None) for bits in b.bits]
+    listed = m.operating_points or tuple(OperatingPoint(b.channels, bits) for bits in b.bits)
     _, h, w = b.code_shape
     points = []
-    for k, bits, acc, size in specs:
-        raw = HEADER_SIZE + QPARAM_SIZE + math.ceil(k * h * w * bits / 8)
-        points.append(Point(k, bits, acc, float(size) if size else float(raw)))
+    for p in listed:
+        raw = HEADER_SIZE + QPARAM_SIZE + math.ceil(p.channels * h * w * p.bits / 8)
+        points.append(replace(p, frame_bytes=float(p.frame_bytes) if p.frame_bytes else float(raw)))
     return points
+
+
+def float_accuracy(bundle: Bundle) -> float | None:
+    """The accuracy of the tail on the float code (finishing the tail here), if measured."""
+    acc = bundle.manifest.metrics.get("float_accuracy")
+    return float(acc) if isinstance(acc, (int, float)) else None
+
+
+def exit_rates(bundle: Bundle) -> tuple[float, ...]:
+    """How often calibration saw each exit answer (0 where it did not say)."""
+    m = bundle.manifest
+    cal = (m.metrics.get("calibration") or {}).get("calibration") or {}
+    rates = cal.get("exit_rates") or {}
+    return tuple(float(rates.get(e.name, 0.0)) for e in m.exits)

@@ -1,4 +1,4 @@
-"""What the link is doing now, learned from the agent's own requests.
+"""What the link and this device are doing now, learned from the agent's own work.
 
 Every answered request (inference, or a small readiness probe) is a sample: n bytes both
 ways, answered t seconds after it was sent (less the server's own time, when it says).
@@ -6,12 +6,14 @@ The path is modelled as
 
     t = base_latency + n * 8 / bandwidth
 
-and estimated the way BBR does it, from two filters:
+and estimated the way BBR does it, from two optimistic filters (delays on a path only ever
+add time, so the quickest samples are the truest):
 
 * base: the quickest sample of the last `window_s` seconds, (t0, n0) (small probes keep it
   close to the round trip; it keeps its value while no samples come);
-* seconds per byte: the median of the last few (t - t0) / (n - n0) over samples clearly
-  larger than n0 (a sample of about the base's size says nothing about bandwidth),
+* seconds per byte: the least of the last few (t - t0) / (n - n0) over samples clearly
+  larger than n0 (a sample of about the base's size says nothing about bandwidth); a
+  sample quicker than predicted lowers it at once,
 
 and predicts t = t0 + max(0, n - n0) * seconds per byte.
 
@@ -20,13 +22,16 @@ the bytes sent (each takes n * seconds per byte), so a prediction adds the wait 
 requests ahead, and samples come with that wait taken off. A request that
 missed its deadline gives a lower bound on t; `observe_late` counts it (inflated by half),
 which is enough to stop trusting a link that got slow. Two samples in a row that the
-estimate misses by more than 2x, the same way (in time, or in seconds per byte), restart it
-from the samples that follow, so the estimate follows a link that degrades or recovers
-within a few samples, while a lone outlier only nudges it.
+estimate misses by more than 2x the slow way restart it from the samples that follow, so
+the estimate follows a link that degrades within a few samples, and one that recovers at
+the first quick answer, while a lone slow outlier does not move it.
 
-`EwmaEstimator` is the plain exponentially weighted mean used for the other costs.
-The server's own time, when it does not report it, is what the link estimate leaves
-unexplained in inference answers (`Measurements.observe_answer`).
+`Measurements` holds these with the device's own compute (per head segment, exit, encode,
+the tail here, the image encode's time and size), the exits' leave rates and the server's
+times, and prices every action with one `splitexit.cost.CostModel` (`cost(now)`).
+`EwmaEstimator` is the plain exponentially weighted mean used for those. The server's own
+time, when it does not report it, is what the link estimate leaves unexplained in
+inference answers (`Measurements.observe_answer`).
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
-from .policy import Costs
+from splitexit.cost import Compute, CostModel, Link
 
 _MIN_EXTRA = 0.25  # a sample teaches bandwidth if it is this much larger than the base
 _SERVER_S_SLACK = 0.02  # unexplained seconds always credited to the server, not the link
@@ -72,11 +78,11 @@ class EwmaEstimator:
         return self._w > 0
 
 
-class MedianEstimator:
-    """Median of the last `size` samples (`value` is `prior` until the first one): follows
-    a level within half a window and ignores outliers both ways."""
+class MinFilter:
+    """Least of the last `size` samples (`value` is `prior` until the first one): the
+    optimistic filter of a quantity that noise only ever makes larger."""
 
-    def __init__(self, prior: float, size: int = 9) -> None:
+    def __init__(self, prior: float, size: int = 7) -> None:
         self._prior = prior
         self._samples: deque[float] = deque(maxlen=size)
 
@@ -91,11 +97,7 @@ class MedianEstimator:
 
     @property
     def value(self) -> float:
-        if not self._samples:
-            return self._prior
-        ordered = sorted(self._samples)
-        mid = len(ordered) // 2
-        return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+        return min(self._samples) if self._samples else self._prior
 
 
 @dataclass(frozen=True)
@@ -107,17 +109,22 @@ class LinkEstimate:
     samples: int
     base_bytes: float = 0.0
 
+    def link(self, overhead_bytes: float = 0.0, queue_s: float = 0.0) -> Link:
+        """The estimate as the cost model's link."""
+        return Link(
+            self.bandwidth_bps, self.base_latency_s, overhead_bytes, self.base_bytes, queue_s
+        )
+
     def predict(self, nbytes: float) -> float:
         """Expected seconds to get an answer for `nbytes` (both ways)."""
-        extra = max(0.0, nbytes - self.base_bytes)
-        return self.base_latency_s + extra * 8.0 / self.bandwidth_bps
+        return self.link().transfer_s(nbytes)
 
 
 class LinkEstimator:
     """Running (base latency, bandwidth) of the path to the server; see the module docstring.
 
     Args:
-        samples: seconds per byte is the median of this many recent samples.
+        samples: seconds per byte is the least of this many recent samples.
         window_s: the base latency is the minimum over this many seconds of samples.
         base_latency_s, bandwidth_bps: the prior, used until samples say otherwise.
         min_bps, max_bps: the bandwidth estimate stays in this range.
@@ -137,7 +144,7 @@ class LinkEstimator:
             raise ValueError("need 0 < min_bps <= bandwidth_bps <= max_bps")
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
-        self._spb = MedianEstimator(8.0 / bandwidth_bps, samples)  # seconds per byte
+        self._spb = MinFilter(8.0 / bandwidth_bps, samples)  # seconds per byte
         self._min_spb, self._max_spb = 8.0 / max_bps, 8.0 / min_bps
         self._window_s = window_s
         # (when, seconds, bytes) of recent samples, seconds increasing: the base is first
@@ -241,9 +248,11 @@ class LinkEstimator:
 class Measurements:
     """Everything the policy needs to know, measured as the agent runs.
 
-    The link estimate, the encode and server times, the HTTP overhead around a frame (both
-    ways), and the mean frame size at each operating point (starting from the manifest's, or
-    a bound). `costs(now)` turns it into the policy's `Costs`.
+    The link estimate; the device's compute per piece (`observe_head`, `observe_frame`,
+    `observe_tail`, `observe_image`: warm-up samples first, then every input); how often
+    each exit answers; the server's time for a frame and for an image; the protocol bytes
+    around a payload (both ways); the mean frame size at each operating point (from the
+    manifest's, or a bound) and of an encoded image. `cost(now)` prices it all.
     """
 
     def __init__(
@@ -252,17 +261,64 @@ class Measurements:
         *,
         overhead_bytes: float = 600.0,
         link: LinkEstimator | None = None,
+        segments: int = 0,
+        exit_names: tuple[str, ...] = (),
+        exit_segments: tuple[int, ...] = (),
+        leave_prior: tuple[float, ...] = (),
+        image_bytes_prior: float | None = None,
     ) -> None:
         self.link = link or LinkEstimator()
         self.encode_s = EwmaEstimator(0.0)
         self.server_s = EwmaEstimator(0.0)
+        self.server_image_s = EwmaEstimator(0.0)
         self.overhead_bytes = EwmaEstimator(overhead_bytes)
         self.frame_bytes = {k: EwmaEstimator(v, halflife=64) for k, v in frame_bytes_prior.items()}
+        self.preprocess_s = EwmaEstimator(0.0)
+        self.segment_s = [EwmaEstimator(0.0) for _ in range(segments)]
+        self.exit_names = tuple(exit_names)
+        self.exit_segments = tuple(exit_segments)
+        self.exit_s = [EwmaEstimator(0.0) for _ in exit_names]
+        leave = tuple(leave_prior) or (0.0,) * len(exit_names)
+        self.leave = [EwmaEstimator(p, halflife=64) for p in leave]
+        self.tail_s = EwmaEstimator(0.0)
+        self.image_encode_s = EwmaEstimator(0.0)
+        self.image_bytes = EwmaEstimator(image_bytes_prior or 0.0, halflife=64)
+
+    # ------------------------------------------------------------------- the device
+
+    def observe_head(self, timings: dict[str, float], preprocess_s: float) -> None:
+        """One head run: `timings` as `HeadRunner` gives them ("segment_i", "exit_<name>"
+        seconds; the pieces it did not run are absent)."""
+        self.preprocess_s.observe(preprocess_s)
+        for i, est in enumerate(self.segment_s):
+            t = timings.get(f"segment_{i}")
+            if t is not None:
+                est.observe(t)
+        for name, est in zip(self.exit_names, self.exit_s, strict=True):
+            t = timings.get(f"exit_{name}")
+            if t is not None:
+                est.observe(t)
+
+    def observe_leave(self, exited: str | None) -> None:
+        """An input ran the head with its exits: it left at `exited` (None: at none)."""
+        for name, est in zip(self.exit_names, self.leave, strict=True):
+            est.observe(float(name == exited))
 
     def observe_frame(self, point: tuple[int, int], nbytes: int, encode_s: float) -> None:
         self.encode_s.observe(encode_s)
         if point in self.frame_bytes:
             self.frame_bytes[point].observe(nbytes)
+
+    def observe_tail(self, seconds: float) -> None:
+        """The tail finished here, on the float code."""
+        self.tail_s.observe(seconds)
+
+    def observe_image(self, nbytes: int, encode_s: float) -> None:
+        """An image encoded for sending."""
+        self.image_encode_s.observe(encode_s)
+        self.image_bytes.observe(nbytes)
+
+    # ------------------------------------------------------------------ the network
 
     def observe_answer(
         self,
@@ -273,6 +329,7 @@ class Measurements:
         sent: float,
         done: float,
         server_s: float | None,
+        image: bool = False,
     ) -> None:
         """One answered request (a single attempt): the link, server and overhead estimates.
 
@@ -280,42 +337,62 @@ class Measurements:
         reports its own time (`server_s`) makes the sample a clean link sample. Otherwise
         the server's time is what the link estimate (learned from probes, which cost the
         server nothing) does not explain; only an answer far off that estimate is taken as
-        news about the link (it got slower or faster).
+        news about the link (it got slower or faster). `image`: the payload was an image.
         """
         nbytes = request_bytes + response_bytes
+        server = self.server_image_s if image else self.server_s
         self.overhead_bytes.observe(request_bytes - frame_bytes + response_bytes)
         if server_s is not None:
-            self.server_s.observe(server_s)
+            server.observe(server_s)
             self.link.observe(sent, done - server_s, nbytes)
             return
         network = self.link.predict(nbytes)
         unexplained = (done - sent) - network
         if -0.5 * network <= unexplained <= max(network, _SERVER_S_SLACK):
-            self.server_s.observe(max(0.0, unexplained))
+            server.observe(max(0.0, unexplained))
         else:
-            self.link.observe(sent, done - self.server_s.value, nbytes)
+            self.link.observe(sent, done - server.value, nbytes)
 
-    def costs(self, now: float) -> Costs:
-        est = self.link.estimate()
-        return Costs(
-            base_latency_s=est.base_latency_s,
-            bandwidth_bps=est.bandwidth_bps,
-            server_s=self.server_s.value,
+    # -------------------------------------------------------------------- the model
+
+    def cost(self, now: float) -> CostModel:
+        """Every measurement as of `now`, as the cost model the policy prices actions with."""
+        link = self.link.estimate().link(self.overhead_bytes.value, self.link.queue_s(now))
+        device = Compute(
+            segment_s=tuple(e.value for e in self.segment_s),
+            exit_s=tuple(e.value for e in self.exit_s),
+            preprocess_s=self.preprocess_s.value,
             encode_s=self.encode_s.value,
-            overhead_bytes=self.overhead_bytes.value,
-            base_bytes=est.base_bytes,
-            queue_s=self.link.queue_s(now),
+            tail_s=self.tail_s.value,
+            image_encode_s=self.image_encode_s.value,
         )
+        server = Compute(tail_s=self.server_s.value, model_s=self.server_image_s.value)
+        return CostModel(link, device, server, self.exit_segments)
+
+    def leave_rates(self) -> tuple[float, ...]:
+        """The chance an input leaves at each exit, as observed (the manifest's first)."""
+        return tuple(e.value for e in self.leave)
 
     def mean_frame_bytes(self, point: tuple[int, int]) -> float:
         return self.frame_bytes[point].value
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> dict[str, Any]:
         est = self.link.estimate()
         return {
             "bandwidth_bps": round(est.bandwidth_bps, 1),
             "base_latency_s": round(est.base_latency_s, 6),
             "server_s": round(self.server_s.value, 6),
+            "server_image_s": round(self.server_image_s.value, 6),
             "overhead_bytes": round(self.overhead_bytes.value, 1),
             "samples": est.samples,
+            "device_ms": {
+                "preprocess": round(self.preprocess_s.value * 1e3, 4),
+                "segments": [round(e.value * 1e3, 4) for e in self.segment_s],
+                "exits": [round(e.value * 1e3, 4) for e in self.exit_s],
+                "encode": round(self.encode_s.value * 1e3, 4),
+                "tail": round(self.tail_s.value * 1e3, 4),
+                "image_encode": round(self.image_encode_s.value * 1e3, 4),
+            },
+            "image_bytes": round(self.image_bytes.value, 1),
+            "leave_rates": [round(e.value, 4) for e in self.leave],
         }

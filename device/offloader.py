@@ -70,13 +70,17 @@ class Offloader:
         """A frame `blocked` let through will not be sent after all."""
         self.breaker.release()
 
-    async def send(self, frame: bytes, request_id: str, deadline: float | None) -> InferResult:
-        """Offload one frame (see `OffloadClient.infer`); raises OffloadError after noting it."""
+    async def send(
+        self, frame: bytes, request_id: str, deadline: float | None, *, image: bool = False
+    ) -> InferResult:
+        """Offload one frame, or an encoded image (see `OffloadClient.infer`); raises
+        OffloadError after noting it."""
         expected = len(frame) + self.measure.overhead_bytes.value
         sent = time.monotonic()
         wait = self._sending(expected, sent)
+        name = "image" if image else "frame"
         try:
-            res = await self.client.infer(frame, request_id, deadline=deadline)
+            res = await self.client.infer(frame, request_id, deadline=deadline, input_name=name)
         except asyncio.CancelledError:
             self.breaker.release()
             raise
@@ -96,6 +100,7 @@ class Offloader:
                 sent=self._started(res.sent_at, wait, done),
                 done=done,
                 server_s=res.server_s,
+                image=image,
             )
         return res
 

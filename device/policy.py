@@ -1,70 +1,43 @@
-"""What to do with an input no exit was confident about: offload at which (k, bits), or not.
+"""What to do with each input: send the image, run the head, and at the bottleneck offload at
+which (k, bits), finish the tail here, or answer with the best exit now.
 
-Pure functions of numbers: no I/O, no clocks, no torch. The agent measures, this decides.
+Pure functions of numbers: no I/O, no clocks, no torch. The agent measures (`estimator`),
+`splitexit.cost.CostModel` prices every action, this decides.
 
-    exits passed their thresholds? ── yes ─► exit (decided in the head, before any of this)
-                                   └─ no ──► decide(points, costs, rule) ─► offload (k, bits)
-                                                                         └─► local (best exit)
+    before the head ── start(...) ─┬─ "image": send the image to the server's whole model
+                                   └─ "head": run it ─ exit confident? ─ yes ─► "exit"
+                                          no ─ at_bottleneck(...) ─┬─ "offload" (k, bits)
+                                                                   ├─ "tail" (here)
+                                                                   └─ "local" (best exit)
 
-An offload at point p is expected to take
+Rules (one model, many operating points, one cost model):
 
-    encode + queue + base_latency + server
-           + (frame_bytes(p) + overhead - base_bytes) * 8 / bandwidth
+* `FixedRule`: always run the head and offload at the configured point.
+* `AdaptiveRule`, among the actions available at the bottleneck (each offload point, and the
+  tail here when the device has it): the expected-fastest that meets the accuracy floor; with
+  a deadline and nothing meeting the floor in time, the most accurate in time; nothing in
+  time: answer with the best exit now ("local"; without exits, the fastest). With neither a
+  floor nor a deadline: the most accurate (ties to the faster).
+* Before the head, the adaptive rule sends the image when that is expected sooner than the
+  head and what follows it (exits taken at their observed rates, the bottleneck's choice for
+  the rest), meets the floor, and fits the deadline.
 
-where queue is the wait behind requests already in flight, base_latency the time of a small
-request of base_bytes (the round trip, with the server's fixed costs when it does not report
-them), and overhead the HTTP and protocol bytes around the frame, both ways (all measured:
-see `device.estimator`).
-
-Rules (SPINN / Edgent style, one model, many operating points):
-
-* `FixedRule`: always the configured point.
-* `AdaptiveRule` with a deadline: the most accurate point expected to answer in time
-  (preferring points that meet the accuracy floor); if none can, answer locally now.
-* `AdaptiveRule` with only an accuracy floor: the fastest point that meets the floor (or the
-  most accurate one if none does).
-* `AdaptiveRule` with neither: the most accurate point.
-
-Where the manifest has no measured accuracy for every point, points are ranked by how much
-information they carry (channels x bits; ties go to the faster point), and a floor cannot
-be checked.
+Accuracies: an offload point's is the manifest's; the tail here runs the float code (the
+bundle's float accuracy, else its best point's); the server answers an image at its most
+accurate point. Where some accuracy is unknown, actions rank by the information they carry
+(channels x bits; the tail here as the best point) and a floor cannot be checked.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-Action = Literal["offload", "local"]
+from splitexit.bundle.manifest import OperatingPoint
+from splitexit.cost import CostModel
 
-
-@dataclass(frozen=True)
-class Point:
-    """An operating point: k channels at `bits`, its accuracy, its mean frame size."""
-
-    channels: int
-    bits: int
-    accuracy: float | None
-    frame_bytes: float
-
-    @property
-    def label(self) -> str:
-        return f"k={self.channels},bits={self.bits}"
-
-
-@dataclass(frozen=True)
-class Costs:
-    """What the agent measured, as of this decision (seconds, bytes, bits per second)."""
-
-    base_latency_s: float
-    bandwidth_bps: float
-    server_s: float = 0.0
-    encode_s: float = 0.0
-    overhead_bytes: float = 0.0
-    base_bytes: float = 0.0
-    queue_s: float = 0.0
+Action = Literal["image", "head", "exit", "offload", "tail", "local"]
 
 
 @dataclass(frozen=True)
@@ -77,7 +50,7 @@ class FixedRule:
 
 @dataclass(frozen=True)
 class AdaptiveRule:
-    """Choose the point per input; see the module docstring.
+    """Choose per input; see the module docstring.
 
     `deadline_s` is the time left for this input (None: no deadline); `local_ok` says a
     local answer exists (the bundle has exits), so "answer locally now" is possible.
@@ -90,74 +63,152 @@ class AdaptiveRule:
 
 @dataclass(frozen=True)
 class Decision:
-    """Offload at `point` (expected to take `expected_s`), or answer locally; and why."""
+    """The action, its point (offload only), expected seconds from now, and why."""
 
     action: Action
-    point: Point | None
+    point: OperatingPoint | None
     expected_s: float | None
     reason: str
 
 
-def offload_seconds(point: Point, costs: Costs) -> float:
-    """Expected seconds from now until the server's answer arrives, offloading at `point`."""
-    wire = max(0.0, point.frame_bytes + costs.overhead_bytes - costs.base_bytes)
-    transfer = wire * 8.0 / costs.bandwidth_bps if costs.bandwidth_bps > 0 else math.inf
-    return costs.encode_s + costs.queue_s + costs.base_latency_s + costs.server_s + transfer
+@dataclass(frozen=True)
+class Choices:
+    """What the agent can choose among: the bundle's points (frame sizes as measured), the
+    tail here or not, and the accuracies of the whole-precision answers (None: unknown)."""
+
+    points: Sequence[OperatingPoint]
+    tail_here: bool = False
+    tail_accuracy: float | None = None
+
+    @property
+    def best_accuracy(self) -> float | None:
+        """The most accurate point's accuracy (what the server answers an image with)."""
+        acc = [p.accuracy for p in self.points if p.accuracy is not None]
+        return max(acc) if len(acc) == len(self.points) and acc else None
 
 
-def accuracy_known(points: Sequence[Point]) -> bool:
-    """True when every point has a measured accuracy (so floors and rankings use it)."""
-    return all(p.accuracy is not None for p in points)
+class _Option(NamedTuple):
+    action: Action
+    point: OperatingPoint | None
+    expected_s: float
+    accuracy: float | None
+    proxy: float  # information carried (channels x bits)
 
 
-def rank(point: Point, by_accuracy: bool) -> tuple[float, ...]:
-    """Sort key, higher is more accurate: measured accuracy, else information carried."""
-    proxy = (float(point.channels * point.bits),)
-    if by_accuracy:
-        return (float(point.accuracy), *proxy)  # type: ignore[arg-type]
-    return proxy
-
-
-def decide(points: Sequence[Point], costs: Costs, rule: FixedRule | AdaptiveRule) -> Decision:
-    """The decision for one input that no exit answered. `points` must not be empty."""
+def at_bottleneck(choices: Choices, cost: CostModel, rule: FixedRule | AdaptiveRule) -> Decision:
+    """The decision for an input no exit answered. `choices.points` must not be empty."""
+    points = choices.points
     if not points:
         raise ValueError("no operating points to choose from; the bundle lists none")
     if isinstance(rule, FixedRule):
-        point = find_point(points, rule.channels, rule.bits)
-        return Decision("offload", point, offload_seconds(point, costs), "fixed")
-    by_acc = accuracy_known(points)
-    timed = [(p, offload_seconds(p, costs)) for p in points]
-    floor = rule.accuracy_floor if by_acc else None
-    meets = [(p, t) for p, t in timed if floor is None or p.accuracy >= floor]  # type: ignore[operator]
+        p = find_point(points, rule.channels, rule.bits)
+        return Decision("offload", p, _offload_s(p, cost), "fixed")
+    fixed_s = cost.device.encode_s + cost.server.tail_s  # the rest: the frame's transfer
+    transfer = cost.link.transfer_s
+    options = [
+        _Option(
+            "offload", p, fixed_s + transfer(p.frame_bytes or 0.0), p.accuracy, p.channels * p.bits
+        )
+        for p in points
+    ]
+    if choices.tail_here:  # as informative as the best point: equally accurate, the faster
+        acc = choices.tail_accuracy if choices.tail_accuracy is not None else choices.best_accuracy
+        proxy = max(o.proxy for o in options)
+        options.append(_Option("tail", None, cost.tail_here_s(), acc, proxy))
+    return _choose(options, rule)
 
-    if rule.deadline_s is not None:
-        in_time = [(p, t) for p, t in timed if t <= rule.deadline_s]
-        if not in_time and rule.local_ok:
-            fastest = min(t for _, t in timed)
+
+def start(
+    choices: Choices,
+    cost: CostModel,
+    rule: FixedRule | AdaptiveRule,
+    leave: Sequence[float],
+    image_bytes: float | None,
+) -> Decision:
+    """Before the head: "image" (send it) or "head" (run it), with the expected seconds.
+
+    `leave[e]` is the chance an input leaves at exit e; `image_bytes` the expected size of
+    the encoded image (None: the server takes no images).
+    """
+    after = at_bottleneck(choices, cost, rule)
+    after_s = after.expected_s if after.expected_s is not None else 0.0
+    head_s = cost.head_path_s(leave, after_s)
+    head = Decision("head", None, head_s, f"head, then {after.action} ({after.reason})")
+    if isinstance(rule, FixedRule) or image_bytes is None:
+        return head
+    image_s = cost.image_s(image_bytes)
+    acc = choices.best_accuracy
+    if rule.accuracy_floor is not None and acc is not None and acc < rule.accuracy_floor:
+        return head
+    if rule.deadline_s is not None and image_s > rule.deadline_s:
+        return head
+    if image_s < head_s:
+        return Decision("image", None, image_s, f"image {image_s:.4f}s < head {head_s:.4f}s")
+    return head
+
+
+def _offload_s(p: OperatingPoint, cost: CostModel) -> float:
+    return float(cost.offload_s(p.frame_bytes or 0.0))
+
+
+def _choose(options: list[_Option], rule: AdaptiveRule) -> Decision:
+    by_acc = all(o.accuracy is not None for o in options)
+    # higher is more accurate: (accuracy, information) or, without accuracies, information
+    ranked = [(o, (o.accuracy, o.proxy) if by_acc else (0.0, o.proxy)) for o in options]
+
+    def fastest(pool: list[tuple[_Option, tuple]]) -> _Option:
+        return min(pool, key=lambda x: (x[0].expected_s, -x[1][0], -x[1][1]))[0]
+
+    def most_accurate(pool: list[tuple[_Option, tuple]]) -> _Option:
+        return max(pool, key=lambda x: (*x[1], -x[0].expected_s))[0]
+
+    def decision(o: _Option, reason: str) -> Decision:
+        return Decision(o.action, o.point, o.expected_s, reason)
+
+    floor = rule.accuracy_floor if by_acc else None
+    deadline = rule.deadline_s
+    if floor is not None:
+        meets = [x for x in ranked if x[0].accuracy >= floor]  # type: ignore[operator]
+        if meets:
+            o = fastest(meets)
+            if deadline is None or o.expected_s <= deadline:
+                return decision(o, "floor: fastest meeting it")
+    if deadline is not None:
+        in_time = [x for x in ranked if x[0].expected_s <= deadline]
+        if in_time:
+            return decision(most_accurate(in_time), "deadline: most accurate in time")
+        o = fastest(ranked)
+        if rule.local_ok:
             return Decision(
                 "local",
                 None,
-                None,
-                f"deadline: fastest offload {fastest:.3f}s > {rule.deadline_s:.3f}s left",
+                0.0,
+                f"deadline: fastest action {o.expected_s:.3f}s > {deadline:.3f}s left",
             )
-        if not in_time:  # no local answer exists: the fastest offload is the best hope
-            p, t = min(timed, key=lambda pt: (pt[1], rank(pt[0], by_acc)))
-            return Decision("offload", p, t, "deadline: none in time, fastest")
-        pool = [pt for pt in in_time if pt in meets] or in_time
-        p, t = max(pool, key=lambda pt: (*rank(pt[0], by_acc), -pt[1]))
-        return Decision("offload", p, t, "deadline: most accurate in time")
-
+        return decision(o, "deadline: none in time, fastest")
     if floor is not None:
-        if meets:
-            p, t = min(meets, key=lambda pt: (pt[1], tuple(-r for r in rank(pt[0], by_acc))))
-            return Decision("offload", p, t, "floor: fastest meeting the floor")
-        p, t = max(timed, key=lambda pt: rank(pt[0], by_acc))
-        return Decision("offload", p, t, "floor: none meets it, most accurate")
-    p, t = max(timed, key=lambda pt: (*rank(pt[0], by_acc), -pt[1]))
-    return Decision("offload", p, t, "most accurate")
+        return decision(most_accurate(ranked), "floor: none meets it, most accurate")
+    return decision(most_accurate(ranked), "most accurate")
 
 
-def find_point(points: Sequence[Point], channels: int, bits: int) -> Point:
+def pareto(points: Sequence[OperatingPoint]) -> list[OperatingPoint]:
+    """The points no other beats at once on accuracy, information carried and frame size:
+    the only ones the adaptive rule can choose (all of them where an accuracy is unknown)."""
+    if any(p.accuracy is None for p in points):
+        return list(points)
+
+    def key(p: OperatingPoint) -> tuple[float, float, float]:
+        return (p.accuracy, p.channels * p.bits, -(p.frame_bytes or 0.0))  # type: ignore[return-value]
+
+    keys = [key(p) for p in points]
+    return [
+        p
+        for p, k in zip(points, keys, strict=True)
+        if not any(o != k and all(a >= b for a, b in zip(o, k, strict=True)) for o in keys)
+    ]
+
+
+def find_point(points: Sequence[OperatingPoint], channels: int, bits: int) -> OperatingPoint:
     """The point (channels, bits); ValueError listing the available ones if absent."""
     for p in points:
         if p.channels == channels and p.bits == bits:
@@ -169,7 +220,14 @@ def find_point(points: Sequence[Point], channels: int, bits: int) -> Point:
     )
 
 
-def best_point(points: Sequence[Point]) -> Point:
+def best_point(points: Sequence[OperatingPoint]) -> OperatingPoint:
     """The most accurate point (the default for the fixed rule)."""
-    by_acc = accuracy_known(points)
-    return max(points, key=lambda p: (*rank(p, by_acc), -p.frame_bytes))
+    known = all(p.accuracy is not None for p in points)
+    return max(
+        points,
+        key=lambda p: (
+            *((p.accuracy,) if known else ()),
+            p.channels * p.bits,
+            -(p.frame_bytes or 0.0),
+        ),
+    )

@@ -3,16 +3,21 @@
 A record (keys in this order; absent values are null):
 
     {"id": "Coat/0042.png", "class": 4, "class_name": "Coat", "confidence": 0.91,
-     "decided_by": "server", "exit": null, "reason": null,
+     "decided_by": "server", "action": "offload", "exit": null, "reason": null,
      "channels": 4, "bits": 4, "frame_bytes": 69, "overhead_bytes": 341,
-     "response_bytes": 236, "attempts": 1, "label": 4,
+     "response_bytes": 236, "attempts": 1, "label": 4, "expected_ms": 9.5,
      "timings_ms": {"head": 3.1, "encode": 0.2, "network": 5.0, "server": 1.2, "tail": 0.6,
                     "total": 9.8},
      "source": "/data/Coat/0042.png", "error": null}
 
-`decided_by` is the exit that answered ("layer1", ...), "server", "fallback" (an offload
-that could not happen or failed: the best exit answered, named in `exit`, and `reason` says
-why) or "error" (the input could not be read; `error` says why, `class` is null).
+`decided_by` is the exit that answered ("layer1", ...), "server", "device" (the tail ran
+here), "fallback" (an offload that could not happen or failed: the best exit answered,
+named in `exit`, and `reason` says why) or "error" (the input could not be read; `error`
+says why, `class` is null). `action` is what the policy chose (`splitexit.cost.ACTIONS`):
+"image" (sent the image; `frame_bytes` counts it), "exit" (an exit's threshold passed),
+"offload" (at `channels` x `bits`), "tail" (finished the tail here), "local" (the best
+exit now). `expected_ms` is the input's total time the cost model expected when it chose;
+`timings_ms.total` is what it took.
 `reason` for an exit: "threshold" (its confidence passed the threshold) or "deadline" (the
 adaptive policy answered locally because no offload could meet the deadline). `reason` for
 a fallback: "timeout" (an attempt timed out), "deadline" (the input's deadline passed),
@@ -25,8 +30,9 @@ offloading stopped), "refused" (401 / 403 / 404: stopped), "local_only", "interr
 summed over attempts; `response_bytes` the whole response. TCP/IP headers are not counted.
 Timings: `network` is the successful request's round trip minus `server` (the server's own
 time, null unless the server reports it); `tail` is the part of `server` spent computing
-(the tail model on the request's batch; null unless reported); `total` runs from taking the
-input to its record.
+(the tail model on the request's batch; null unless reported), or the tail's time here;
+`encode` is framing the code or encoding the image; `total` runs from taking the input to
+its record.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from typing import IO, Any
 import numpy as np
 
 SERVER = "server"
+DEVICE = "device"
 FALLBACK = "fallback"
 ERROR = "error"
 TIMING_KEYS = ("head", "encode", "network", "server", "tail", "total")
@@ -54,6 +61,7 @@ class Record:
 
     id: str
     decided_by: str
+    action: str | None = None
     prediction: int | None = None
     class_name: str | None = None
     confidence: float | None = None
@@ -66,6 +74,7 @@ class Record:
     response_bytes: int = 0
     attempts: int = 0
     label: int | None = None
+    expected_ms: float | None = None
     timings_ms: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS))
     source: str | None = None
     error: str | None = None
@@ -77,6 +86,7 @@ class Record:
             "class_name": self.class_name,
             "confidence": _round(self.confidence, 6),
             "decided_by": self.decided_by,
+            "action": self.action,
             "exit": self.exit,
             "reason": self.reason,
             "channels": self.channels,
@@ -86,6 +96,7 @@ class Record:
             "response_bytes": self.response_bytes,
             "attempts": self.attempts,
             "label": self.label,
+            "expected_ms": _round(self.expected_ms, 3),
             "timings_ms": {k: _round(self.timings_ms.get(k), 3) for k in TIMING_KEYS},
             "source": self.source,
             "error": self.error,
@@ -123,6 +134,8 @@ class Summary:
         self.decided: Counter[str] = Counter()
         self.fallback_reasons: Counter[str] = Counter()
         self.points: Counter[str] = Counter()
+        self.actions: Counter[str] = Counter()
+        self.expected_error_ms: list[float] = []
         self.latencies_ms: list[float] = []
         self.frame_bytes = 0
         self.overhead_bytes = 0
@@ -147,6 +160,10 @@ class Summary:
         total = r.timings_ms.get("total")
         if total is not None:
             self.latencies_ms.append(total)
+        if r.action is not None:
+            self.actions[r.action] += 1
+        if r.expected_ms is not None and total is not None:
+            self.expected_error_ms.append(total - r.expected_ms)
         self.frame_bytes += r.frame_bytes
         self.overhead_bytes += r.overhead_bytes
         self.response_bytes += r.response_bytes
@@ -162,6 +179,7 @@ class Summary:
         n = self.inputs
         wall = (self.finished or time.perf_counter()) - self.started
         lat = np.asarray(self.latencies_ms, dtype=np.float64)
+        err = np.asarray(self.expected_error_ms, dtype=np.float64)
         offloads = self.decided[SERVER]
         exits = {name: self.decided[name] for name in self.exit_names}
         return {
@@ -177,6 +195,11 @@ class Summary:
             "errors": self.decided[ERROR],
             "retries": self.retries,
             "operating_points": dict(self.points),
+            "actions": dict(self.actions),
+            "actual_minus_expected_ms": {
+                "mean": _stat(err, np.mean),
+                "p50": _stat(err, lambda a: np.percentile(a, 50)),
+            },
             "latency_ms": {
                 "mean": _stat(lat, np.mean),
                 "p50": _stat(lat, lambda a: np.percentile(a, 50)),
@@ -211,6 +234,9 @@ class Summary:
         if d["operating_points"]:
             mix = ", ".join(f"{k}: {v}" for k, v in sorted(d["operating_points"].items()))
             lines.append(f"  (k x bits)  {mix}")
+        if d["actions"]:
+            mix = ", ".join(f"{k}: {v}" for k, v in sorted(d["actions"].items()))
+            lines.append(f"actions       {mix}")
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(d["fallback_reasons"].items()))
         lines.append(
             f"fallbacks     {d['fallbacks']:>6}  ({_pct(d['fallback_rate'])})"

@@ -43,6 +43,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from splitexit.bundle import Bundle
 from splitexit.protocol.errors import StreamError
+from splitexit.protocol.kserve import INPUT_FRAME
 from splitexit.protocol.stream import (
     SUBPROTOCOL,
     Accepted,
@@ -240,11 +241,19 @@ class StreamClient:
     # --------------------------------------------------------------------------- infer
 
     async def infer(
-        self, frame: bytes, request_id: str, *, deadline: float | None = None
+        self,
+        frame: bytes,
+        request_id: str,
+        *,
+        deadline: float | None = None,
+        input_name: str = INPUT_FRAME,
     ) -> InferResult:
-        """As `OffloadClient.infer`, over the stream when it is in use."""
-        if self.transport != "stream":
-            return await self.http.infer(frame, request_id, deadline=deadline)
+        """As `OffloadClient.infer`, over the stream when it is in use; an image (`input_name`
+        "image") always goes over HTTP: the stream carries codes only."""
+        if self.transport != "stream" or input_name != INPUT_FRAME:
+            return await self.http.infer(
+                frame, request_id, deadline=deadline, input_name=input_name
+            )
         c = self.http.config
         end = deadline if deadline is not None else time.monotonic() + c.budget_s
         tally = _Tally()

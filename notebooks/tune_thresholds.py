@@ -41,17 +41,17 @@ from splitexit.bundle import load_bundle
 from splitexit.calibrate import (
     CalibrationTable,
     Goal,
-    Link,
     Replay,
     check_promise,
     evaluate_policy,
     format_selection,
     held_out_splits,
-    measure_timings,
+    measure_compute,
     record_table,
     select_thresholds,
     write_selection,
 )
+from splitexit.cost import CostModel, Link
 from splitexit.exits import CONFIDENCE_MEASURES
 from splitexit.zoo import default_bundle_path
 
@@ -84,7 +84,7 @@ def tables(limit: int | None = None) -> dict[str, CalibrationTable]:
 t = tables(limit=int(os.environ.get("SPLITEXIT_NOTEBOOK_LIMIT", "0")) or None)
 calib, test = t["calibration"], t["test"]
 print(f"calibration: {len(calib.labels)} samples, test: {len(test.labels)} samples")
-print("operating points:", calib.points)
+print("operating points:", [p.key for p in calib.points])
 
 # %% [markdown]
 # ## Accuracy against offload rate, per confidence measure
@@ -94,7 +94,7 @@ print("operating points:", calib.points)
 # better.
 
 # %%
-widest = max(calib.points, key=lambda p: (p[0], p[1]))
+widest = calib.widest_point
 fig, ax = plt.subplots(figsize=(6, 4))
 for measure in CONFIDENCE_MEASURES:
     replay = Replay(calib, measure, widest)
@@ -108,7 +108,7 @@ tail_acc = Replay(calib, "max_prob", widest).stats(np.full(len(calib.exit_names)
 ax.axhline(tail_acc, color="grey", ls="--", lw=0.8, label="tail only")
 ax.set_xlabel("offload rate")
 ax.set_ylabel("accuracy")
-ax.set_title(f"accuracy vs offload (tail at k={widest[0]}, {widest[1]} bits)")
+ax.set_title(f"accuracy vs offload (tail at k={widest.channels}, {widest.bits} bits)")
 ax.legend()
 fig.tight_layout()
 
@@ -132,17 +132,17 @@ fig.tight_layout()
 fig, ax = plt.subplots(figsize=(6, 4))
 acc = calib.tail_correct.mean(axis=0)
 size = calib.frame_bytes.mean(axis=0)
-for bits in sorted({b for _, b in calib.points}):
-    idx = [j for j, p in enumerate(calib.points) if p[1] == bits]
+for bits in sorted({p.bits for p in calib.points}):
+    idx = [j for j, p in enumerate(calib.points) if p.bits == bits]
     ax.plot(size[idx], acc[idx], "o-", label=f"{bits} bits")
     for j in idx:
-        ax.annotate(str(calib.points[j][0]), (size[j], acc[j]), fontsize=7)
+        ax.annotate(str(calib.points[j].channels), (size[j], acc[j]), fontsize=7)
 ax.set_xscale("log")
 ax.set_xlabel("mean frame bytes (header included; labels: channels k)")
 ax.set_ylabel("tail accuracy")
 ax.legend()
 fig.tight_layout()
-best = sorted(zip(size, acc, calib.points, strict=True))
+best = sorted(zip(size, acc, [p.key for p in calib.points], strict=True))
 print("smallest frames:", [(p, round(float(s)), round(float(a), 4)) for s, a, p in best[:5]])
 
 # %% [markdown]
@@ -151,29 +151,26 @@ print("smallest frames:", [(p, round(float(s)), round(float(a), 4)) for s, a, p 
 # Local-only runs the whole model on the device; full offload sends the input image
 # (PNG) and runs everything on the server; split-only always sends the bottleneck;
 # split + exit answers locally when an exit is confident. Timings are measured on this
-# machine; `DEVICE_SPEED` makes the device that much slower than this machine.
+# machine and priced by `splitexit.cost.CostModel`; `DEVICE_SPEED` makes the device that
+# much slower than this machine.
 
 # %%
 DEVICE_SPEED = float(os.environ.get("SPLITEXIT_DEVICE_SPEED", "4"))
-timings = measure_timings(bundle, repeats=5).scaled(DEVICE_SPEED)
-server = measure_timings(bundle, repeats=5)
+here = measure_compute(bundle, repeats=5)  # this machine: the server
+device = here.scaled(DEVICE_SPEED)
 png_bytes = 509.0  # mean optimised PNG of a 28x28 Fashion-MNIST image (benchmarks/)
-head_ms = sum(timings.segment_ms) + sum(timings.exit_ms)
-local_ms = head_ms + timings.tail_ms * DEVICE_SPEED
 thresholds = {e.name: e.threshold for e in bundle.manifest.exits}
 rates = np.logspace(-1, 2.3, 30)  # Mbit/s
 rtt = 20.0
 curves = {"local only": [], "full offload (PNG)": [], "split only": [], "split + exit": []}
 for mbps in rates:
-    link = Link(mbps, rtt)
-    curves["local only"].append(local_ms)
-    curves["full offload (PNG)"].append(
-        link.transfer_ms(png_bytes) + sum(server.segment_ms) + server.tail_ms
-    )
+    cost = CostModel(Link.mbit(mbps, rtt), device, here, calib.exit_segments)
+    curves["local only"].append(cost.local_s() * 1e3)
+    curves["full offload (PNG)"].append(cost.image_s(png_bytes) * 1e3)
     never = dict.fromkeys(calib.exit_names, 2.0)
-    split = evaluate_policy(calib, never, point=widest, link=link, timings=timings)
+    split = evaluate_policy(calib, never, point=widest, cost=cost)
     curves["split only"].append(split.expected_latency_ms)
-    exits = evaluate_policy(calib, thresholds, point=widest, link=link, timings=timings)
+    exits = evaluate_policy(calib, thresholds, point=widest, cost=cost)
     curves["split + exit"].append(exits.expected_latency_ms)
 fig, ax = plt.subplots(figsize=(6, 4))
 for label, ys in curves.items():

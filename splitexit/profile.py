@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from splitexit.cost import Compute, CostModel, Link
 from splitexit.errors import SplitexitError
 
 if TYPE_CHECKING:  # torch is imported when profiling starts, not to build the CLI parser
     import torch
     from torch import nn
-
-    from splitexit.calibrate.policy import Link
 
 DEFAULT_LINKS = (1.0, 5.0, 20.0, 100.0)
 
@@ -56,8 +55,8 @@ class SplitProfile:
 
     def predict(self, link: Link) -> float:
         """End-to-end ms over `link`: head + encoder, the frame, decoder + tail."""
-        device = self.head_ms + self.encoder_ms
-        return device + link.transfer_ms(self.bottleneck_bytes) + self.decoder_ms + self.tail_ms
+        cost = _split_cost(link, self.head_ms, self.encoder_ms, self.decoder_ms + self.tail_ms)
+        return 1e3 * (cost.bottleneck_s() + cost.offload_s(self.bottleneck_bytes))
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ def profile_model(
     """
     import torch
 
-    from splitexit.calibrate.policy import Link, median_ms
+    from splitexit.calibrate.policy import median_ms
     from splitexit.models import valid_split_points
 
     if not device_speed > 0:
@@ -196,27 +195,21 @@ def profile_model(
             split = _measure_point(model, point, x, bottleneck, notes, repeats, warmup)
             if split is None:
                 continue
-            device = (split["head_ms"] + split["encoder_ms"]) * device_speed
-            server = split["decoder_ms"] + split["tail_ms"]
-            splits.append(
-                SplitProfile(
-                    **{
-                        **split,
-                        "head_ms": split["head_ms"] * device_speed,
-                        "encoder_ms": split["encoder_ms"] * device_speed,
-                    },
-                    latency_ms={
-                        r: device + Link(r, rtt_ms).transfer_ms(split["bottleneck_bytes"]) + server
-                        for r in links
-                    },
-                    int8_latency_ms={
-                        r: split["head_ms"] * device_speed
-                        + Link(r, rtt_ms).transfer_ms(split["int8_bytes"] + _frame_overhead())
-                        + split["tail_ms"]
-                        for r in links
-                    },
-                )
-            )
+            slowed = {
+                **split,
+                "head_ms": split["head_ms"] * device_speed,
+                "encoder_ms": split["encoder_ms"] * device_speed,
+            }
+            int8_bytes = split["int8_bytes"] + _frame_overhead()
+
+            def int8(r: float, s: dict[str, Any] = slowed, n: int = int8_bytes) -> float:
+                cost = _split_cost(Link.mbit(r, rtt_ms), s["head_ms"], 0.0, s["tail_ms"])
+                return 1e3 * (cost.bottleneck_s() + cost.offload_s(n))
+
+            profile = SplitProfile(**slowed, latency_ms={}, int8_latency_ms={})
+            profile.latency_ms.update({r: profile.predict(Link.mbit(r, rtt_ms)) for r in links})
+            profile.int8_latency_ms.update({r: int8(r) for r in links})
+            splits.append(profile)
     image, fmt, what = _input_image(image, image_format, shape)
     if what:
         notes.append(what)
@@ -224,8 +217,8 @@ def profile_model(
 
     input_bytes = len(encode_image(image, fmt))
     local_ms = full_ms * device_speed
-    offload = {r: Link(r, rtt_ms).transfer_ms(input_bytes) + full_ms for r in links}
-    best = {r: _best(Link(r, rtt_ms), local_ms, offload[r], splits)[0] for r in links}
+    offload = {r: _offload_ms(Link.mbit(r, rtt_ms), input_bytes, full_ms) for r in links}
+    best = {r: _best(Link.mbit(r, rtt_ms), local_ms, offload[r], splits)[0] for r in links}
     recommendation, reason = _recommend(
         target_mbps, rtt_ms, local_ms, full_ms, input_bytes, fmt, splits, best
     )
@@ -326,6 +319,17 @@ def _fit_downsample(shape: tuple[int, ...], downsample: int) -> int:
     return d
 
 
+def _split_cost(link: Link, head_ms: float, encoder_ms: float, server_ms: float) -> CostModel:
+    """The cost model of a split: the head and encoder on the device, the rest served."""
+    device = Compute(segment_s=(head_ms / 1e3,), encode_s=encoder_ms / 1e3)
+    return CostModel(link, device, Compute(tail_s=server_ms / 1e3))
+
+
+def _offload_ms(link: Link, input_bytes: int, full_ms: float) -> float:
+    """Full offload: the encoded input over `link`, the whole model on the server."""
+    return 1e3 * CostModel(link, Compute(), Compute(model_s=full_ms / 1e3)).image_s(input_bytes)
+
+
 def _best(
     link: Link, local: float, offload: float, splits: Sequence[SplitProfile]
 ) -> tuple[str, float]:
@@ -346,10 +350,8 @@ def _recommend(
     splits: Sequence[SplitProfile],
     best: dict[float, str],
 ) -> tuple[str, str]:
-    from splitexit.calibrate.policy import Link
-
-    link = Link(rate, rtt_ms)
-    offload = link.transfer_ms(input_bytes) + full_ms
+    link = Link.mbit(rate, rtt_ms)
+    offload = _offload_ms(link, input_bytes, full_ms)
     choice, latency = _best(link, local, offload, splits)
     wins = [f"{r:g}" for r, b in best.items() if b == choice]
     where = f"; of the rates profiled it wins at {', '.join(wins)} Mbit/s" if wins else ""

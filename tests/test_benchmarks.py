@@ -37,7 +37,7 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
         "--rates",
         "100",
         "--strategies",
-        "local,offload-png,split,split-exit",
+        "local,offload-png,split,split-exit,split-exit-adaptive",
         "--out",
         str(tmp_path),
     ]
@@ -45,6 +45,7 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
     assert done.returncode == 0, done.stderr[-3000:]
     md = (tmp_path / "suite_small.md").read_text()
     for section in (
+        "## 0. Goals",
         "## 1. Strategies",
         "## 2. Ideal vs achieved",
         "## 3. Wire size",
@@ -59,7 +60,11 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
         ("offload-png", 100.0),
         ("split", 100.0),
         ("split-exit", 100.0),
+        ("split-exit-adaptive", 100.0),
     }
+    (goal,) = doc["goals"]  # the adaptive run against the fixed ones, with what it did
+    assert goal["best_fixed"] in ("local", "offload-png", "split", "split-exit")
+    assert sum(goal["actions"].values()) == 4 and goal["within_5pct"] in (True, False)
     split = next(r for r in doc["ideal_vs_achieved"] if r["strategy"] == "split")
     assert split["offload_rate"] == 1.0
     off = split["offloaded"]

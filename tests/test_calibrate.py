@@ -20,9 +20,7 @@ from splitexit.calibrate import (
     CalibrationError,
     CalibrationTable,
     Goal,
-    Link,
     Replay,
-    Timings,
     add_arguments,
     binom_sf,
     calibrate_main,
@@ -37,6 +35,7 @@ from splitexit.calibrate import (
     select_thresholds,
     write_selection,
 )
+from splitexit.cost import Compute, CostModel, Link
 
 # ------------------------------------------------------------------------ synthetic tables
 
@@ -205,9 +204,10 @@ def test_a_sample_leaves_at_the_first_confident_exit_and_costs_follow_its_path()
         exit_ok=[[True, False], [False, True], [True, True], [True, True]],
         tail_ok=[False, False, True, False],
     )
-    timings = Timings(segment_ms=(1.0, 2.0), exit_ms=(0.5, 0.25), tail_ms=3.0, encode_ms=0.5)
-    link = Link(bandwidth_mbps=8.0, rtt_ms=10.0)  # 1000 B = 1 ms
-    out = evaluate_policy(table, {"a": 0.8, "b": 0.9}, link=link, timings=timings)
+    device = Compute(segment_s=(1e-3, 2e-3), exit_s=(0.5e-3, 0.25e-3), encode_s=0.5e-3)
+    link = Link.mbit(8.0, 10.0)  # 1000 B = 1 ms
+    cost = CostModel(link, device, Compute(tail_s=3e-3))
+    out = evaluate_policy(table, {"a": 0.8, "b": 0.9}, cost=cost)
     # sample 0 exits at a (although b is more confident), 1 at b, 2 and 3 go to the tail
     assert out.exit_counts == {"a": 1, "b": 1}
     assert out.offload_rate == 0.5
@@ -221,11 +221,11 @@ def test_a_sample_leaves_at_the_first_confident_exit_and_costs_follow_its_path()
 
 
 def test_links_read_the_emulator_spec_syntax():
-    assert Link.parse("5mbit:20ms") == Link(5.0, 20.0)
-    assert Link.parse("100kbit:50ms", overhead_bytes=300).transfer_ms(950) == pytest.approx(
-        (950 + 300) * 8 / 100 + 50
+    assert Link.parse("5mbit:20ms") == Link.mbit(5.0, 20.0)
+    assert Link.parse("100kbit:50ms", overhead_bytes=300).transfer_s(950) == pytest.approx(
+        (950 + 300) * 8 / 100e3 + 0.05
     )
-    with pytest.raises(CalibrationError, match="no rate"):
+    with pytest.raises(ValueError, match="no rate"):
         Link.parse("unlimited:5ms")
 
 
@@ -296,24 +296,28 @@ def test_offload_goal_caps_the_offload_rate():
     assert hi > lo
 
 
+DEVICE = Compute(segment_s=(1e-3, 1e-3, 2e-3), exit_s=(0.2e-3, 0.2e-3))
+SERVER = Compute(tail_s=1e-3)
+
+
 def test_latency_goal_picks_the_cheaper_operating_point_on_a_slow_link():
     cal = synthetic(4000, 0, point_drop=(0.0, 0.0))  # both points equally accurate
-    timings = Timings(segment_ms=(1.0, 1.0, 2.0), exit_ms=(0.2, 0.2), tail_ms=1.0)
-    slow = select_thresholds(cal, Goal.latency(Link(0.1, 20.0), timings))
-    assert slow.feasible and slow.point == (2, 4)  # 137 B instead of 437 B
-    fast = select_thresholds(cal, Goal.latency(Link(1000.0, 20.0), timings))
+    slow_cost = CostModel(Link.mbit(0.1, 20.0), DEVICE, SERVER)
+    slow = select_thresholds(cal, Goal.latency(slow_cost))
+    assert slow.feasible and slow.point.key == (2, 4)  # 137 B instead of 437 B
+    fast = select_thresholds(cal, Goal.latency(CostModel(Link.mbit(1000.0, 20.0), DEVICE, SERVER)))
     assert fast.outcome.expected_latency_ms < slow.outcome.expected_latency_ms
     # the reported latency is the replayed one
-    replay = Replay(cal, slow.measure, slow.point, Link(0.1, 20.0), timings)
+    replay = Replay(cal, slow.measure, slow.point, slow_cost)
     assert replay.outcome(list(slow.thresholds.values())) == slow.outcome
 
 
 def test_latency_goal_respects_its_accuracy_floor():
     cal = synthetic(4000, 0)
-    timings = Timings(segment_ms=(1.0, 1.0, 2.0), exit_ms=(0.2, 0.2), tail_ms=1.0)
-    s = select_thresholds(cal, Goal.latency(Link(0.1), timings, max_drop=1.0))
+    cost = CostModel(Link.mbit(0.1), DEVICE, SERVER)
+    s = select_thresholds(cal, Goal.latency(cost, max_drop=1.0))
     # the (2, 4) point is 2.5 points worse than the widest: not allowed under a 1-point floor
-    assert s.point == (4, 8) and s.outcome.accuracy >= s.floor
+    assert s.point.key == (4, 8) and s.outcome.accuracy >= s.floor
 
 
 def test_auto_measure_picks_the_informative_one():
@@ -335,7 +339,7 @@ def test_an_unreachable_goal_is_reported_not_faked():
 
 
 def test_goals_say_what_they_are_missing():
-    with pytest.raises(CalibrationError, match="needs a link"):
+    with pytest.raises(CalibrationError, match="needs a cost model"):
         Goal("latency")
     with pytest.raises(CalibrationError, match="offload_rate"):
         Goal("offload")
@@ -430,7 +434,9 @@ def test_recorded_table_matches_the_bundle(trained_bundle):
     manifest = read_manifest(path)
     assert cal.n == 1000 and cal.exit_names == ("layer1", "bottleneck")
     assert cal.exit_segments == tuple(e.segment for e in manifest.exits)
-    assert cal.points == ((4, 8), (2, 4)) and cal.info["fingerprint"] == manifest.fingerprint
+    assert [p.key for p in cal.points] == [(4, 8), (2, 4)] and cal.info[
+        "fingerprint"
+    ] == manifest.fingerprint
     assert cal.tail_accuracy() > 0.3  # it learned something
     for m in cal.measures:
         assert ((cal.confidence[m] >= 0) & (cal.confidence[m] <= 1)).all()
@@ -588,15 +594,15 @@ def test_a_missed_promise_leaves_the_bundle_untouched(trained_bundle, tmp_path, 
     assert (path / "manifest.json").read_bytes() == before
 
 
-def test_measured_timings_fit_the_table(trained_bundle):
-    from splitexit.calibrate import measure_timings
+def test_measured_compute_fits_the_table(trained_bundle):
+    from splitexit.calibrate import check_compute, measure_compute
 
     path, _, tables = trained_bundle
-    timings = measure_timings(load_bundle(path), repeats=3, warmup=1)
-    timings.check(tables["calibration"])
-    slow = timings.scaled(10.0)
-    assert slow.tail_ms == timings.tail_ms
-    assert math.isclose(slow.segment_ms[0], 10 * timings.segment_ms[0])
+    here = measure_compute(load_bundle(path), repeats=3, warmup=1)
+    check_compute(here, tables["calibration"])
+    slow = here.scaled(10.0)
+    assert math.isclose(slow.segment_s[0], 10 * here.segment_s[0])
+    assert here.tail_s > 0 and here.encode_s > 0
     assert Path(path).is_dir()
 
 

@@ -22,7 +22,9 @@ def test_slow_link_moves_the_policy_local_and_back_when_it_recovers() -> None:
     tb = device_bundle()
     items = list(folder_source(tb.folder))
     with TailServer(tb.path) as srv, LinkEmulator(("127.0.0.1", srv.port)) as link:
-        config = AgentConfig(deadline_s=0.3, window=2, probe_interval_s=0.2, thresholds=NO_EXITS)
+        config = AgentConfig(
+            deadline_s=0.3, window=2, probe_interval_s=0.2, thresholds=NO_EXITS, images=False
+        )
         client = OffloadClient(link.url, tb.name, ClientConfig())
         out = ListWriter()
         agent = Agent(tb.load(), config, client, writer=out)

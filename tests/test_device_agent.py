@@ -146,6 +146,7 @@ def test_records_are_json_lines_with_the_documented_fields(server: TailServer) -
         "class_name",
         "confidence",
         "decided_by",
+        "action",
         "exit",
         "reason",
         "channels",
@@ -155,6 +156,7 @@ def test_records_are_json_lines_with_the_documented_fields(server: TailServer) -
         "response_bytes",
         "attempts",
         "label",
+        "expected_ms",
         "timings_ms",
         "source",
         "error",
@@ -168,6 +170,8 @@ def test_records_are_json_lines_with_the_documented_fields(server: TailServer) -
         assert rec["class_name"] == tb.bundle.manifest.class_names[rec["class"]]
         assert 0 <= rec["confidence"] <= 1
         assert rec["timings_ms"]["total"] >= rec["timings_ms"]["head"] > 0
+        assert rec["action"] in ("exit", "offload", "local")
+        assert rec["expected_ms"] is None or rec["expected_ms"] > 0
 
 
 def test_an_unreadable_input_gets_an_error_record_and_the_run_goes_on(

@@ -113,6 +113,7 @@ def test_ctrl_c_answers_what_was_taken_prints_the_summary_and_exits_130(tmp_path
             sys.executable, "-m", "device.cli", "run", "--bundle", str(tb.path),
             "--server", srv.url, "--source", str(tb.folder), "--out", str(out),
             "--timeout-ms", "20000", "--budget-ms", "20000", "--no-progress",
+            "--policy", "fixed",
         ]  # fmt: skip
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)

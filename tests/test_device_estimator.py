@@ -7,7 +7,7 @@ import pytest
 
 from device.breaker import CircuitBreaker
 from device.estimator import EwmaEstimator, LinkEstimator, Measurements
-from device.policy import Costs
+from splitexit.cost import Link
 
 PROBE, REQUEST = 300, 1300  # bytes both ways
 
@@ -82,19 +82,62 @@ def test_invalid_samples_are_ignored() -> None:
     assert est.samples == 0
 
 
-def test_measurements_turn_answers_into_policy_costs() -> None:
-    m = Measurements({(8, 8): 1000.0}, overhead_bytes=500)
-    assert m.costs(0.0) == Costs(0.01, 10e6, 0.0, 0.0, 500)
+def test_measurements_turn_answers_and_compute_into_one_cost_model() -> None:
+    m = Measurements(
+        {(8, 8): 1000.0},
+        overhead_bytes=500,
+        segments=2,
+        exit_names=("a",),
+        exit_segments=(0,),
+        leave_prior=(0.25,),
+    )
+    assert m.cost(0.0).link == Link(10e6, 0.01, 500)
     m.observe_frame((8, 8), 800, encode_s=0.001)
     m.observe_answer(
         frame_bytes=800, request_bytes=1200, response_bytes=300, sent=0.0, done=0.05, server_s=0.01
     )
-    c = m.costs(0.0)
-    assert c.encode_s == pytest.approx(0.001)
-    assert c.server_s == pytest.approx(0.01)
-    assert c.overhead_bytes == pytest.approx(700)
+    m.observe_head({"segment_0": 0.002, "segment_1": 0.003, "exit_a": 0.0005}, 0.0001)
+    m.observe_tail(0.004)
+    m.observe_image(700, 0.0002)
+    c = m.cost(0.0)
+    assert c.device.encode_s == pytest.approx(0.001)
+    assert c.server.tail_s == pytest.approx(0.01)
+    assert c.link.overhead_bytes == pytest.approx(700)
+    assert c.device.segment_s == pytest.approx((0.002, 0.003))
+    assert c.exit_s(0) == pytest.approx(0.0001 + 0.002 + 0.0005)
+    assert c.tail_here_s() == pytest.approx(0.004)
+    assert m.image_bytes.value == pytest.approx(700)
     assert m.mean_frame_bytes((8, 8)) == pytest.approx(800)
+    assert m.leave_rates() == (0.25,)
+    for _ in range(50):
+        m.observe_leave("a")
+    assert m.leave_rates()[0] > 0.25
     assert m.snapshot()["samples"] == 1
+
+
+def test_a_slow_spell_is_forgotten_at_the_first_answers_quicker_than_predicted() -> None:
+    est = LinkEstimator()
+    t = feed(est, 5e6, 0.02, 0.0)
+    normal = est.predict(REQUEST)
+    t = feed(est, 200e3, 0.02, t, n=6)  # a slow spell
+    assert est.predict(REQUEST) > 2 * normal
+    t = feed(est, 5e6, 0.02, t, n=2)  # the link is back: no window to wait out
+    assert est.predict(REQUEST) == pytest.approx(normal, rel=0.05)
+
+
+def test_noise_that_only_adds_time_does_not_make_the_link_look_slower() -> None:
+    """Every sample late by 0-1.5 ms (scheduling, the server): 5 Mbit/s still reads ~5."""
+    import random
+
+    rng = random.Random(0)
+    est = LinkEstimator()
+    t = 0.0
+    for i in range(60):
+        nbytes = PROBE if i % 2 else REQUEST
+        seconds = 0.02 + nbytes * 8 / 5e6 + rng.uniform(0, 0.0015)
+        est.observe(t, t + seconds, nbytes)
+        t += seconds + 0.05
+    assert est.bandwidth_bps == pytest.approx(5e6, rel=0.25)
 
 
 class Clock:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from device.policy import (
     AdaptiveRule,
-    Costs,
+    Choices,
+    Decision,
     FixedRule,
-    Point,
+    at_bottleneck,
     best_point,
-    decide,
     find_point,
-    offload_seconds,
+    pareto,
+    start,
 )
+from splitexit.bundle import OperatingPoint as Point
+from splitexit.cost import Compute, CostModel, Link
 
 # (k, bits) -> (accuracy, frame bytes): more channels or bits, more accurate and bigger
 GRID = [
@@ -25,21 +30,43 @@ GRID = [
     Point(8, 2, 0.86, 600),
     Point(8, 8, 0.92, 1600),
 ]
-FAST = Costs(base_latency_s=0.005, bandwidth_bps=100e6, server_s=0.002, overhead_bytes=400)
-SLOW = Costs(base_latency_s=0.040, bandwidth_bps=100e3, server_s=0.002, overhead_bytes=400)
+SERVER = Compute(tail_s=0.002)
 
 
-def chosen(costs: Costs, rule: AdaptiveRule | FixedRule, points: list[Point] = GRID) -> Point:
-    d = decide(points, costs, rule)
+NOTHING = Compute()
+
+
+def model(
+    rtt_s: float, rate_bps: float, device: Compute = NOTHING, overhead: float = 400
+) -> CostModel:
+    return CostModel(Link(rate_bps, rtt_s, overhead), device, SERVER, (1,) if device.exit_s else ())
+
+
+FAST = model(0.005, 100e6)
+SLOW = model(0.040, 100e3)
+
+
+def decide(
+    points: list[Point], cost: CostModel, rule: AdaptiveRule | FixedRule, **kw: Any
+) -> Decision:
+    """The decision at the bottleneck (`kw`: the rest of `Choices`)."""
+    return at_bottleneck(Choices(points, **kw), cost, rule)
+
+
+def chosen(cost: CostModel, rule: AdaptiveRule | FixedRule, points: list[Point] = GRID) -> Point:
+    d = decide(points, cost, rule)
     assert d.action == "offload", d
     assert d.point is not None
     return d.point
 
 
 def test_expected_offload_time_adds_every_cost() -> None:
-    costs = Costs(0.01, 80e3, server_s=0.003, encode_s=0.001, overhead_bytes=500)
+    cost = CostModel(
+        Link(80e3, 0.01, overhead_bytes=500), Compute(encode_s=0.001), Compute(tail_s=0.003)
+    )
     # (1500 + 500) bytes * 8 / 80 kbit/s = 0.2 s
-    assert offload_seconds(Point(8, 8, 0.9, 1500), costs) == pytest.approx(0.214)
+    d = decide([Point(8, 8, 0.9, 1500)], cost, FixedRule(8, 8))
+    assert d.expected_s == pytest.approx(0.214)
 
 
 def test_fixed_rule_always_offloads_its_point_whatever_the_link() -> None:
@@ -89,10 +116,10 @@ def test_floor_no_point_meets_falls_back_to_the_most_accurate() -> None:
     assert "none meets" in d.reason
 
 
-def test_deadline_prefers_points_that_meet_the_floor() -> None:
-    # in time (<= 0.13 s): 2x2, 2x8, 4x4, 8x2; of those, floor 0.85 leaves 4x4 and 8x2
-    assert chosen(SLOW, AdaptiveRule(accuracy_floor=0.85, deadline_s=0.13)) == GRID[3]
-    # only 2x2 and 2x8 are in time; neither meets the floor: the deadline wins
+def test_with_a_floor_and_a_deadline_the_fastest_point_meeting_the_floor_in_time_goes() -> None:
+    # in time (<= 0.13 s): 2x2, 2x8, 4x4, 8x2; of those, floor 0.85 leaves 4x4 (the faster)
+    assert chosen(SLOW, AdaptiveRule(accuracy_floor=0.85, deadline_s=0.13)) == GRID[2]
+    # only 2x2 and 2x8 are in time; neither meets the floor: the most accurate in time
     assert chosen(SLOW, AdaptiveRule(accuracy_floor=0.85, deadline_s=0.11)) == GRID[1]
 
 
@@ -122,8 +149,8 @@ def test_a_chosen_offload_meets_the_deadline_and_a_slower_link_never_picks_more_
     bw: float, base: float, deadline: float, floor: float | None
 ) -> None:
     rule = AdaptiveRule(accuracy_floor=floor, deadline_s=deadline)
-    fast = decide(GRID, Costs(base, bw * 10, overhead_bytes=300), rule)
-    slow = decide(GRID, Costs(base, bw, overhead_bytes=300), rule)
+    fast = decide(GRID, model(base, bw * 10, overhead=300), rule)
+    slow = decide(GRID, model(base, bw, overhead=300), rule)
     for d in (fast, slow):
         if d.action == "offload":
             assert d.expected_s is not None and d.expected_s <= deadline
@@ -131,3 +158,89 @@ def test_a_chosen_offload_meets_the_deadline_and_a_slower_link_never_picks_more_
         assert fast.action == "offload"
         assert fast.point is not None and slow.point is not None
         assert slow.point.frame_bytes <= fast.point.frame_bytes
+
+
+# ---------------------------------------------------------------- the whole decision space
+
+DEVICE = Compute(segment_s=(0.002, 0.003), exit_s=(0.0005,), encode_s=0.0005, tail_s=0.001)
+
+
+def test_a_device_tail_faster_than_any_offload_finishes_the_input_here() -> None:
+    d = decide(
+        GRID,
+        model(0.02, 100e6, DEVICE),
+        AdaptiveRule(accuracy_floor=0.9),
+        tail_here=True,
+        tail_accuracy=0.92,
+    )
+    assert d.action == "tail" and d.point is None
+    assert d.expected_s == pytest.approx(0.001)
+
+
+def test_a_slow_device_tail_loses_to_an_offload_that_meets_the_floor() -> None:
+    slow_tail = DEVICE.scaled(100.0)  # 0.1 s of tail here against ~0.03 s of offload
+    d = decide(
+        GRID,
+        model(0.02, 100e6, slow_tail),
+        AdaptiveRule(accuracy_floor=0.9),
+        tail_here=True,
+        tail_accuracy=0.92,
+    )
+    assert d.action == "offload" and d.point == GRID[-1]
+
+
+def test_the_tail_here_that_misses_the_floor_is_not_taken() -> None:
+    d = decide(
+        GRID,
+        model(0.02, 100e6, DEVICE),
+        AdaptiveRule(accuracy_floor=0.9),
+        tail_here=True,
+        tail_accuracy=0.5,
+    )
+    assert d.action == "offload"
+
+
+def test_the_image_is_sent_when_the_head_costs_more_than_the_whole_trip() -> None:
+    slow = DEVICE.scaled(50.0)  # head 0.25 s here; the image ~0.03 s away
+    cost = CostModel(Link(100e6, 0.02, 400), slow, Compute(tail_s=0.002, model_s=0.004), (1,))
+    choices = Choices(GRID, tail_here=True, tail_accuracy=0.92)
+    d = start(choices, cost, AdaptiveRule(accuracy_floor=0.9), leave=(0.5,), image_bytes=800)
+    assert d.action == "image"
+    assert d.expected_s == pytest.approx(cost.image_s(800))
+
+
+def test_a_fast_device_runs_the_head_and_a_slow_link_keeps_images_home() -> None:
+    choices = Choices(GRID, tail_here=True, tail_accuracy=0.92)
+    fast = CostModel(Link(100e6, 0.02, 400), DEVICE, Compute(model_s=0.004), (1,))
+    assert start(choices, fast, AdaptiveRule(), (0.5,), 800).action == "head"
+    slow_link = CostModel(Link(30e3, 0.02, 400), DEVICE.scaled(20.0), Compute(model_s=0.004), (1,))
+    assert start(choices, slow_link, AdaptiveRule(), (0.5,), 800).action == "head"
+
+
+def test_the_fixed_rule_never_sends_the_image() -> None:
+    slow = CostModel(Link(100e6, 0.02, 400), DEVICE.scaled(50.0), Compute(model_s=0.004), (1,))
+    assert start(Choices(GRID), slow, FixedRule(8, 8), (0.0,), 800).action == "head"
+
+
+def test_exits_that_answer_more_often_make_the_head_path_cheaper() -> None:
+    cost = model(0.02, 1e6, DEVICE)
+    rarely = cost.head_path_s([0.1], after_s=0.05)
+    often = cost.head_path_s([0.9], after_s=0.05)
+    assert often < rarely
+    assert cost.head_path_s([1.0], after_s=0.05) == pytest.approx(cost.exit_s(0))
+
+
+def test_only_points_nothing_beats_at_once_are_left_to_choose_from() -> None:
+    same = Point(2, 2, 0.70, 100)  # as accurate as 4x2 and as big, but carries less
+    worse = Point(2, 8, 0.75, 900)  # less accurate than the other 2x8 and bigger
+    grid = [*GRID, same.__class__(4, 2, 0.70, 100), worse]
+    front = pareto(grid)
+    assert same not in front and worse not in front
+    assert set(front) == {Point(4, 2, 0.70, 100), *GRID[1:]}
+    for cost in (FAST, SLOW):
+        for rule in (AdaptiveRule(accuracy_floor=0.84), AdaptiveRule(deadline_s=0.13)):
+            assert decide(grid, cost, rule).point in front
+    assert pareto([Point(2, 2, None, 100), Point(4, 4, None, 50)]) == [
+        Point(2, 2, None, 100),
+        Point(4, 4, None, 50),
+    ]

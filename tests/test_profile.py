@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from splitexit.calibrate import Link
+from splitexit.cost import Link
 from splitexit.models import build_model
 from splitexit.profile import (
     add_arguments,
@@ -64,14 +64,14 @@ def test_head_plus_tail_is_about_the_full_model(small):
 def test_latency_predictions_follow_from_the_measured_parts(small):
     _, profile = small
     for rate in profile.links:
-        link = Link(rate, profile.rtt_ms)
+        link = Link.mbit(rate, profile.rtt_ms)
         assert profile.offload_ms[rate] == pytest.approx(
-            link.transfer_ms(profile.input_bytes) + profile.full_ms
+            1e3 * link.transfer_s(profile.input_bytes) + profile.full_ms
         )
         for s in profile.splits:
             device = s.head_ms + s.encoder_ms
             server = s.decoder_ms + s.tail_ms
-            expected = device + link.transfer_ms(s.bottleneck_bytes) + server
+            expected = device + 1e3 * link.transfer_s(s.bottleneck_bytes) + server
             assert s.latency_ms[rate] == pytest.approx(expected)
         options = {"local": profile.local_ms, "offload": profile.offload_ms[rate]}
         options |= {f"split:{s.point}": s.latency_ms[rate] for s in profile.splits}

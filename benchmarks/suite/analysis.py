@@ -1,10 +1,11 @@
 """What the measurements say: analytic floors, device-side cost, and where each strategy wins.
 
-Analytic floor of one input (split strategies), with its own measured compute and bytes:
+Analytic floor of one input (split strategies), with its own measured compute and bytes,
+priced by the one cost model (`splitexit.cost`: the link term is `Link.transfer_s`):
 
-    exited:     F x (preprocess + head segments + exits)
-    offloaded:  F x (preprocess + head + exits + quantize + frame)
-                + (request + response bytes) x 8 / rate + RTT + tail compute
+    answered here:  F x (its device compute: preprocess, head, exits, tail here)
+    offloaded:      F x (its device compute: ... quantize + frame, or the image encode)
+                    + (request + response bytes) x 8 / rate + RTT + tail compute
 
 Tail compute is what the server reports computing for that very request (its Server-Timing
 `compute`: the tail model on the request's batch, as it ran there), so the floor holds both
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from splitexit.bundle import Bundle
+from splitexit.cost import Link
 from splitexit.runtime import HeadRunner, TailRunner
 
 from .inputs import Inputs
@@ -96,8 +98,8 @@ def floor_ms(s: Sample, rate_mbit: float, rtt_ms: float, tail_ms: float, speed: 
     device = speed * sum(s.device_ms.values())
     if not s.offloaded:
         return device
-    wire = (s.request_bytes + s.response_bytes) * 8 / (rate_mbit * 1e3)
-    return device + wire + rtt_ms + _tail(s, tail_ms)
+    link = Link.mbit(rate_mbit, rtt_ms)
+    return device + 1e3 * link.transfer_s(s.request_bytes + s.response_bytes) + _tail(s, tail_ms)
 
 
 def _tail(s: Sample, fallback_ms: float) -> float:
@@ -161,10 +163,10 @@ def _gap_parts(
             continue
         tail = _tail(s, tail_ms)
         srv = s.server_ms if s.server_ms is not None else tail  # unknown: all in network
-        wire = (s.request_bytes + s.response_bytes) * 8 / (rate_mbit * 1e3)
+        link = 1e3 * Link.mbit(rate_mbit, rtt_ms).transfer_s(s.request_bytes + s.response_bytes)
         device = speed * sum(s.device_ms.values())
         server.append(srv - tail)
-        network.append(s.network_ms - wire - rtt_ms)
+        network.append(s.network_ms - link)
         agent.append(s.total_ms - device - s.network_ms - srv)
     if not server:
         return {}
@@ -190,9 +192,10 @@ def bare_floors(
         runs.insert(0, (None, direct))
     rows = []
     for rate, b in runs:
-        wire = 0.0 if rate is None else (b.request_bytes + b.response_bytes) * 8 / (rate * 1e3)
+        nbytes = b.request_bytes + b.response_bytes
+        link = 0.0 if rate is None else 1e3 * Link.mbit(rate, rtt_ms).transfer_s(nbytes)
         tail = b.tail_ms if b.tail_ms is not None else tail_ms
-        floor = wire + (0.0 if rate is None else rtt_ms) + tail
+        floor = link + tail
         own = None if rate is None else (emulator or {}).get(rate)
         rows.append(
             {
@@ -300,3 +303,50 @@ def _winning_range(cells: Sequence[Cell], speed: float, key: str) -> dict[str, A
     if lo >= hi:
         return {"wins": False}
     return {"wins": True, "from": round(lo, 2), "to": None if hi == float("inf") else round(hi, 2)}
+
+
+FIXED = ("local", "offload-jpeg95", "offload-png", "split", "split-exit")
+BASELINES = ("local", "offload-jpeg95", "offload-png")
+
+
+def goals(cells: Sequence[Cell], rates: Sequence[float]) -> list[dict[str, Any]]:
+    """Per rate: the adaptive policy's mean latency against the best fixed strategy's (goal:
+    within 5%) and against the best of local-only and full offload (goal where splitting
+    should pay: at least 30% below), with what it did, what its cost model expected, and
+    its link estimate at the end."""
+    local = next((c for c in cells if c.strategy == "local" and c.samples), None)
+    rows = []
+    for rate in rates:
+        here = {c.strategy: c for c in cells if c.rate_mbit == rate and c.samples}
+        if local is not None:
+            here["local"] = local
+        adaptive = here.get("split-exit-adaptive")
+        fixed = {k: here[k].mean_ms() for k in FIXED if k in here}
+        base = {k: here[k].mean_ms() for k in BASELINES if k in here}
+        if adaptive is None or not fixed:
+            continue
+        a = adaptive.mean_ms()
+        best = min(fixed, key=lambda k: fixed[k])
+        link = adaptive.extra.get("link") or {}
+        row: dict[str, Any] = {
+            "rate_mbit": rate,
+            "adaptive_ms": round(a, 3),
+            "expected_ms": adaptive.stats.get("expected_ms"),
+            "link_estimate_mbit": round(link["bandwidth_bps"] / 1e6, 3) if link else None,
+            "adaptive_accuracy": adaptive.stats["accuracy"],
+            "actions": adaptive.stats.get("actions"),
+            "best_fixed": best,
+            "best_fixed_ms": round(fixed[best], 3),
+            "vs_best_fixed_pct": round(100 * (a / fixed[best] - 1), 1),
+            "within_5pct": a <= 1.05 * fixed[best],
+        }
+        if base:
+            b = min(base, key=lambda k: base[k])
+            row |= {
+                "best_baseline": b,
+                "best_baseline_ms": round(base[b], 3),
+                "vs_best_baseline_pct": round(100 * (a / base[b] - 1), 1),
+                "below_by_30pct": a <= 0.7 * base[b],
+            }
+        rows.append(row)
+    return rows

@@ -1,7 +1,7 @@
 """The device's compute, timed per input and piece, and slowed down to model a slower device.
 
     agent ─ TimedPreprocess ─ BenchHead.run (segments, exits) ─ BenchHead.frame (quantize, frame)
-                 │                   │                                 │
+                 │                   │                                 │   timed_tail, timed_image
                  └──── DeviceClock: ms per piece per input; sleeps (F - 1) x each piece ────┘
 
 `--device-speed F` is emulated by sleeping: every device-side piece that took t seconds is
@@ -60,20 +60,26 @@ class DeviceClock:
 
 
 class TimedPreprocess:
-    """The bundle's preprocessing, timed; each call starts a new input in the clock."""
+    """The bundle's preprocessing, timed; with `begins`, each call starts a new input in the
+    clock (else whoever feeds the inputs does: an input sent as an image is not
+    preprocessed on the device)."""
 
-    def __init__(self, pre: Any, clock: DeviceClock) -> None:
+    def __init__(self, pre: Any, clock: DeviceClock, *, begins: bool = True) -> None:
         self.pre = pre
         self.clock = clock
+        self.begins = begins
 
     def __call__(self, images: Any, device: Any = None) -> torch.Tensor:
-        self.clock.begin()
+        if self.begins:
+            self.clock.begin()
         return self.clock.timed("preprocess", self.pre, images, device)
 
 
 class BenchHead(HeadRunner):
-    """`HeadRunner` that times its pieces into a `DeviceClock`; `exits=False` never runs the
-    exit branches (split-only: a deployment without exits pays nothing for them)."""
+    """`HeadRunner` that times its pieces into a `DeviceClock` (each piece slowed right after
+    it ran, and its timing in the result the slowed one, so the agent measures the device it
+    models); `exits=False` never runs the exit branches (split-only: a deployment without
+    exits pays nothing for them)."""
 
     def __init__(
         self,
@@ -94,11 +100,18 @@ class BenchHead(HeadRunner):
         thresholds: Mapping[str, float] | None = None,
         exits: bool = True,
     ) -> HeadResult:
-        result = super().run(x, thresholds=thresholds, exits=exits and self.use_exits)
-        t = result.timings
-        self.clock.add("head", sum(v for k, v in t.items() if k.startswith("segment_")))
-        self.clock.add("exits", sum(v for k, v in t.items() if k.startswith("exit_")))
-        return result
+        return super().run(x, thresholds=thresholds, exits=exits and self.use_exits)
+
+    def _timed(
+        self, result: HeadResult, key: str, module: torch.nn.Module, f: torch.Tensor
+    ) -> torch.Tensor:
+        start = time.perf_counter()
+        out = module(f)
+        self.clock.add(
+            "head" if key.startswith("segment_") else "exits", time.perf_counter() - start
+        )
+        result.timings[key] = time.perf_counter() - start
+        return out
 
     def frame(
         self, z: torch.Tensor, bits: int, keep: int | None = None, *, compress: bool = True
@@ -114,3 +127,16 @@ class BenchHead(HeadRunner):
             dictionary=self.bundle.dictionary,
             compress=compress,
         )
+
+
+def timed_tail(bundle: Bundle, clock: DeviceClock) -> Any:
+    """The bundle's tail on the device (the agent's "finish the tail here"), timed and slowed."""
+    tail = bundle.tail
+    return lambda z: clock.timed("tail", tail, z)
+
+
+def timed_image(clock: DeviceClock, image_format: str = "jpeg", quality: int = 95) -> Any:
+    """The agent's image encode (for "send the image"), timed and slowed."""
+    from splitexit.preprocess import encode_image
+
+    return lambda pixels: clock.timed("image_encode", encode_image, pixels, image_format, quality)

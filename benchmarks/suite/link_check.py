@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from splitexit.cost import Link
 from splitexit.link import LOOPBACK, LinkEmulator, LinkSpec
 
 
@@ -108,5 +109,5 @@ def link_cost(
         direct = _exchanges_ms(port, up, down, n, gap_s)
         with LinkEmulator((LOOPBACK, port), link) as emulator:
             through = _exchanges_ms(emulator.port, up, down, n, gap_s)
-    wire = 0.0 if link.rate_bps is None else (up + down) * 8 / link.rate_bps * 1e3
+    wire = 0.0 if link.rate_bps is None else 1e3 * Link(link.rate_bps, 0.0).transfer_s(up + down)
     return LinkCost(through, direct, wire, link.rtt_s * 1e3)

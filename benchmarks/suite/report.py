@@ -356,6 +356,57 @@ def _wins(doc: dict[str, Any]) -> list[str]:
 _VARIANTS = ("split-exit", "split-exit-adaptive")
 
 
+def _goals(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for g in doc.get("goals", []):
+        acts = ", ".join(f"{k}: {v}" for k, v in (g.get("actions") or {}).items()) or "-"
+        rows.append(
+            [
+                f"{g['rate_mbit']:g}",
+                _ms(g["adaptive_ms"]),
+                _ms(g.get("expected_ms")),
+                "-" if g.get("link_estimate_mbit") is None else f"{g['link_estimate_mbit']:.3g}",
+                "-" if g["adaptive_accuracy"] is None else f"{g['adaptive_accuracy']:.4f}",
+                f"{_label(g['best_fixed'])} {_ms(g['best_fixed_ms'])}",
+                f"{g['vs_best_fixed_pct']:+.1f}% " + ("yes" if g["within_5pct"] else "**no**"),
+                f"{_label(g['best_baseline'])} {_ms(g['best_baseline_ms'])}"
+                if "best_baseline" in g
+                else "-",
+                f"{g['vs_best_baseline_pct']:+.1f}% " + ("yes" if g["below_by_30pct"] else "no")
+                if "best_baseline" in g
+                else "-",
+                acts,
+            ]
+        )
+    return [
+        "## 0. Goals: the adaptive policy against the fixed strategies",
+        "",
+        "Mean latency of split + exit + adaptive against the best fixed strategy in the same "
+        "cell (goal: within 5%) and against the best of local-only and full offload (goal "
+        "where splitting should pay: 30% or more below), with the actions it took (image: "
+        "sent the image; exit; offload at (k, bits); tail: finished the tail on the device; "
+        "local: the best exit, for the deadline); *expected* is the mean of what its cost "
+        "model expected each input to take when it chose, *link estimate* the agent's "
+        "bandwidth estimate at the end of the cell.",
+        "",
+        *_table(
+            [
+                "Mbit/s",
+                "adaptive ms",
+                "expected ms",
+                "link estimate Mbit/s",
+                "accuracy",
+                "best fixed",
+                "vs best fixed",
+                "best of local / full offload",
+                "vs it (>= 30% below?)",
+                "actions",
+            ],
+            rows,
+        ),
+    ]
+
+
 def _range(r: dict[str, Any] | None) -> str:
     if not r:
         return "-"
@@ -397,6 +448,8 @@ def write_report(doc: dict[str, Any], out: Path, plots: Sequence[Path]) -> tuple
         f"exit thresholds {doc['bundle']['thresholds']}; split-only and split + exit send at "
         f"{_point(doc['bundle'])}; adaptive policy: {doc['adaptive']}.",
         *(f"- Note: {n}" for n in doc.get("notes", [])),
+        "",
+        *_goals(doc),
         "",
         *_strategies(doc),
         "",

@@ -22,7 +22,8 @@ class Sample:
     Bytes are as HTTP/1.1 puts them on the wire (TCP/IP headers not counted); `payload_bytes`
     is the frame or the image alone. `network_ms` is the request's round trip less
     `server_ms`, the server's own time (its `Server-Timing`; None if it did not say), of
-    which `tail_ms` computing (its `compute`).
+    which `tail_ms` computing (its `compute`). `action` and `expected_ms` are the agent's
+    record's (split strategies only).
     """
 
     id: str
@@ -37,6 +38,8 @@ class Sample:
     device_ms: dict[str, float] = field(default_factory=dict)
     server_ms: float | None = None
     tail_ms: float | None = None
+    action: str | None = None  # the agent's: image, exit, offload, tail, local
+    expected_ms: float | None = None  # the agent's cost model's, when it chose
 
     @property
     def offloaded(self) -> bool:
@@ -68,6 +71,8 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
         "offload_rate": _r(len(offloaded) / n, 4),
         "answered_by": dict(sorted(answered.items())),
         "points": dict(sorted(Counter(s.point for s in offloaded if s.point).items())),
+        "actions": dict(sorted(Counter(s.action for s in samples if s.action).items())),
+        "expected_ms": _r(np.mean(expected)) if (expected := _expected(samples)) else None,
         "bytes_per_input": {
             "payload": _r(sum(s.payload_bytes for s in samples) / n, 1),
             "request": _r(sum(s.request_bytes for s in samples) / n, 1),
@@ -82,3 +87,8 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
             if any(k in s.device_ms for s in samples)
         },
     }
+
+
+def _expected(samples: Sequence[Sample]) -> list[float]:
+    """The expected totals of the samples that have one."""
+    return [float(s.expected_ms) for s in samples if s.expected_ms is not None]

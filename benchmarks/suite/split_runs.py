@@ -1,12 +1,14 @@
 """The split strategies: the device agent itself over the link, and bare requests without it.
 
-    inputs ─ _ClosedLoop ─► device.Agent (TimedPreprocess, BenchHead) ─ OffloadClient ─► link
-                 ▲                                       │
-                 └──────── _Collector (each record) ◄────┘
+    inputs ─ _ClosedLoop ─► device.Agent (TimedPreprocess, BenchHead, timed tail and image)
+                 ▲                      │ ─ OffloadClient ─► link
+                 └── _Collector (each record) ◄┘
 
-The agent runs unchanged except that its preprocessing and head are the timed (and, with
-`--device-speed`, slowed) versions from `device_side`, and split-only's head skips the exit
-branches. Bare requests time `OffloadClient.infer` alone: the transport, without the agent.
+The agent runs unchanged except that its preprocessing, head, tail and image encode are the
+timed (and, with `--device-speed`, slowed) versions from `device_side`, so what the agent
+measures of itself is the device modelled; split-only's head skips the exit branches. The
+agent warms up on the first input before the clock starts counting. Bare requests time
+`OffloadClient.infer` alone: the transport, without the agent.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from device.stream import StreamClient, StreamConfig, bundle_session
 from splitexit.bundle import Bundle
 from splitexit.runtime import HeadRunner
 
-from .device_side import BenchHead, DeviceClock, TimedPreprocess
+from .device_side import BenchHead, DeviceClock, TimedPreprocess, timed_image, timed_tail
 from .inputs import Inputs
 from .samples import Sample
 from .strategies import GAP_S, Strategy
@@ -116,8 +118,15 @@ class _ClosedLoop:
     """Yields an input `gap_s` after the previous one was answered (waits at most `timeout_s`
     for that answer); see `strategies` for why every strategy has the same gap."""
 
-    def __init__(self, items: Iterable[Input], timeout_s: float, gap_s: float = GAP_S) -> None:
+    def __init__(
+        self,
+        items: Iterable[Input],
+        timeout_s: float,
+        gap_s: float = GAP_S,
+        on_input: Callable[[], None] = lambda: None,
+    ) -> None:
         self._items = items
+        self.on_input = on_input
         self._answered = threading.Event()
         self._answered.set()
         self.timeout_s = timeout_s
@@ -131,6 +140,7 @@ class _ClosedLoop:
                 return
             self._answered.clear()
             time.sleep(self.gap_s)
+            self.on_input()
             yield item
 
     def answered(self) -> None:
@@ -175,13 +185,19 @@ async def run_split(
         accuracy_floor=adaptive.accuracy_floor if is_adaptive else None,
     )
     clock = DeviceClock(speed)
-    loop = _ClosedLoop(inputs.agent_inputs(), timeout_s=30.0)
+    items = list(inputs.agent_inputs())
+    loop = _ClosedLoop(items, timeout_s=30.0, on_input=clock.begin)  # one entry an input
     collector = _Collector(loop.answered)
     async with offload_client(url, bundle, transport) as client:
         agent = Agent(bundle, config, client, writer=collector, log=log)
-        agent.pre = TimedPreprocess(bundle.preprocess, clock)  # time and slow the device side
+        agent.pre = TimedPreprocess(bundle.preprocess, clock, begins=False)  # time and slow
         agent.head = BenchHead(bundle, clock, exits=strategy.exits, thresholds=config.thresholds)
+        if agent.tail is not None:
+            agent.tail = timed_tail(bundle, clock)
+        agent.encode_image = timed_image(clock, config.image_format, config.image_quality)
         await agent.start()
+        await asyncio.get_running_loop().run_in_executor(None, agent.warm_up, items[0])
+        clock.entries.clear()  # the warm-up is no input
         try:
             summary = await asyncio.wait_for(agent.run(loop), timeout_s)
         except asyncio.TimeoutError:
@@ -213,5 +229,7 @@ def _sample(r: Record, device_ms: dict[str, float]) -> Sample:
         r.timings_ms.get("network"),
         device_ms,
         r.timings_ms.get("server"),
-        r.timings_ms.get("tail"),
+        r.timings_ms.get("tail") if r.decided_by == "server" else None,
+        r.action,
+        r.expected_ms,
     )

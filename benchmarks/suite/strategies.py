@@ -34,7 +34,6 @@ from splitexit.preprocess import encode_image
 from splitexit.protocol.kserve import (
     CONTENT_TYPE,
     HEADER_LENGTH,
-    INPUT_FRAME,
     ProtocolError,
     decode_response,
     encode_request,
@@ -109,20 +108,19 @@ def run_local(
 def image_request(
     url: str, model: str, data: bytes, request_id: str, timeout_s: float = 10.0
 ) -> httpx.Request:
-    """The `image` inference request, built by the agent's own request encoder with the
-    input renamed, with the agent's headers, and sent on the agent's transport
-    (`device.http.http_transport`): both baselines pay the same HTTP overhead."""
-    body, n = encode_request(data)
-    head = body[:n].replace(f'"{INPUT_FRAME}"'.encode(), b'"image"', 1)
+    """The `image` inference request, built by the agent's own request encoder, with the
+    agent's headers, and sent on the agent's transport (`device.http.http_transport`): both
+    baselines pay the same HTTP overhead."""
+    body, n = encode_request(data, input_name="image")
     headers = {
-        HEADER_LENGTH: str(len(head)),
+        HEADER_LENGTH: str(n),
         "Content-Type": CONTENT_TYPE,
         "X-Request-ID": request_id,
     }
     return httpx.Request(
         "POST",
         f"{url.rstrip('/')}/v2/models/{model}/infer",
-        content=head + body[n:],
+        content=body,
         headers=headers,
         extensions={"timeout": timeouts(timeout_s)},
     )

@@ -86,12 +86,25 @@ class BottleneckSpec:
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """One (k channels, bits) setting a device may send, with what it was measured to give."""
+    """One (k channels, bits) setting a device may send, with what it was measured to give.
+
+    The one operating-point type: the manifest lists them, calibration tables index by
+    them, the device's policy chooses among them (with `frame_bytes` its running mean).
+    """
 
     channels: int
     bits: int
     accuracy: float | None = None
     frame_bytes: float | None = None  # mean frame size, header included
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """(channels, bits): what identifies the point."""
+        return self.channels, self.bits
+
+    @property
+    def label(self) -> str:
+        return f"k={self.channels},bits={self.bits}"
 
 
 @dataclass(frozen=True)

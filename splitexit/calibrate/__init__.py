@@ -5,11 +5,11 @@ check the promise on a test split, and write the thresholds into the bundle.
         ─► Selection ─ check_promise(test table) ─► PromiseCheck ─ write_selection ─► bundle
 
 `record` runs a bundle into a `table`; `policy` replays thresholds (accuracy, offload, bytes,
-latency); `goals` states what they must achieve; `bounds` holds the Clopper-Pearson bounds;
-`thresholds` searches; `samples` says how many calibration samples each exit's figures rest
-on and how many the goal's margin needs; `promise` checks on held-out data; `report` formats;
-`arguments` and `command` are the `splitexit calibrate` CLI (`add_arguments`,
-`calibrate_main`).
+latency, priced by `splitexit.cost`); `goals` states what they must achieve; `bounds` holds
+the Clopper-Pearson bounds; `thresholds` searches; `samples` says how many calibration
+samples each exit's figures rest on and how many the goal's margin needs; `promise` checks on
+held-out data; `report` formats; `arguments` and `command` are the `splitexit calibrate`
+CLI (`add_arguments`, `calibrate_main`).
 
 Names are imported on first use, so `from splitexit.calibrate import add_arguments` (what the
 CLI parser needs) does not import torch.
@@ -34,12 +34,11 @@ _EXPORTS = {
     "GOALS": "goals",
     "Goal": "goals",
     "NEVER": "policy",
-    "Link": "policy",
     "Outcome": "policy",
     "Replay": "policy",
-    "Timings": "policy",
     "evaluate_policy": "policy",
-    "measure_timings": "policy",
+    "check_compute": "policy",
+    "measure_compute": "policy",
     "median_ms": "policy",
     "Promise": "promise",
     "PromiseCheck": "promise",
@@ -65,17 +64,16 @@ __all__ = [
     "CalibrationTable",
     "ExitSamples",
     "Goal",
-    "Link",
     "Outcome",
     "Promise",
     "PromiseCheck",
     "Replay",
     "Selection",
-    "Timings",
     "add_arguments",
     "betainc",
     "binom_sf",
     "calibrate_main",
+    "check_compute",
     "check_promise",
     "clopper_pearson_lower",
     "clopper_pearson_upper",
@@ -87,7 +85,7 @@ __all__ = [
     "format_sweep",
     "format_table_summary",
     "held_out_splits",
-    "measure_timings",
+    "measure_compute",
     "median_ms",
     "promise_sweep",
     "record_table",
@@ -123,12 +121,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .goals import GOALS, Goal
     from .policy import (
         NEVER,
-        Link,
         Outcome,
         Replay,
-        Timings,
+        check_compute,
         evaluate_policy,
-        measure_timings,
+        measure_compute,
         median_ms,
     )
     from .promise import Promise, PromiseCheck, check_promise, promise_sweep

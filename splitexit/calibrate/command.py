@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from splitexit.cost import Compute, CostModel, Link
+
 from .data import folder_split, held_out_splits
 from .goals import Goal
-from .policy import Link, Timings, measure_timings
+from .policy import check_compute, measure_compute
 from .promise import PromiseCheck, check_promise, promise_sweep
 from .record import record_table
 from .report import format_selection, format_sweep, format_table_summary
@@ -99,7 +102,7 @@ def write_selection(
         "conservative": selection.conservative,
         "confidence": selection.confidence,
         "measure": selection.measure,
-        "point": {"channels": o.point[0], "bits": o.point[1]},
+        "point": {"channels": o.point.channels, "bits": o.point.bits},
         "thresholds": selection.thresholds,
         "exit_samples": {name: e.to_dict() for name, e in selection.exit_samples.items()},
         "calibration": {
@@ -252,42 +255,54 @@ def _goal(args: argparse.Namespace, table: CalibrationTable, bundle: Any) -> Goa
     drop = 1.0 if args.max_drop is None else args.max_drop
     if args.goal == "accuracy":
         return Goal.accuracy(drop, min_accuracy=min_acc)
-    link = (
-        Link.parse(args.link, args.overhead_bytes)
-        if args.link
-        else Link(args.bandwidth_mbps, args.rtt_ms, args.overhead_bytes)
-    )
-    return Goal.latency(link, _timings(args, table, bundle), max_drop=drop, min_accuracy=min_acc)
+    try:
+        link = (
+            Link.parse(args.link, args.overhead_bytes)
+            if args.link
+            else Link.mbit(args.bandwidth_mbps, args.rtt_ms, args.overhead_bytes)
+        )
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
+    device, server = _compute(args, table, bundle)
+    cost = CostModel(link, device, server, table.exit_segments)
+    return Goal.latency(cost, max_drop=drop, min_accuracy=min_acc)
 
 
-def _timings(args: argparse.Namespace, table: CalibrationTable, bundle: Any) -> Timings:
+def _compute(
+    args: argparse.Namespace, table: CalibrationTable, bundle: Any
+) -> tuple[Compute, Compute]:
+    """The device's and the server's compute: given in ms, or measured here (the device
+    side times `--device-speed`)."""
     given = (args.segment_ms, args.exit_ms, args.tail_ms)
     if all(v is not None for v in given):
-        timings = Timings(
-            tuple(args.segment_ms), tuple(args.exit_ms), args.tail_ms, args.encode_ms or 0.0
+        device = Compute(
+            tuple(t / 1e3 for t in args.segment_ms),
+            tuple(t / 1e3 for t in args.exit_ms),
+            encode_s=(args.encode_ms or 0.0) / 1e3,
         )
-        timings.check(table)
-        return timings
+        check_compute(device, table)
+        return device, Compute(tail_s=args.tail_ms / 1e3)
     if any(v is not None for v in given):
         raise CalibrationError(
             "give all of --segment-ms, --exit-ms and --tail-ms, or none "
             "(then they are measured on this machine)"
         )
-    measured = measure_timings(bundle).scaled(args.device_speed)
+    here = measure_compute(bundle)
+    device = here.scaled(args.device_speed)
     if args.encode_ms is not None:
-        measured = Timings(measured.segment_ms, measured.exit_ms, measured.tail_ms, args.encode_ms)
+        device = replace(device, encode_s=args.encode_ms / 1e3)
     print(
         "timings measured here (device x{:g}): segments {} ms, exits {} ms, encode {:.3f} ms, "
         "tail {:.3f} ms".format(
             args.device_speed,
-            ", ".join(f"{t:.3f}" for t in measured.segment_ms),
-            ", ".join(f"{t:.3f}" for t in measured.exit_ms),
-            measured.encode_ms,
-            measured.tail_ms,
+            ", ".join(f"{t * 1e3:.3f}" for t in device.segment_s),
+            ", ".join(f"{t * 1e3:.3f}" for t in device.exit_s),
+            device.encode_s * 1e3,
+            here.tail_s * 1e3,
         ),
         file=sys.stderr,
     )
-    return measured
+    return device, Compute(tail_s=here.tail_s)
 
 
 def parse_point(text: str | None) -> tuple[int, int] | None:

@@ -2,15 +2,17 @@
 
 Goal.accuracy(X)              overall accuracy >= the tail's - X points; offload least
 Goal.offload(rate)            offload <= rate; be as accurate as possible
-Goal.latency(link, timings)   least expected latency with an accuracy floor
+Goal.latency(cost)            least expected latency (`splitexit.cost.CostModel`), with an
+                              accuracy floor
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from .policy import Link, Timings
+from splitexit.cost import CostModel
+
 from .table import CalibrationError
 
 GOALS = ("accuracy", "offload", "latency")
@@ -29,8 +31,7 @@ class Goal:
     max_drop: float | None = 1.0
     min_accuracy: float | None = None
     offload_rate: float | None = None
-    link: Link | None = None
-    timings: Timings | None = None
+    cost: CostModel | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in GOALS:
@@ -47,10 +48,10 @@ class Goal:
             raise CalibrationError(
                 f"the offload goal needs offload_rate in [0, 1], got {self.offload_rate}"
             )
-        if self.kind == "latency" and (self.link is None or self.timings is None):
+        if self.kind == "latency" and self.cost is None:
             raise CalibrationError(
-                "the latency goal needs a link (bandwidth, RTT) and timings (head segments, "
-                "exits, tail); measure them with splitexit.calibrate.measure_timings"
+                "the latency goal needs a cost model (the link, and the device's and server's "
+                "compute); measure the compute with splitexit.calibrate.measure_compute"
             )
 
     @classmethod
@@ -68,16 +69,13 @@ class Goal:
     @classmethod
     def latency(
         cls,
-        link: Link,
-        timings: Timings,
+        cost: CostModel,
         *,
         max_drop: float | None = 1.0,
         min_accuracy: float | None = None,
     ) -> Goal:
         """(c) minimum expected latency, accuracy at most `max_drop` points below the tail's."""
-        return cls(
-            "latency", max_drop=max_drop, min_accuracy=min_accuracy, link=link, timings=timings
-        )
+        return cls("latency", max_drop=max_drop, min_accuracy=min_accuracy, cost=cost)
 
     @property
     def has_floor(self) -> bool:
@@ -105,11 +103,11 @@ class Goal:
             extra = f", {floor}" if floor else ""
             rate = 100 * (self.offload_rate or 0.0)
             return f"offload at most {rate:.1f}% of inputs{extra}, as accurately as possible"
-        link = self.link
-        assert link is not None
+        assert self.cost is not None
+        link = self.cost.link
         return (
-            f"minimum expected latency at {link.bandwidth_mbps:g} Mbit/s, RTT "
-            f"{link.rtt_ms:g} ms, with {floor}"
+            f"minimum expected latency at {link.rate_mbps:g} Mbit/s, RTT "
+            f"{link.rtt_s * 1e3:g} ms, with {floor}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +116,5 @@ class Goal:
             "max_drop": self.max_drop,
             "min_accuracy": self.min_accuracy,
             "offload_rate": self.offload_rate,
-            "link": None if self.link is None else self.link.__dict__,
-            "timings": None if self.timings is None else self.timings.__dict__,
+            "cost": None if self.cost is None else asdict(self.cost),
         }

@@ -7,9 +7,10 @@
              offload: frame (k, bits) ─ link ─ tail ─► answered by the tail
 
 Exits are tried in order and a sample leaves at the first confident one, exactly as
-`splitexit.runtime.head.HeadRunner` does. Expected latency follows the same path: a sample
-answered by exit e paid the head segments up to e's and every exit up to e; an offloaded one
-paid the whole head, every exit, the encoding, the link and the tail.
+`splitexit.runtime.head.HeadRunner` does. Expected latency is priced by the one cost model
+(`splitexit.cost.CostModel`, as the device agent prices its actions): a sample answered by
+exit e paid the head segments up to e's and every exit up to e; an offloaded one paid the
+whole head, every exit, then the offload (encoding, the link, the server's tail).
 """
 
 from __future__ import annotations
@@ -23,80 +24,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .table import CalibrationError, CalibrationTable, Point
+from splitexit.bundle.manifest import OperatingPoint
+from splitexit.cost import Compute, CostModel
+
+from .table import CalibrationError, CalibrationTable
 
 NEVER = 1.01  # a threshold above any confidence: the exit is never taken (= bundle NEVER_EXIT)
 
 
-@dataclass(frozen=True)
-class Link:
-    """The network between device and tail server.
-
-    `overhead_bytes` is added to every request (HTTP headers and the inference protocol's
-    JSON header); 0 counts the frame bytes alone.
-    """
-
-    bandwidth_mbps: float
-    rtt_ms: float = 20.0
-    overhead_bytes: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.bandwidth_mbps > 0:
-            raise CalibrationError(
-                f"bandwidth must be positive (Mbit/s), got {self.bandwidth_mbps}"
-            )
-        if self.rtt_ms < 0 or self.overhead_bytes < 0:
-            raise CalibrationError("rtt_ms and overhead_bytes must be >= 0")
-
-    @classmethod
-    def parse(cls, text: str, overhead_bytes: float = 0.0) -> Link:
-        """A link from the emulator's spec syntax, e.g. "5mbit:20ms" (`splitexit.link`)."""
-        from splitexit.link import parse_link
-
-        try:
-            spec = parse_link(text)
-        except ValueError as e:
-            raise CalibrationError(str(e)) from None
-        if spec.rate_bps is None:
-            raise CalibrationError(f"link {text!r} has no rate; give one, e.g. '5mbit:20ms'")
-        return cls(spec.rate_bps / 1e6, spec.rtt_s * 1e3, overhead_bytes)
-
-    def transfer_ms(self, nbytes: float | np.ndarray) -> Any:
-        """Milliseconds to send `nbytes` plus one round trip."""
-        return (nbytes + self.overhead_bytes) * 8.0 / (self.bandwidth_mbps * 1e3) + self.rtt_ms
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Milliseconds per piece at batch size 1: head segments, exits, encoding, tail.
-
-    `encode_ms` is quantizing and framing on the device; `tail_ms` is unframing, the decoder
-    and the tail stages on the server.
-    """
-
-    segment_ms: tuple[float, ...]
-    exit_ms: tuple[float, ...]
-    tail_ms: float
-    encode_ms: float = 0.0
-
-    def scaled(self, device_speed: float) -> Timings:
-        """The device-side times multiplied by `device_speed` (e.g. 8.0: a device 8x slower)."""
-        if not device_speed > 0:
-            raise CalibrationError(f"device_speed must be positive, got {device_speed}")
-        return replace(
-            self,
-            segment_ms=tuple(t * device_speed for t in self.segment_ms),
-            exit_ms=tuple(t * device_speed for t in self.exit_ms),
-            encode_ms=self.encode_ms * device_speed,
+def check_compute(compute: Compute, table: CalibrationTable) -> None:
+    """Raise CalibrationError unless `compute` times the table's segments and exits."""
+    if len(compute.segment_s) != table.segments or len(compute.exit_s) != len(table.exit_names):
+        raise CalibrationError(
+            f"timings give {len(compute.segment_s)} segment and {len(compute.exit_s)} exit "
+            f"times; the table's bundle has {table.segments} segments and exits "
+            f"{list(table.exit_names)}"
         )
-
-    def check(self, table: CalibrationTable) -> None:
-        if len(self.segment_ms) != table.segments or len(self.exit_ms) != len(table.exit_names):
-            raise CalibrationError(
-                f"timings give {len(self.segment_ms)} segment and {len(self.exit_ms)} exit times; "
-                f"the table's bundle has {table.segments} segments and exits "
-                f"{list(table.exit_names)}"
-            )
 
 
 @dataclass(frozen=True)
@@ -111,7 +54,7 @@ class Outcome:
 
     thresholds: dict[str, float]
     measure: str
-    point: Point
+    point: OperatingPoint
     n: int
     exit_rates: dict[str, float]
     exit_counts: dict[str, int]
@@ -128,12 +71,12 @@ class Outcome:
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
-        d["point"] = {"channels": self.point[0], "bits": self.point[1]}
+        d["point"] = {"channels": self.point.channels, "bits": self.point.bits}
         return {**d, **self.extra}
 
 
 class Replay:
-    """A table prepared for one (measure, point, link, timings): evaluates thresholds fast.
+    """A table prepared for one (measure, point, cost model): evaluates thresholds fast.
 
     `stats(thresholds)` is O(N * E) numpy work, which is what threshold search calls often.
     """
@@ -142,9 +85,8 @@ class Replay:
         self,
         table: CalibrationTable,
         measure: str,
-        point: Sequence[int] | None = None,
-        link: Link | None = None,
-        timings: Timings | None = None,
+        point: Sequence[int] | OperatingPoint | None = None,
+        cost: CostModel | None = None,
     ) -> None:
         self.table = table
         self.measure = measure
@@ -156,18 +98,14 @@ class Replay:
         self.bytes = table.frame_bytes[:, self.column].astype(np.float64)
         self.n, self.e = self.conf.shape
         self.rows = np.arange(self.n)
-        self.link, self.timings = link, timings
+        self.cost = cost
         self.exit_ms: np.ndarray | None = None
         self.offload_ms: np.ndarray | None = None
-        if link is not None and timings is not None:
-            timings.check(table)
-            seg = np.cumsum(timings.segment_ms)
-            ex = np.cumsum(timings.exit_ms)
-            self.exit_ms = np.array([seg[s] + ex[i] for i, s in enumerate(table.exit_segments)])
-            head = (seg[-1] if len(seg) else 0.0) + (ex[-1] if len(ex) else 0.0)
-            self.offload_ms = (
-                head + timings.encode_ms + link.transfer_ms(self.bytes) + timings.tail_ms
-            )
+        if cost is not None:
+            check_compute(cost.device, table)
+            cost = replace(cost, exit_segments=table.exit_segments)
+            self.exit_ms = 1e3 * np.array([cost.exit_s(i) for i in range(self.e)])
+            self.offload_ms = 1e3 * (cost.bottleneck_s() + cost.offload_s(self.bytes))
 
     def first_exit(self, thresholds: np.ndarray) -> np.ndarray:
         """[N] index of the exit each sample leaves at; E means offloaded."""
@@ -215,7 +153,7 @@ class Replay:
         names = self.table.exit_names
         counts, hits, tail_hits = s["counts"], s["hits"], s["tail_hits"]
         n = max(self.n, 1)
-        overhead = self.link.overhead_bytes if self.link is not None else 0.0
+        overhead = self.cost.link.overhead_bytes if self.cost is not None else 0.0
         return Outcome(
             thresholds={name: float(t) for name, t in zip(names, thr, strict=True)},
             measure=self.measure,
@@ -246,16 +184,15 @@ def evaluate_policy(
     thresholds: Mapping[str, float],
     *,
     measure: str = "max_prob",
-    point: Sequence[int] | None = None,
-    link: Link | None = None,
-    timings: Timings | None = None,
+    point: Sequence[int] | OperatingPoint | None = None,
+    cost: CostModel | None = None,
 ) -> Outcome:
     """Replay `thresholds` (by exit name; missing exits are never taken) on a table."""
     unknown = sorted(set(thresholds) - set(table.exit_names))
     if unknown:
         raise CalibrationError(f"no exits named {unknown}; the table's exits: {table.exit_names}")
     thr = [float(thresholds.get(name, NEVER)) for name in table.exit_names]
-    return Replay(table, measure, point, link, timings).outcome(thr)
+    return Replay(table, measure, point, cost).outcome(thr)
 
 
 # ----------------------------------------------------------------------------- timings
@@ -276,14 +213,12 @@ def median_ms(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3) -> f
 
 
 @torch.inference_mode()
-def measure_timings(
+def measure_compute(
     bundle: Any, *, repeats: int = 20, warmup: int = 3, point: Sequence[int] | None = None
-) -> Timings:
-    """Time a bundle's pieces on this machine at batch size 1 (median of `repeats`).
-
-    Multiply the device side by a speed factor with `Timings.scaled` for a slower device.
-    `point` (k, bits) is what the encoding is timed at (default all channels, most bits).
-    """
+) -> Compute:
+    """Time a bundle's pieces on this machine at batch size 1 (median of `repeats`), in
+    seconds: head segments, exits, encoding at `point` (k, bits; default all channels, most
+    bits) and the tail on the dequantized code. `Compute.scaled` makes it a slower device's."""
     from splitexit.bottleneck import dequantize, quantize, zero_fill
     from splitexit.codec import encode_frame
 
@@ -292,22 +227,22 @@ def measure_timings(
     k, bits = (b.channels, max(b.bits)) if point is None else (int(point[0]), int(point[1]))
     cuda = bundle.device.type == "cuda"
 
-    def ms(fn: Callable[[], Any]) -> float:
+    def seconds(fn: Callable[[], Any]) -> float:
         def call() -> None:
             fn()
             if cuda:  # kernels run asynchronously: wait for them
                 torch.cuda.synchronize(bundle.device)
 
-        return median_ms(call, repeats=repeats, warmup=warmup)
+        return median_ms(call, repeats=repeats, warmup=warmup) / 1e3
 
     f = torch.zeros((1, *m.input_shape), device=bundle.device)
-    features, segment_ms = [], []
+    features, segment_s = [], []
     for segment in bundle.segments:
-        segment_ms.append(ms(lambda s=segment, f=f: s(f)))
+        segment_s.append(seconds(lambda s=segment, f=f: s(f)))
         f = segment(f)
         features.append(f)
-    exit_ms = [
-        ms(lambda branch=bundle.exits[spec.name], f=features[spec.segment]: branch(f))
+    exit_s = [
+        seconds(lambda branch=bundle.exits[spec.name], f=features[spec.segment]: branch(f))
         for spec in m.exits
     ]
     z = features[-1]
@@ -319,9 +254,9 @@ def measure_timings(
         )
 
     code = zero_fill(dequantize(quantize(z[:, :k], bits, channels=b.channels)), b.channels)
-    return Timings(
-        segment_ms=tuple(segment_ms),
-        exit_ms=tuple(exit_ms),
-        tail_ms=ms(lambda: bundle.tail(code)),
-        encode_ms=ms(encode),
+    return Compute(
+        segment_s=tuple(segment_s),
+        exit_s=tuple(exit_s),
+        tail_s=seconds(lambda: bundle.tail(code)),
+        encode_s=seconds(encode),
     )

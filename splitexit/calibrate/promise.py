@@ -66,7 +66,7 @@ def check_promise(selection: Selection, test: CalibrationTable) -> PromiseCheck:
             f"{list(selection.thresholds)}: record both tables from the same bundle"
         )
     goal = selection.goal
-    replay = Replay(test, selection.measure, selection.point, goal.link, goal.timings)
+    replay = Replay(test, selection.measure, selection.point, goal.cost)
     outcome = replay.outcome([selection.thresholds[n] for n in test.exit_names])
     promises = []
     floor = goal.floor(test.tail_accuracy(selection.reference_point))

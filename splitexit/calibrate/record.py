@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from splitexit.bottleneck import QuantizedTensor, dequantize, quantize, zero_fill
+from splitexit.bundle.manifest import OperatingPoint
 from splitexit.exits import CONFIDENCE_MEASURES, confidence
 
 from .table import CalibrationError, CalibrationTable, Point
@@ -74,7 +75,7 @@ def record_table(
                 exit_pred[rows, e] = logits.argmax(1).cpu().numpy()
                 for m in CONFIDENCE_MEASURES:
                     conf[m][rows, e] = confidence(logits, m).cpu().numpy()
-        for j, (k, bits) in enumerate(pts):
+        for j, (k, bits) in enumerate(p.key for p in pts):
             qt = quantize(f[:, :k], bits, channels=b.channels)
             logits = bundle.tail(zero_fill(dequantize(qt), b.channels))
             tail_pred[rows, j] = logits.argmax(1).cpu().numpy()
@@ -125,7 +126,7 @@ def _points(points: Iterable[Sequence[int]] | None, manifest: Any) -> tuple[Poin
                 f"operating point (k={k}, bits={bits}) is outside the bundle's bottleneck "
                 f"(k in 1..{b.channels}, bits in {list(b.bits)})"
             )
-    return tuple(dict.fromkeys(pts))
+    return tuple(OperatingPoint(k, bits) for k, bits in dict.fromkeys(pts))
 
 
 def _frame_sizes(qt: QuantizedTensor, bundle: Any) -> np.ndarray:

@@ -29,7 +29,7 @@ def format_table_summary(table: CalibrationTable, name: str = "calibration") -> 
         "  tail by (channels, bits): "
         + ", ".join(
             f"{k},{b}: {_pct(table.tail_accuracy((k, b)))} ~{table.frame_bytes[:, j].mean():.0f} B"
-            for j, (k, b) in enumerate(table.points)
+            for j, (k, b) in enumerate(p.key for p in table.points)
         ),
     ]
     return "\n".join(lines)
@@ -49,7 +49,7 @@ def format_outcome(outcome: Outcome, bounds: dict[str, float | None] | None = No
         if bounds:
             row += f"   {_pct(bounds.get(name))}"
         rows.append(row)
-    k, bits = outcome.point
+    k, bits = outcome.point.key
     rows.append(
         f"  {f'tail (k={k}, {bits}b)':<16}{'':>12}{_pct(outcome.offload_rate):>10}"
         f"{_pct(outcome.offload_accuracy):>10}"
@@ -74,10 +74,10 @@ def format_selection(selection: Selection, check: PromiseCheck | None = None) ->
         if s.conservative
         else "plain (point estimates)"
     )
-    k, bits = s.reference_point
+    k, bits = s.reference_point.key
     lines = [
         f"goal: {s.goal.describe()}",
-        f"mode: {mode}; measure {s.measure}; offload at k={s.point[0]}, {s.point[1]} bits",
+        f"mode: {mode}; measure {s.measure}; offload at k={s.point.channels}, {s.point.bits} bits",
         f"tail accuracy at k={k}, {bits} bits: {_pct(s.reference_accuracy)}"
         + ("" if s.floor is None else f"; accuracy floor {_pct(s.floor)}"),
     ]

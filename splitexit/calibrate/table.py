@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from splitexit.bundle.manifest import OperatingPoint
 from splitexit.errors import SplitexitError
 from splitexit.exits import CONFIDENCE_MEASURES
 
 TABLE_FORMAT = "splitexit-calibration"
 TABLE_VERSION = 1
 
-Point = tuple[int, int]  # (channels k, bits)
+Point = OperatingPoint  # the one operating-point type; the table keys by (channels, bits)
 
 
 class CalibrationError(SplitexitError, ValueError):
@@ -43,7 +44,7 @@ class CalibrationTable:
             segment each one reads (of `segments` segments).
         confidence: measure -> [N, E] float32 confidence of every exit.
         exit_prediction: [N, E] class each exit predicts.
-        points: the operating points (channels k, bits) the tail was run at.
+        points: the operating points the tail was run at (given as points or (k, bits)).
         tail_prediction: [N, P] class the tail predicts at each point.
         frame_bytes: [N, P] bytes of the sample's one-sample frame at each point (header
             included; HTTP overhead not).
@@ -62,6 +63,12 @@ class CalibrationTable:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # (k, bits) pairs are taken for points
+        object.__setattr__(
+            self,
+            "points",
+            tuple(OperatingPoint(*point_key(p)) for p in self.points),
+        )
         n, e, p = len(self.labels), len(self.exit_names), len(self.points)
         problems = []
         if self.labels.ndim != 1:
@@ -115,18 +122,19 @@ class CalibrationTable:
     @property
     def widest_point(self) -> Point:
         """The operating point with the most channels, then the most bits."""
-        return max(self.points)
+        return max(self.points, key=lambda p: p.key)
 
-    def point_index(self, point: Sequence[int] | None = None) -> int:
-        """Column of `point` (default the widest) in the per-point arrays."""
-        key = self.widest_point if point is None else (int(point[0]), int(point[1]))
-        try:
-            return self.points.index(key)
-        except ValueError:
-            raise CalibrationError(
-                f"operating point (k={key[0]}, bits={key[1]}) is not in the table; recorded "
-                f"points: {', '.join(f'{k},{b}' for k, b in self.points)}"
-            ) from None
+    def point_index(self, point: Sequence[int] | Point | None = None) -> int:
+        """Column of `point` (a point, or (k, bits); default the widest) in the per-point
+        arrays."""
+        key = point_key(self.widest_point if point is None else point)
+        for i, p in enumerate(self.points):
+            if p.key == key:
+                return i
+        raise CalibrationError(
+            f"operating point (k={key[0]}, bits={key[1]}) is not in the table; recorded "
+            f"points: {', '.join(f'{p.channels},{p.bits}' for p in self.points)}"
+        )
 
     def scores(self, measure: str) -> np.ndarray:
         """[N, E] confidences under `measure`."""
@@ -174,7 +182,7 @@ class CalibrationTable:
             "exit_names": list(self.exit_names),
             "exit_segments": list(self.exit_segments),
             "segments": self.segments,
-            "points": [list(p) for p in self.points],
+            "points": [list(p.key) for p in self.points],
             "measures": list(self.measures),
             "info": self.info,
         }
@@ -216,7 +224,7 @@ class CalibrationTable:
                     segments=int(header["segments"]),
                     confidence={m: z[f"confidence_{m}"] for m in header["measures"]},
                     exit_prediction=z["exit_prediction"].astype(np.int64),
-                    points=tuple((int(k), int(b)) for k, b in header["points"]),
+                    points=tuple(OperatingPoint(int(k), int(b)) for k, b in header["points"]),
                     tail_prediction=z["tail_prediction"].astype(np.int64),
                     frame_bytes=z["frame_bytes"].astype(np.int64),
                     info=dict(header.get("info") or {}),
@@ -225,6 +233,13 @@ class CalibrationTable:
             raise
         except (KeyError, ValueError, OSError, json.JSONDecodeError) as e:
             raise CalibrationError(f"cannot read calibration table {path}: {e}") from e
+
+
+def point_key(point: Sequence[int] | Point) -> tuple[int, int]:
+    """(channels, bits) of an operating point or of a (k, bits) pair."""
+    if isinstance(point, OperatingPoint):
+        return point.key
+    return int(point[0]), int(point[1])
 
 
 def _compact(a: np.ndarray) -> np.ndarray:

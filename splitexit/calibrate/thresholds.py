@@ -96,10 +96,10 @@ class Selection:
             "goal": self.goal.to_dict(),
             "thresholds": self.thresholds,
             "measure": self.measure,
-            "point": {"channels": self.point[0], "bits": self.point[1]},
+            "point": {"channels": self.point.channels, "bits": self.point.bits},
             "reference_point": {
-                "channels": self.reference_point[0],
-                "bits": self.reference_point[1],
+                "channels": self.reference_point.channels,
+                "bits": self.reference_point.bits,
             },
             "reference_accuracy": self.reference_accuracy,
             "floor": self.floor,
@@ -296,7 +296,7 @@ def select_thresholds(
     evaluations = 0
     for m in measures:
         for p in points:
-            replay = Replay(table, m, p, goal.link, goal.timings)
+            replay = Replay(table, m, p, goal.cost)
             problem = _Problem(replay, goal, floor, conservative, confidence)
             s = _search(problem, candidates)
             evaluations += len(problem.cache)
@@ -321,7 +321,7 @@ def select_thresholds(
             "method": "quantile candidates, greedy cost-per-accuracy path, coordinate polish",
             "candidates": candidates,
             "measures": list(measures),
-            "points": [list(p) for p in points],
+            "points": [list(p.key) for p in points],
             "evaluations": evaluations,
         },
         exit_samples=exit_samples(

@@ -115,6 +115,14 @@ class TailRunner:
             answers.append(TailAnswer(logits[rows], prediction[rows], probability[rows]))
         return answers
 
+    def run_code(self, z: Any) -> TailAnswer:
+        """The tail on an unquantized code z [n, C, h, w] from a head on the same runtime: the
+        device finishing the inference itself (decoder + stages, nothing quantized)."""
+        be = self.backend
+        with self._lock:
+            logits, prediction, probability = be.answers(be.tail(be.input(z)))
+        return TailAnswer(logits, prediction, probability)
+
     def warmup(self, batch_size: int = 1) -> None:
         """Run the tail once on zeros so the first real request is not the slow one."""
         with self._lock:

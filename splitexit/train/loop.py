@@ -31,8 +31,8 @@ from .resume import checkpoint_path
 
 
 @dataclass
-class OperatingPoints:
-    """Per-sample (keep, bits) sampling: the sandwich rule applied inside one batch.
+class PointSampler:
+    """Draws a (keep, bits) per sample while training: the sandwich rule inside one batch.
 
     A quarter of the samples get the widest point (C channels, most bits), a quarter the
     narrowest (`min_channels`, fewest bits), the rest a uniform random (k, bits).
@@ -67,7 +67,7 @@ class StageRun:
     device: torch.device
     dist: DistInfo = field(default_factory=DistInfo)
     augment: list[str] = field(default_factory=list)  # named transforms (batches.augment)
-    points: OperatingPoints | None = None
+    points: PointSampler | None = None
     evaluate: Callable[[], dict[str, float]] | None = None
 
 

@@ -38,7 +38,7 @@ from .experiment_data import (
     plan_data,
     train_preprocess,
 )
-from .loop import OperatingPoints, StageRun, checkpoint_path, run_stage, stage_done
+from .loop import PointSampler, StageRun, checkpoint_path, run_stage, stage_done
 from .objectives import ExitObjective, FinetuneObjective, HeadDistillObjective, TeacherObjective
 from .resume import apply_resume, plan_resume, running_stages, stage_seconds
 
@@ -273,7 +273,7 @@ def _run(
     torch.manual_seed(cfg.seed + 1)
     s = cfg.split
     net = build_student(cfg, teacher, pre, len(data.class_names)).to(device)
-    points = OperatingPoints(s.channels, list(s.bits), s.min_channels)
+    points = PointSampler(s.channels, list(s.bits), s.min_channels)
     widest, narrowest = (s.channels, max(s.bits)), (s.min_channels, min(s.bits))
 
     def eval_split() -> dict[str, float]:

@@ -1,0 +1,101 @@
+"""The agent decides over the whole decision space from what it measures of itself: a real
+tail server on loopback, behind the link emulator, and a real agent that may finish the tail
+on the device or send the image instead of running its head."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from device_fixtures import ListWriter, TailServer, device_bundle, quiet, run_agent
+
+from device.agent import Agent, AgentConfig
+from device.client import OffloadClient
+from device.records import Record
+from device.sources import folder_source, limit
+from splitexit.bundle import load_bundle
+from splitexit.link import LinkEmulator
+from splitexit.runtime import HeadResult, HeadRunner
+
+NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}  # every input reaches the bottleneck
+
+
+class SlowHead(HeadRunner):
+    """A head on a device `delay_s` slower per piece (segments and exits)."""
+
+    def __init__(self, *args: Any, delay_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay_s = delay_s
+
+    def _timed(self, result: HeadResult, key: str, call: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = call(*args)
+        time.sleep(self.delay_s)
+        result.timings[key] = time.perf_counter() - start
+        return out
+
+
+def run(link_spec: str, config: AgentConfig, n: int = 24, **patch: Any) -> list[Record]:
+    """Run an agent holding the bundle's tail over `link_spec`; `patch` replaces agent parts
+    (a callable gets the agent)."""
+    tb = device_bundle()
+    config = dataclasses.replace(config, tail_here=True)  # the device holds the tail too
+    with TailServer(tb.path) as srv, LinkEmulator(("127.0.0.1", srv.port), link_spec) as link:
+        bundle = quiet(load_bundle, tb.path)
+        out = ListWriter()
+        agent = Agent(bundle, config, OffloadClient(link.url, tb.name), writer=out)
+        for name, make in patch.items():
+            setattr(agent, name, make(agent))
+        run_agent(agent, limit(folder_source(tb.folder), n))
+    assert len(out.records) == n
+    return out.records
+
+
+def test_a_device_holding_the_tail_finishes_inputs_here_when_the_link_is_slow() -> None:
+    config = AgentConfig(accuracy_floor=0.5, thresholds=NO_EXITS, images=False)
+    records = run("32kbit:20ms", config)
+    here = [r for r in records if r.action == "tail"]
+    assert len(here) >= 0.8 * len(records), [(r.decided_by, r.action) for r in records]
+    for r in here:
+        assert r.decided_by == "device" and r.frame_bytes == 0 and r.prediction is not None
+        assert r.expected_ms is not None and r.expected_ms < r.timings_ms["total"] + 50
+
+
+def test_a_slow_device_tail_loses_to_the_offload_on_a_fast_link() -> None:
+    config = AgentConfig(accuracy_floor=0.5, thresholds=NO_EXITS, images=False)
+
+    def slow_tail(agent: Agent) -> Any:
+        tail = agent.tail
+        run_code = tail.run_code
+
+        def slow(z: Any) -> Any:
+            time.sleep(0.05)
+            return run_code(z)
+
+        tail.run_code = slow
+        return tail
+
+    records = run("unlimited:2ms", config, tail=slow_tail)
+    sent = [r for r in records if r.action == "offload" and r.decided_by == "server"]
+    assert len(sent) >= 0.7 * len(records), [(r.decided_by, r.action) for r in records]
+
+
+def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead() -> None:
+    config = AgentConfig(accuracy_floor=0.5)
+
+    def slow_head(agent: Agent) -> HeadRunner:
+        return SlowHead(agent.bundle, delay_s=0.02)
+
+    records = run("unlimited:2ms", config, head=slow_head)
+    images = [r for r in records if r.action == "image"]
+    assert len(images) >= 0.8 * len(records), [(r.decided_by, r.action) for r in records]
+    for r in images:
+        assert r.decided_by == "server" and r.channels is None
+        assert r.frame_bytes > 0 and r.class_name is not None
+        assert r.timings_ms["head"] is None  # the head never ran
+
+
+def test_a_fast_head_keeps_the_image_on_the_device_when_the_round_trip_costs_more() -> None:
+    records = run("10mbit:20ms", AgentConfig(accuracy_floor=0.5))
+    assert not [r for r in records if r.action == "image"]
