@@ -88,13 +88,13 @@ def missing(root: Path) -> Path:
     return root.parent / "no-such-bundle"
 
 
-# (name, damage, refused by the server, refused by the agent): the agent loads head and exits,
-# the server head and tail
+# (name, damage, refused by the server, refused by the agent): both load head and tail (the
+# agent may finish the tail itself), the agent also the exits
 CASES = [
-    ("truncated-tail", truncate("tail.pt"), True, False),
+    ("truncated-tail", truncate("tail.pt"), True, True),
     ("truncated-head", truncate("head/segment_0.pt"), True, True),
     ("garbage-head", replace("head/segment_0.pt", b"\x00not torchscript" * 64), True, True),
-    ("empty-tail", replace("tail.pt", b""), True, False),
+    ("empty-tail", replace("tail.pt", b""), True, True),
     ("manifest-not-json", not_json, True, True),
     ("hash-mismatch", flipped_byte, True, True),
     ("truncated-archive", truncated_archive, True, True),

@@ -102,11 +102,9 @@ class BenchHead(HeadRunner):
     ) -> HeadResult:
         return super().run(x, thresholds=thresholds, exits=exits and self.use_exits)
 
-    def _timed(
-        self, result: HeadResult, key: str, module: torch.nn.Module, f: torch.Tensor
-    ) -> torch.Tensor:
+    def _timed(self, result: HeadResult, key: str, call: Any, *args: Any) -> Any:
         start = time.perf_counter()
-        out = module(f)
+        out = call(*args)
         self.clock.add(
             "head" if key.startswith("segment_") else "exits", time.perf_counter() - start
         )
