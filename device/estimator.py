@@ -265,7 +265,7 @@ class Measurements:
         exit_names: tuple[str, ...] = (),
         exit_segments: tuple[int, ...] = (),
         leave_prior: tuple[float, ...] = (),
-        image_bytes_prior: float | None = None,
+        image_formats: tuple[str, ...] = ("png", "jpeg"),
     ) -> None:
         self.link = link or LinkEstimator()
         self.encode_s = EwmaEstimator(0.0)
@@ -281,8 +281,8 @@ class Measurements:
         leave = tuple(leave_prior) or (0.0,) * len(exit_names)
         self.leave = [EwmaEstimator(p, halflife=64) for p in leave]
         self.tail_s = EwmaEstimator(0.0)
-        self.image_encode_s = EwmaEstimator(0.0)
-        self.image_bytes = EwmaEstimator(image_bytes_prior or 0.0, halflife=64)
+        self.image_encode_s = {f: EwmaEstimator(0.0) for f in image_formats}
+        self.image_bytes = {f: EwmaEstimator(0.0, halflife=64) for f in image_formats}
 
     # ------------------------------------------------------------------- the device
 
@@ -313,10 +313,19 @@ class Measurements:
         """The tail finished here, on the float code."""
         self.tail_s.observe(seconds)
 
-    def observe_image(self, nbytes: int, encode_s: float) -> None:
-        """An image encoded for sending."""
-        self.image_encode_s.observe(encode_s)
-        self.image_bytes.observe(nbytes)
+    def observe_image(self, image_format: str, nbytes: int, encode_s: float) -> None:
+        """An image encoded for sending in `image_format`."""
+        if image_format in self.image_bytes:
+            self.image_encode_s[image_format].observe(encode_s)
+            self.image_bytes[image_format].observe(nbytes)
+
+    def images(self) -> dict[str, tuple[float, float]]:
+        """Per format measured so far: (seconds to encode, bytes) of an image."""
+        return {
+            f: (self.image_encode_s[f].value, b.value)
+            for f, b in self.image_bytes.items()
+            if b.seen
+        }
 
     # ------------------------------------------------------------------ the network
 
@@ -364,7 +373,6 @@ class Measurements:
             preprocess_s=self.preprocess_s.value,
             encode_s=self.encode_s.value,
             tail_s=self.tail_s.value,
-            image_encode_s=self.image_encode_s.value,
         )
         server = Compute(tail_s=self.server_s.value, model_s=self.server_image_s.value)
         return CostModel(link, device, server, self.exit_segments)
@@ -391,8 +399,10 @@ class Measurements:
                 "exits": [round(e.value * 1e3, 4) for e in self.exit_s],
                 "encode": round(self.encode_s.value * 1e3, 4),
                 "tail": round(self.tail_s.value * 1e3, 4),
-                "image_encode": round(self.image_encode_s.value * 1e3, 4),
+                "image_encode": {
+                    f: round(e.value * 1e3, 4) for f, e in self.image_encode_s.items()
+                },
             },
-            "image_bytes": round(self.image_bytes.value, 1),
+            "image_bytes": {f: round(b.value, 1) for f, b in self.image_bytes.items()},
             "leave_rates": [round(e.value, 4) for e in self.leave],
         }
