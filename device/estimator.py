@@ -29,9 +29,10 @@ the first quick answer, while a lone slow outlier does not move it.
 `Measurements` holds these with the device's own compute (per head segment, exit, encode,
 the tail here, the image encode's time and size), the exits' leave rates and the server's
 times, and prices every action with one `splitexit.cost.CostModel` (`cost(now)`).
-`EwmaEstimator` is the plain exponentially weighted mean used for those. The server's own
-time, when it does not report it, is what the link estimate leaves unexplained in
-inference answers (`Measurements.observe_answer`).
+`EwmaEstimator` is the plain exponentially weighted mean used for those. The server's
+time is what the link estimate (from probes) leaves unexplained in inference answers, its
+reported time included (`Measurements.observe_answer`): an inference request's fixed costs
+beyond a probe's then never read as a slower link.
 """
 
 from __future__ import annotations
@@ -342,25 +343,26 @@ class Measurements:
     ) -> None:
         """One answered request (a single attempt): the link, server and overhead estimates.
 
-        `sent` is when the request got the link, `done` when its answer came. A server that
-        reports its own time (`server_s`) makes the sample a clean link sample. Otherwise
-        the server's time is what the link estimate (learned from probes, which cost the
-        server nothing) does not explain; only an answer far off that estimate is taken as
-        news about the link (it got slower or faster). `image`: the payload was an image.
+        `sent` is when the request got the link, `done` when its answer came; `server_s` the
+        server's own time when it reports it. The link estimate is learned from probes,
+        which cost the server nothing; what it does not explain in an answer (beyond the
+        server's reported time) is the server's, including fixed costs of an inference
+        request a probe does not pay, so that answers do not read as a slower link. Only an
+        answer far off that estimate is taken as news about the link (it got slower or
+        faster). `image`: the payload was an image.
         """
         nbytes = request_bytes + response_bytes
         server = self.server_image_s if image else self.server_s
         self.overhead_bytes.observe(request_bytes - frame_bytes + response_bytes)
+        reported = server_s if server_s is not None else 0.0
+        network = self.link.predict(nbytes)
+        unexplained = (done - sent) - reported - network
+        if -0.5 * network <= unexplained <= max(network, _SERVER_S_SLACK):
+            server.observe(reported + max(0.0, unexplained))
+            return
         if server_s is not None:
             server.observe(server_s)
-            self.link.observe(sent, done - server_s, nbytes)
-            return
-        network = self.link.predict(nbytes)
-        unexplained = (done - sent) - network
-        if -0.5 * network <= unexplained <= max(network, _SERVER_S_SLACK):
-            server.observe(max(0.0, unexplained))
-        else:
-            self.link.observe(sent, done - server.value, nbytes)
+        self.link.observe(sent, done - (reported if server_s is not None else server.value), nbytes)
 
     # -------------------------------------------------------------------- the model
 
