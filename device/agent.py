@@ -128,12 +128,15 @@ class Agent:
             exit_names=tuple(self.exit_names),
             exit_segments=tuple(e.segment for e in m.exits),
             leave_prior=exit_rates(bundle),
+            image_formats=tuple(config.image_formats),
         )
         # code z -> logits on this device (the same runtime as the head), or None
         self.tail = TailRunner(bundle, runtime=config.runtime) if config.tail_here else None
         self.tail_accuracy = float_accuracy(bundle)
-        fmt, quality = config.image_format, config.image_quality
-        self.encode_image: Callable[[Any], bytes] = lambda px: encode_image(px, fmt, quality)
+        quality = config.image_quality
+        self.encode_image: Callable[[Any, str], bytes] = lambda px, fmt: encode_image(
+            px, fmt, quality
+        )
         self.images = False  # the server takes images and the rule may send them (start())
         self._small_input = math.prod(m.input_shape) <= _INLINE_ENCODE_ELEMENTS
         self._choices_now: Choices | None = None
@@ -191,7 +194,8 @@ class Agent:
         never = dict.fromkeys(self.exit_names, 2.0)
         p = self.fixed
         best: dict[str, float] = {}
-        frame, image = b"", b""
+        frame = b""
+        images: dict[str, bytes] = {}
 
         def timed(key: str, fn: Callable[..., Any], *args: Any) -> Any:
             t = time.perf_counter()
@@ -211,14 +215,15 @@ class Agent:
             if self.tail is not None:
                 timed("tail", self.tail.run_code, result.z)
             if self.images:
-                image = timed("image", self.encode_image, pixels)
+                for fmt in self.config.image_formats:
+                    images[fmt] = timed(f"image/{fmt}", self.encode_image, pixels, fmt)
         pieces = {k: v for k, v in best.items() if k.startswith(("segment_", "exit_"))}
         self.measure.observe_head(pieces, best["preprocess"])
         self.measure.observe_frame(p.key, len(frame), best["encode"])
         if self.tail is not None:
             self.measure.observe_tail(best["tail"])
-        if self.images:
-            self.measure.observe_image(len(image), best["image"])
+        for fmt, data in images.items():
+            self.measure.observe_image(fmt, len(data), best[f"image/{fmt}"])
 
     def stop(self) -> None:
         """Stop taking inputs (Ctrl-C); in-flight frames are answered locally. Thread-safe."""
@@ -288,9 +293,12 @@ class Agent:
         work.cost = self.measure.cost(work.t0)
         if not self.images or self.net is None or self.net.disabled is not None:
             return
-        image_bytes = self.measure.image_bytes.value if self.measure.image_bytes.seen else None
         work.plan = start(
-            self._choices(), work.cost, self._rule(work), self.measure.leave_rates(), image_bytes
+            self._choices(),
+            work.cost,
+            self._rule(work),
+            self.measure.leave_rates(),
+            self.measure.images(),
         )
 
     def _run_head(self, work: _Work) -> Record | None:
@@ -300,9 +308,9 @@ class Agent:
         try:
             pixels = item.load()
             work.label = label_index(item.label, self.class_names)
-            if work.plan is not None and work.plan.action == "image":
+            if work.plan is not None and work.plan.image_format is not None:
                 start = time.monotonic()
-                work.image = self.encode_image(pixels)
+                work.image = self.encode_image(pixels, work.plan.image_format)
                 work.image_s = time.monotonic() - start
                 return None
             start = time.monotonic()
@@ -329,8 +337,8 @@ class Agent:
 
     def _observe_head(self, work: _Work) -> None:
         """Event loop: what the head (or the image encode) of this input cost."""
-        if work.image is not None:
-            self.measure.observe_image(len(work.image), work.image_s)
+        if work.image is not None and work.plan is not None and work.plan.image_format:
+            self.measure.observe_image(work.plan.image_format, len(work.image), work.image_s)
         r = work.result
         if r is None:
             return
@@ -572,6 +580,7 @@ class Agent:
                 overhead_bytes=res.request_bytes - res.frame_bytes,
                 response_bytes=res.response_bytes,
                 attempts=res.attempts,
+                reason=f"image/{work.plan.image_format}" if image and work.plan else None,
                 **common,
             )
         )

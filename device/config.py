@@ -33,8 +33,8 @@ class AgentConfig:
         window: most frames in flight at once.
         local_only: never offload (inputs no exit takes get the best exit's answer).
         probe_interval_s: time the link with a small request this often (0: never).
-        images: the adaptive rule may send the image (when the server takes images);
-            `image_format` / `image_quality` are how it is encoded.
+        images: the adaptive rule may send the image (when the server takes images), in
+            any of `image_formats` (the expected-fastest; JPEG and WebP at `image_quality`).
         tail_here: the device may finish the tail itself, running the bundle's tail on the
             head's runtime (`splitexit-device` turns it on unless `--no-tail`).
         breaker_failures, breaker_reset_s, breaker_max_reset_s: see `device.breaker`.
@@ -53,7 +53,7 @@ class AgentConfig:
     probe_interval_s: float = 0.5
     images: bool = True
     tail_here: bool = False
-    image_format: str = "jpeg"
+    image_formats: tuple[str, ...] = ("png", "jpeg")
     image_quality: int = 95
     breaker_failures: int = 3
     breaker_reset_s: float = 0.5

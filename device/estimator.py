@@ -29,9 +29,10 @@ the first quick answer, while a lone slow outlier does not move it.
 `Measurements` holds these with the device's own compute (per head segment, exit, encode,
 the tail here, the image encode's time and size), the exits' leave rates and the server's
 times, and prices every action with one `splitexit.cost.CostModel` (`cost(now)`).
-`EwmaEstimator` is the plain exponentially weighted mean used for those. The server's own
-time, when it does not report it, is what the link estimate leaves unexplained in
-inference answers (`Measurements.observe_answer`).
+`EwmaEstimator` is the plain exponentially weighted mean used for those. The server's
+time is what the link estimate (from probes) leaves unexplained in inference answers, its
+reported time included (`Measurements.observe_answer`): an inference request's fixed costs
+beyond a probe's then never read as a slower link.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ class Measurements:
         exit_names: tuple[str, ...] = (),
         exit_segments: tuple[int, ...] = (),
         leave_prior: tuple[float, ...] = (),
-        image_bytes_prior: float | None = None,
+        image_formats: tuple[str, ...] = ("png", "jpeg"),
     ) -> None:
         self.link = link or LinkEstimator()
         self.encode_s = EwmaEstimator(0.0)
@@ -281,8 +282,8 @@ class Measurements:
         leave = tuple(leave_prior) or (0.0,) * len(exit_names)
         self.leave = [EwmaEstimator(p, halflife=64) for p in leave]
         self.tail_s = EwmaEstimator(0.0)
-        self.image_encode_s = EwmaEstimator(0.0)
-        self.image_bytes = EwmaEstimator(image_bytes_prior or 0.0, halflife=64)
+        self.image_encode_s = {f: EwmaEstimator(0.0) for f in image_formats}
+        self.image_bytes = {f: EwmaEstimator(0.0, halflife=64) for f in image_formats}
 
     # ------------------------------------------------------------------- the device
 
@@ -313,10 +314,19 @@ class Measurements:
         """The tail finished here, on the float code."""
         self.tail_s.observe(seconds)
 
-    def observe_image(self, nbytes: int, encode_s: float) -> None:
-        """An image encoded for sending."""
-        self.image_encode_s.observe(encode_s)
-        self.image_bytes.observe(nbytes)
+    def observe_image(self, image_format: str, nbytes: int, encode_s: float) -> None:
+        """An image encoded for sending in `image_format`."""
+        if image_format in self.image_bytes:
+            self.image_encode_s[image_format].observe(encode_s)
+            self.image_bytes[image_format].observe(nbytes)
+
+    def images(self) -> dict[str, tuple[float, float]]:
+        """Per format measured so far: (seconds to encode, bytes) of an image."""
+        return {
+            f: (self.image_encode_s[f].value, b.value)
+            for f, b in self.image_bytes.items()
+            if b.seen
+        }
 
     # ------------------------------------------------------------------ the network
 
@@ -333,25 +343,26 @@ class Measurements:
     ) -> None:
         """One answered request (a single attempt): the link, server and overhead estimates.
 
-        `sent` is when the request got the link, `done` when its answer came. A server that
-        reports its own time (`server_s`) makes the sample a clean link sample. Otherwise
-        the server's time is what the link estimate (learned from probes, which cost the
-        server nothing) does not explain; only an answer far off that estimate is taken as
-        news about the link (it got slower or faster). `image`: the payload was an image.
+        `sent` is when the request got the link, `done` when its answer came; `server_s` the
+        server's own time when it reports it. The link estimate is learned from probes,
+        which cost the server nothing; what it does not explain in an answer (beyond the
+        server's reported time) is the server's, including fixed costs of an inference
+        request a probe does not pay, so that answers do not read as a slower link. Only an
+        answer far off that estimate is taken as news about the link (it got slower or
+        faster). `image`: the payload was an image.
         """
         nbytes = request_bytes + response_bytes
         server = self.server_image_s if image else self.server_s
         self.overhead_bytes.observe(request_bytes - frame_bytes + response_bytes)
+        reported = server_s if server_s is not None else 0.0
+        network = self.link.predict(nbytes)
+        unexplained = (done - sent) - reported - network
+        if -0.5 * network <= unexplained <= max(network, _SERVER_S_SLACK):
+            server.observe(reported + max(0.0, unexplained))
+            return
         if server_s is not None:
             server.observe(server_s)
-            self.link.observe(sent, done - server_s, nbytes)
-            return
-        network = self.link.predict(nbytes)
-        unexplained = (done - sent) - network
-        if -0.5 * network <= unexplained <= max(network, _SERVER_S_SLACK):
-            server.observe(max(0.0, unexplained))
-        else:
-            self.link.observe(sent, done - server.value, nbytes)
+        self.link.observe(sent, done - (reported if server_s is not None else server.value), nbytes)
 
     # -------------------------------------------------------------------- the model
 
@@ -364,7 +375,6 @@ class Measurements:
             preprocess_s=self.preprocess_s.value,
             encode_s=self.encode_s.value,
             tail_s=self.tail_s.value,
-            image_encode_s=self.image_encode_s.value,
         )
         server = Compute(tail_s=self.server_s.value, model_s=self.server_image_s.value)
         return CostModel(link, device, server, self.exit_segments)
@@ -391,8 +401,10 @@ class Measurements:
                 "exits": [round(e.value * 1e3, 4) for e in self.exit_s],
                 "encode": round(self.encode_s.value * 1e3, 4),
                 "tail": round(self.tail_s.value * 1e3, 4),
-                "image_encode": round(self.image_encode_s.value * 1e3, 4),
+                "image_encode": {
+                    f: round(e.value * 1e3, 4) for f, e in self.image_encode_s.items()
+                },
             },
-            "image_bytes": round(self.image_bytes.value, 1),
+            "image_bytes": {f: round(b.value, 1) for f, b in self.image_bytes.items()},
             "leave_rates": [round(e.value, 4) for e in self.leave],
         }

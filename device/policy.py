@@ -30,7 +30,7 @@ accurate point. Where some accuracy is unknown, actions rank by the information 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -69,6 +69,7 @@ class Decision:
     point: OperatingPoint | None
     expected_s: float | None
     reason: str
+    image_format: str | None = None  # "image": the format to send it in
 
 
 @dataclass(frozen=True)
@@ -123,27 +124,30 @@ def start(
     cost: CostModel,
     rule: FixedRule | AdaptiveRule,
     leave: Sequence[float],
-    image_bytes: float | None,
+    images: Mapping[str, tuple[float, float]],
 ) -> Decision:
-    """Before the head: "image" (send it) or "head" (run it), with the expected seconds.
+    """Before the head: "image" (send it, in the fastest format) or "head" (run it), with
+    the expected seconds.
 
-    `leave[e]` is the chance an input leaves at exit e; `image_bytes` the expected size of
-    the encoded image (None: the server takes no images).
+    `leave[e]` is the chance an input leaves at exit e; `images` the formats the image may
+    go in, each with its expected (seconds to encode, bytes) (empty: send no image).
     """
     after = at_bottleneck(choices, cost, rule)
     after_s = after.expected_s if after.expected_s is not None else 0.0
     head_s = cost.head_path_s(leave, after_s)
     head = Decision("head", None, head_s, f"head, then {after.action} ({after.reason})")
-    if isinstance(rule, FixedRule) or image_bytes is None:
+    if isinstance(rule, FixedRule) or not images:
         return head
-    image_s = cost.image_s(image_bytes)
+    fmt = min(images, key=lambda f: cost.image_s(images[f][1], images[f][0]))
+    image_s = cost.image_s(images[fmt][1], images[fmt][0])
     acc = choices.best_accuracy
     if rule.accuracy_floor is not None and acc is not None and acc < rule.accuracy_floor:
         return head
     if rule.deadline_s is not None and image_s > rule.deadline_s:
         return head
     if image_s < head_s:
-        return Decision("image", None, image_s, f"image {image_s:.4f}s < head {head_s:.4f}s")
+        why = f"image/{fmt} {image_s:.4f}s < head {head_s:.4f}s"
+        return Decision("image", None, image_s, why, image_format=fmt)
     return head
 
 

@@ -14,7 +14,8 @@ A record (keys in this order; absent values are null):
 here), "fallback" (an offload that could not happen or failed: the best exit answered,
 named in `exit`, and `reason` says why) or "error" (the input could not be read; `error`
 says why, `class` is null). `action` is what the policy chose (`splitexit.cost.ACTIONS`):
-"image" (sent the image; `frame_bytes` counts it), "exit" (an exit's threshold passed),
+"image" (sent the image, `reason` says in what format, e.g. "image/png"; `frame_bytes`
+counts it), "exit" (an exit's threshold passed),
 "offload" (at `channels` x `bits`), "tail" (finished the tail here), "local" (the best
 exit now). `expected_ms` is the input's total time the cost model expected when it chose;
 `timings_ms.total` is what it took.

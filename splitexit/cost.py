@@ -144,9 +144,11 @@ class CostModel:
         """From z to the answer, finishing the tail on the device."""
         return self.device.tail_s
 
-    def image_s(self, image_bytes: Any) -> Any:
-        """From the pixels to the answer, sending the image to the server's whole model."""
-        return self.device.image_encode_s + self.link.transfer_s(image_bytes) + self.server.whole_s
+    def image_s(self, image_bytes: Any, encode_s: float | None = None) -> Any:
+        """From the pixels to the answer, sending the image (encoded in `encode_s`, default
+        the device's `image_encode_s`) to the server's whole model."""
+        enc = self.device.image_encode_s if encode_s is None else encode_s
+        return enc + self.link.transfer_s(image_bytes) + self.server.whole_s
 
     def local_s(self) -> float:
         """The whole model on the device, no exits."""

@@ -98,7 +98,7 @@ def test_measurements_turn_answers_and_compute_into_one_cost_model() -> None:
     )
     m.observe_head({"segment_0": 0.002, "segment_1": 0.003, "exit_a": 0.0005}, 0.0001)
     m.observe_tail(0.004)
-    m.observe_image(700, 0.0002)
+    m.observe_image("png", 700, 0.0002)
     c = m.cost(0.0)
     assert c.device.encode_s == pytest.approx(0.001)
     assert c.server.tail_s == pytest.approx(0.01)
@@ -106,7 +106,7 @@ def test_measurements_turn_answers_and_compute_into_one_cost_model() -> None:
     assert c.device.segment_s == pytest.approx((0.002, 0.003))
     assert c.exit_s(0) == pytest.approx(0.0001 + 0.002 + 0.0005)
     assert c.tail_here_s() == pytest.approx(0.004)
-    assert m.image_bytes.value == pytest.approx(700)
+    assert m.images() == {"png": (pytest.approx(0.0002), pytest.approx(700))}  # jpeg: unseen
     assert m.mean_frame_bytes((8, 8)) == pytest.approx(800)
     assert m.leave_rates() == (0.25,)
     for _ in range(50):

@@ -204,22 +204,26 @@ def test_the_image_is_sent_when_the_head_costs_more_than_the_whole_trip() -> Non
     slow = DEVICE.scaled(50.0)  # head 0.25 s here; the image ~0.03 s away
     cost = CostModel(Link(100e6, 0.02, 400), slow, Compute(tail_s=0.002, model_s=0.004), (1,))
     choices = Choices(GRID, tail_here=True, tail_accuracy=0.92)
-    d = start(choices, cost, AdaptiveRule(accuracy_floor=0.9), leave=(0.5,), image_bytes=800)
-    assert d.action == "image"
-    assert d.expected_s == pytest.approx(cost.image_s(800))
+    images = {"png": (0.001, 800.0), "jpeg": (0.001, 1200.0)}
+    d = start(choices, cost, AdaptiveRule(accuracy_floor=0.9), leave=(0.5,), images=images)
+    assert d.action == "image" and d.image_format == "png"  # the smaller, as quick to encode
+    assert d.expected_s == pytest.approx(cost.image_s(800, 0.001))
+
+
+PNG = {"png": (0.0, 800.0)}
 
 
 def test_a_fast_device_runs_the_head_and_a_slow_link_keeps_images_home() -> None:
     choices = Choices(GRID, tail_here=True, tail_accuracy=0.92)
     fast = CostModel(Link(100e6, 0.02, 400), DEVICE, Compute(model_s=0.004), (1,))
-    assert start(choices, fast, AdaptiveRule(), (0.5,), 800).action == "head"
+    assert start(choices, fast, AdaptiveRule(), (0.5,), PNG).action == "head"
     slow_link = CostModel(Link(30e3, 0.02, 400), DEVICE.scaled(20.0), Compute(model_s=0.004), (1,))
-    assert start(choices, slow_link, AdaptiveRule(), (0.5,), 800).action == "head"
+    assert start(choices, slow_link, AdaptiveRule(), (0.5,), PNG).action == "head"
 
 
 def test_the_fixed_rule_never_sends_the_image() -> None:
     slow = CostModel(Link(100e6, 0.02, 400), DEVICE.scaled(50.0), Compute(model_s=0.004), (1,))
-    assert start(Choices(GRID), slow, FixedRule(8, 8), (0.0,), 800).action == "head"
+    assert start(Choices(GRID), slow, FixedRule(8, 8), (0.0,), PNG).action == "head"
 
 
 def test_exits_that_answer_more_often_make_the_head_path_cheaper() -> None:

@@ -267,8 +267,8 @@ def _expected_classes(bundle, root: Path, records: list[dict]) -> list[int]:
     for r in records:
         with open_image(root / "images" / "test" / r["id"]) as img:
             pixels = pil_to_array(img)
-        if r["action"] == "image":  # what the server decoded: the agent's JPEG q95
-            pixels = decode_image(encode_image(pixels, "jpeg", 95))
+        if r["action"] == "image":  # what the server decoded: "image/png" or "image/jpeg" (q95)
+            pixels = decode_image(encode_image(pixels, r["reason"].split("/")[1], 95))
         x = bundle.preprocess(pixels[None])
         result = head.run(x, exits=True)
         exit_name = r["exit"] if r["decided_by"] not in ("server", "device") else None

@@ -133,8 +133,8 @@ def timed_tail(bundle: Bundle, clock: DeviceClock) -> Any:
     return lambda z: clock.timed("tail", tail, z)
 
 
-def timed_image(clock: DeviceClock, image_format: str = "jpeg", quality: int = 95) -> Any:
+def timed_image(clock: DeviceClock, quality: int = 95) -> Any:
     """The agent's image encode (for "send the image"), timed and slowed."""
     from splitexit.preprocess import encode_image
 
-    return lambda pixels: clock.timed("image_encode", encode_image, pixels, image_format, quality)
+    return lambda pixels, fmt: clock.timed("image_encode", encode_image, pixels, fmt, quality)

@@ -194,7 +194,7 @@ async def run_split(
         agent.head = BenchHead(bundle, clock, exits=strategy.exits, thresholds=config.thresholds)
         if agent.tail is not None:
             agent.tail = timed_tail(bundle, clock)
-        agent.encode_image = timed_image(clock, config.image_format, config.image_quality)
+        agent.encode_image = timed_image(clock, config.image_quality)
         await agent.start()
         await asyncio.get_running_loop().run_in_executor(None, agent.warm_up, items[0])
         clock.entries.clear()  # the warm-up is no input
