@@ -40,7 +40,9 @@ def run(link_spec: str, config: AgentConfig, n: int = 24, **patch: Any) -> list[
     """Run an agent holding the bundle's tail over `link_spec`; `patch` replaces agent parts
     (a callable gets the agent)."""
     tb = device_bundle()
-    config = dataclasses.replace(config, tail_here=True)  # the device holds the tail too
+    # the device holds the tail too; one input at a time, so that what the agent measures of
+    # an action is that action's cost, not the wait behind its own inputs in flight
+    config = dataclasses.replace(config, tail_here=True, window=1)
     with TailServer(tb.path) as srv, LinkEmulator(("127.0.0.1", srv.port), link_spec) as link:
         bundle = quiet(load_bundle, tb.path)
         out = ListWriter()
