@@ -6,7 +6,7 @@ Starts `splitexit-server` on the shipped small-track bundle (as the suite does: 
 thread, no batching wait) and times, closed loop with `--gap-ms` of idle between requests
 (as the suite's inputs arrive), the median round trip of one real frame at the widest point
 sent by: `device.StreamClient.infer` (the WebSocket stream), `device.OffloadClient.infer`
-(KServe v2 over httpcore's pool, `device.http`), a plain `httpx.AsyncClient.post`, and a
+(KServe v2 over httpcore's pool, `splitexit_device.http`), a plain `httpx.AsyncClient.post`, and a
 minimal keep-alive HTTP/1.1 exchange on an asyncio stream (no parsing beyond the
 Content-Length): the floor a Python HTTP client can reach. Writes
 benchmarks/results/client_overhead.md.
@@ -30,13 +30,13 @@ from suite.report import machine, machine_line
 from suite.services import tail_server
 from suite.split_runs import widest_point
 
-from device.client import OffloadClient
-from device.stream import StreamClient, StreamConfig, bundle_session
 from splitexit.bundle import load_bundle
 from splitexit.data import load_fashion_mnist
 from splitexit.protocol.kserve import CONTENT_TYPE, HEADER_LENGTH, encode_request
 from splitexit.runtime import HeadRunner
 from splitexit.zoo import default_bundle_path
+from splitexit_device.client import OffloadClient
+from splitexit_device.stream import StreamClient, StreamConfig, bundle_session
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Send = Callable[[int], Awaitable[None]]

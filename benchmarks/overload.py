@@ -50,7 +50,7 @@ DEFAULT_BUNDLE = ROOT / "splitexit" / "zoo" / "fmnist-small"
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [
         "taskset", "-c", str(args.server_cpu),
-        sys.executable, "-W", "ignore", "-m", "server.cli", "--bundle", str(args.bundle),
+        sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(args.bundle),
         "--host", LOOPBACK, "--port", str(port), "--no-images", "--torch-threads", "1",
         "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", "2",
         "--queue-delay-target-ms", str(args.target_ms), "--log-level", "warning",

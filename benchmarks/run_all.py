@@ -50,12 +50,12 @@ from suite.split_runs import (
 from suite.strategies import BY_KEY, GAP_S, STRATEGIES, run_full_offload, run_local
 from suite.wire import measure_wire
 
-from device.config import operating_points
 from splitexit.bundle import Bundle, load_bundle
 from splitexit.calibrate.command import parse_point
 from splitexit.errors import SplitexitError
 from splitexit.link import LinkEmulator
 from splitexit.runtime import HeadRunner
+from splitexit_device.config import operating_points
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_OUT = Path(tempfile.gettempdir()) / "splitexit-bench-quick"

@@ -104,7 +104,7 @@ def tail_throughput(path: Path, reps: int) -> list[dict[str, Any]]:
 #: would include the benchmark process it was forked from, torch and all).
 AGENT = """\
 import sys
-from device.cli import main
+from splitexit_device.cli import main
 rc = main(sys.argv[1:])
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
 print("VMHWM_KB", hwm, file=sys.stderr)

@@ -144,7 +144,7 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 180
 
 def start_splitexit(bundle: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
     cmd = [
-        sys.executable, "-W", "ignore", "-m", "server.cli", "--bundle", str(bundle),
+        sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(bundle),
         "--host", LOOPBACK, "--port", str(port), "--max-batch-size", str(max_batch),
         "--max-queue-delay-ms", str(QUEUE_DELAY_MS), "--max-queue-size", "1024",
         "--torch-threads", str(threads), "--log-level", "warning", "--no-images",

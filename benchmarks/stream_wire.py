@@ -40,9 +40,6 @@ from typing import Any
 import torch
 from suite.report import machine, machine_line
 
-from device.client import OffloadClient
-from device.config import operating_points
-from device.stream import StreamClient, StreamConfig, bundle_session
 from splitexit.bundle import Bundle, load_bundle
 from splitexit.data import load_fashion_mnist
 from splitexit.demo import _stop, _wait_ready, free_port
@@ -50,15 +47,18 @@ from splitexit.link import LinkEmulator
 from splitexit.protocol.stream import MESSAGE_HEADER_SIZE
 from splitexit.runtime import HeadRunner
 from splitexit.zoo import default_bundle_path
+from splitexit_device.client import OffloadClient
+from splitexit_device.config import operating_points
+from splitexit_device.stream import StreamClient, StreamConfig, bundle_session
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STACKS = {"httptools+uvloop": ("httptools", "uvloop"), "h11+asyncio": ("h11", "asyncio")}
 _SERVE = """
 import sys, uvicorn
-from server.app import create_app
-from server.model import load_bundles
-from server.serve import make_server
-from server.settings import Settings
+from splitexit_server.app import create_app
+from splitexit_server.model import load_bundles
+from splitexit_server.serve import make_server
+from splitexit_server.settings import Settings
 s = Settings.from_env(bundles=(sys.argv[1],), port=int(sys.argv[2]), max_queue_delay_ms=0.0,
                       torch_threads=1, log_level="warning")
 server = make_server(create_app(s, bundles=load_bundles(s)), s)

@@ -51,4 +51,4 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'device' has no attribute {name!r}")
-    return getattr(import_module(f"device.{module}"), name)
+    return getattr(import_module(f"splitexit_device.{module}"), name)

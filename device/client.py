@@ -12,9 +12,9 @@
                                                        a repeat idempotent), else raise
 
 Every request bears the same request id (`X-Request-ID`) on every attempt. Requests are
-`httpx.Request`s sent on httpcore's keep-alive pool (`device.http`), which retries nothing:
-the loop above is the only retry, and the tests exercise each of its paths. (The stream,
-`device.stream`, is the fast path; this one is for KServe / Triton interop and fallback.)
+`httpx.Request`s sent on httpcore's keep-alive pool (`splitexit_device.http`), which retries
+nothing: the loop above is the only retry, and the tests exercise each of its paths. (The stream,
+`splitexit_device.stream`, is the fast path; this one is for KServe / Triton interop and fallback.)
 Bytes are counted as HTTP/1.1 puts them on the wire (request line, headers, body). Requests
 carry only the headers that do something: Host, Content-Type, Content-Length,
 Inference-Header-Content-Length, X-Request-ID, and Authorization when a token is set; no

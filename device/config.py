@@ -24,7 +24,7 @@ class AgentConfig:
     """How the agent decides and how much it keeps in flight.
 
     Args:
-        policy: "fixed" (always `channels` x `bits`) or "adaptive" (see `device.policy`).
+        policy: "fixed" (always `channels` x `bits`) or "adaptive" (see `splitexit_device.policy`).
         channels, bits: the fixed rule's operating point (default: the most accurate).
         deadline_s: per-input latency budget; the adaptive rule answers locally when no
             offload can meet it, and it bounds every request's retries.
@@ -37,7 +37,7 @@ class AgentConfig:
             any of `image_formats` (the expected-fastest; JPEG and WebP at `image_quality`).
         tail_here: the device may finish the tail itself, running the bundle's tail on the
             head's runtime (`splitexit-device` turns it on unless `--no-tail`).
-        breaker_failures, breaker_reset_s, breaker_max_reset_s: see `device.breaker`.
+        breaker_failures, breaker_reset_s, breaker_max_reset_s: see `splitexit_device.breaker`.
         runtime: what runs the head (`splitexit.runtime.backends`; default auto: onnxruntime
             when installed and the bundle has ONNX graphs, else TorchScript).
     """

@@ -16,19 +16,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.app import create_app
-    from server.settings import Settings
+    from splitexit_server.app import create_app
+    from splitexit_server.settings import Settings
 
 __all__ = ["Settings", "create_app"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import server` stays cheap (no torch)
     if name == "create_app":
-        from server.app import create_app
+        from splitexit_server.app import create_app
 
         return create_app
     if name == "Settings":
-        from server.settings import Settings
+        from splitexit_server.settings import Settings
 
         return Settings
     raise AttributeError(f"module 'server' has no attribute {name!r}")

@@ -29,11 +29,11 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from server.errors import DeadlineExceeded, Overloaded, ServerError, with_retry_after
-from server.limits import ASGIApp, Receive, Scope, Send
+from splitexit_server.errors import DeadlineExceeded, Overloaded, ServerError, with_retry_after
+from splitexit_server.limits import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from server.state import ServerState
+    from splitexit_server.state import ServerState
 
 _INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/[^/]+)?/infer")
 
@@ -143,7 +143,8 @@ class AdmissionDoor:
 
     def refusal(self, scope: Scope) -> bytes | None:
         """The whole HTTP/1.1 429 response for this request if the door refuses it, else None:
-        for the HTTP protocol to write itself, before any ASGI task exists (`server.connection`)."""
+        for the HTTP protocol to write itself, before any ASGI task exists
+        (`splitexit_server.connection`)."""
         refused, model = self._check(scope)
         if refused is None:
             return None
@@ -171,7 +172,7 @@ class AdmissionDoor:
 
 
 def _response(scope: Scope, error: ServerError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    from server.connection import close_unread
+    from splitexit_server.connection import close_unread
 
     body = json.dumps({"error": error.message}).encode()
     headers = [

@@ -6,10 +6,10 @@
     GET  /v2/models/{name}[/versions/{v}]/ready   open
     GET  /v2 | /v2/models/{name}[/versions/{v}]   server and model metadata
     GET  /metrics                                 Prometheus text format, open
-    WS   /v2/models/{name}/stream                 the device's stream (`server.stream`)
+    WS   /v2/models/{name}/stream                 the device's stream (`splitexit_server.stream`)
 
-    request ─ header in time (408) ─ AdmissionDoor (429, see `server.admission`)
-            ─ CloseUnreadBodies (answered before its body was read: close, `server.connection`)
+    request ─ header in time (408) ─ AdmissionDoor (429, see `splitexit_server.admission`)
+            ─ CloseUnreadBodies (answered before its body was read: close, see `.connection`)
             ─ RequestContext (id, log, metrics, last-resort 500) ─ BodyLimit (413)
             ─ bearer auth (401) ─ handler ─ body in time (408) ─ parse (400 / 415)
             ─ frame headers (400 / 409) ─ its own timeout feasible? (429 / 504)
@@ -20,7 +20,7 @@ An answer carries `Server-Timing: queue;dur=<ms>,compute;dur=<ms>,total;dur=<ms>
 for a batch, the batch's decode + model time, and the server's time from the whole body
 received to the answer (so a client can tell its link's time from the server's). A client
 that disconnects before its body arrives (a device giving up at its deadline) is counted
-under the outcome `client_disconnect` and logged in one line (see `server.middleware`).
+under the outcome `client_disconnect` and logged in one line (see `splitexit_server.middleware`).
 
 `create_app(settings)` loads the bundles in the background; `create_app(settings, bundles=...)`
 serves bundles already loaded (the CLI loads them first, to refuse bad ones before binding).
@@ -43,12 +43,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from server import openapi, stream
-from server.admission import AdmissionDoor
-from server.auth import AUTH_HINT, bearer_ok
-from server.batcher import BatcherFactory, Expired, QueueFull, Stopped
-from server.connection import CloseUnreadBodies
-from server.errors import (
+from splitexit.bundle.load import Bundle
+from splitexit.bundle.manifest import read_manifest
+from splitexit.errors import ConfigError, FingerprintMismatch, FrameError
+from splitexit.protocol.errors import ProtocolError
+from splitexit.protocol.kserve import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from splitexit_server import openapi, stream
+from splitexit_server.admission import AdmissionDoor
+from splitexit_server.auth import AUTH_HINT, bearer_ok
+from splitexit_server.batcher import BatcherFactory, Expired, QueueFull, Stopped
+from splitexit_server.connection import CloseUnreadBodies
+from splitexit_server.errors import (
     BadRequest,
     DeadlineExceeded,
     FingerprintRefused,
@@ -60,17 +65,12 @@ from server.errors import (
     UnsupportedMediaType,
     with_retry_after,
 )
-from server.limits import BodyLimitMiddleware
-from server.metrics import CONTENT_TYPE, ServerMetrics
-from server.middleware import RequestContextMiddleware
-from server.model import Answer, ServedModel
-from server.settings import Settings
-from server.state import ServerState
-from splitexit.bundle.load import Bundle
-from splitexit.bundle.manifest import read_manifest
-from splitexit.errors import ConfigError, FingerprintMismatch, FrameError
-from splitexit.protocol.errors import ProtocolError
-from splitexit.protocol.kserve import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from splitexit_server.limits import BodyLimitMiddleware
+from splitexit_server.metrics import CONTENT_TYPE, ServerMetrics
+from splitexit_server.middleware import RequestContextMiddleware
+from splitexit_server.model import Answer, ServedModel
+from splitexit_server.settings import Settings
+from splitexit_server.state import ServerState
 
 log = logging.getLogger("server.app")
 

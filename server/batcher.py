@@ -53,7 +53,7 @@ Process = Callable[[Sequence[Job]], Sequence[Any]]
 BatcherFactory = Callable[..., "DynamicBatcher"]
 """Makes a batcher from `(process, *, max_batch_size, max_queue_delay_s, max_queue_size,
 workers, name)`; anything with DynamicBatcher's `start`, `submit`, `stop` and `pending` fits
-(e.g. Ray Serve's batching in `server.ray_serve`)."""
+(e.g. Ray Serve's batching in `splitexit_server.ray_serve`)."""
 
 
 class DynamicBatcher:

@@ -1,6 +1,6 @@
 """The `splitexit-server` command: serve bundles' tails over the Open Inference Protocol.
 
-Flags are generated from `server.settings.Settings`, so each has an environment variable
+Flags are generated from `splitexit_server.settings.Settings`, so each has an environment variable
 (`SPLITEXIT_SERVER_<NAME>`) with the same meaning; a flag beats the variable.
 """
 
@@ -14,10 +14,10 @@ import logging.config
 import sys
 from pathlib import Path
 
-from server.settings import ENV_PREFIX, Settings, field_types, parse_value
 from splitexit.errors import SplitexitError
+from splitexit_server.settings import ENV_PREFIX, Settings, field_types, parse_value
 
-log = logging.getLogger("server.cli")
+log = logging.getLogger("splitexit_server.cli")
 
 EPILOG = f"""\
 Every flag can also be set with an environment variable {ENV_PREFIX}<FLAG>, e.g.
@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.bundles:
         parser.error(f"give at least one --bundle PATH (or set {ENV_PREFIX}BUNDLES)")
 
-    from server.logs import uvicorn_log_config
+    from splitexit_server.logs import uvicorn_log_config
 
     logging.config.dictConfig(uvicorn_log_config(settings.log_level))
-    from server.model import load_bundles  # torch is imported here, after argument checks
+    from splitexit_server.model import load_bundles  # torch is imported here, after argument checks
 
     try:
         bundles = load_bundles(settings)
@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"model": b.manifest.name, "fingerprint": b.fingerprint}))
         return 0
 
-    from server.app import create_app
-    from server.serve import make_server
+    from splitexit_server.app import create_app
+    from splitexit_server.serve import make_server
 
     try:
         app = create_app(settings, bundles=bundles)

@@ -14,7 +14,7 @@ refused before its body was read is not read (its connection closes).
 keep-alive timeout covers idle connections only once a request was answered, and is reset by
 every byte, so a header trickled a byte at a time would hold a connection forever).
 `CloseUnreadBodies` is ASGI middleware. The body's own deadline (408 when it stops short or
-stalls) is the app's (`server.app`).
+stalls) is the app's (`splitexit_server.app`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from server.limits import ASGIApp, Message, Receive, Scope, Send
+from splitexit_server.limits import ASGIApp, Message, Receive, Scope, Send
 
 DRAIN_BYTES = 64 * 1024  # the most of an unread body uvicorn reads and drops (keep-alive)
 

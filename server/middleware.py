@@ -19,9 +19,9 @@ import uuid
 
 from starlette.requests import ClientDisconnect
 
-from server.limits import ASGIApp, Message, Receive, Scope, Send
-from server.logs import request_id_var
-from server.metrics import ServerMetrics
+from splitexit_server.limits import ASGIApp, Message, Receive, Scope, Send
+from splitexit_server.logs import request_id_var
+from splitexit_server.metrics import ServerMetrics
 
 log = logging.getLogger("server.access")
 errors = logging.getLogger("server.error")

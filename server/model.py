@@ -27,11 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from server.admission import Admission
-from server.batcher import BatcherFactory, DynamicBatcher, Job
-from server.errors import BadRequest
-from server.metrics import ServerMetrics
-from server.settings import Settings
 from splitexit.bottleneck.quantize import QuantizedTensor
 from splitexit.bundle.load import Bundle, load_bundle
 from splitexit.codec import FrameHeader, encode_frame, read_header
@@ -39,6 +34,11 @@ from splitexit.errors import FingerprintMismatch, FrameError
 from splitexit.protocol.kserve import INPUT_FRAME, INPUT_IMAGE
 from splitexit.runtime.head import HeadRunner
 from splitexit.runtime.tail import TailAnswer, TailRunner
+from splitexit_server.admission import Admission
+from splitexit_server.batcher import BatcherFactory, DynamicBatcher, Job
+from splitexit_server.errors import BadRequest
+from splitexit_server.metrics import ServerMetrics
+from splitexit_server.settings import Settings
 
 log = logging.getLogger("server.model")
 
@@ -184,7 +184,7 @@ class ServedModel:
 
     def process(self, jobs: Sequence[Job]) -> list[Answer | Exception]:
         """Run one batch (called by the batcher in a worker thread); a job that waited past
-        the queue-delay target is dropped uncomputed (429, see `server.admission`)."""
+        the queue-delay target is dropped uncomputed (429, see `splitexit_server.admission`)."""
         now = time.perf_counter()
         target = self.admission.target_s
         keep = [j for j in jobs if now - j.enqueued <= target]

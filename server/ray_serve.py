@@ -2,7 +2,7 @@
 each replica, with Ray's batching (`serve.batch`) in place of the built-in batcher and Ray's
 replica autoscaling in place of the Kubernetes HPA.
 
-    serve run server.ray_serve:app bundles=/models/a,/models/b max_batch_size=32
+    serve run splitexit_server.ray_serve:app bundles=/models/a,/models/b max_batch_size=32
 
     HTTP ─ Ray Serve proxy ─ replica: create_app(...) ─ protocol, checks, metrics as usual
                                       └ RayBatcher ─ @serve.batch ─ ServedModel.process
@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from server.batcher import Job, QueueFull
-from server.settings import Settings, parse_value
+from splitexit_server.batcher import Job, QueueFull
+from splitexit_server.settings import Settings, parse_value
 
 DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
 
 
 class RayBatcher:
-    """The batcher interface of `server.batcher.DynamicBatcher`, on Ray Serve's `serve.batch`.
+    """`splitexit_server.batcher.DynamicBatcher`'s interface, on Ray Serve's `serve.batch`.
 
     Ray collects concurrent calls into one list (up to `max_batch_size` requests, waiting at
     most `max_queue_delay_s`); the list runs in a thread, like the built-in batcher's.
@@ -114,7 +114,7 @@ def deployment(
     from ray import serve
 
     def build_app() -> Any:  # runs on each replica: load, warm up, serve
-        from server.app import create_app
+        from splitexit_server.app import create_app
 
         return create_app(settings, batcher_factory=RayBatcher)
 
@@ -132,5 +132,5 @@ def deployment(
 
 
 def app(args: dict[str, str]) -> Any:
-    """Application builder for `serve run server.ray_serve:app key=value ...`."""
+    """Application builder for `serve run splitexit_server.ray_serve:app key=value ...`."""
     return deployment(settings_from_args(args))

@@ -16,11 +16,11 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from server.admission import AdmissionDoor
-from server.connection import guarded_protocol
-from server.logs import uvicorn_log_config
-from server.settings import Settings
-from server.state import ServerState
+from splitexit_server.admission import AdmissionDoor
+from splitexit_server.connection import guarded_protocol
+from splitexit_server.logs import uvicorn_log_config
+from splitexit_server.settings import Settings
+from splitexit_server.state import ServerState
 
 
 class GracefulServer(uvicorn.Server):

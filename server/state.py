@@ -16,12 +16,12 @@ import gc
 import logging
 from collections.abc import Callable, Sequence
 
-from server.batcher import BatcherFactory
-from server.errors import NotFound, NotReady, with_retry_after
-from server.metrics import ServerMetrics
-from server.model import ServedModel, load_bundles
-from server.settings import Settings
 from splitexit.bundle.load import Bundle
+from splitexit_server.batcher import BatcherFactory
+from splitexit_server.errors import NotFound, NotReady, with_retry_after
+from splitexit_server.metrics import ServerMetrics
+from splitexit_server.model import ServedModel, load_bundles
+from splitexit_server.settings import Settings
 
 log = logging.getLogger("server.state")
 

@@ -28,12 +28,6 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
-from server.auth import AUTH_HINT, bearer_ok
-from server.batcher import Expired, QueueFull, Stopped
-from server.errors import BadRequest, DeadlineExceeded, Overloaded
-from server.metrics import Gauge
-from server.model import Answer, ServedModel
-from server.state import ServerState
 from splitexit.errors import FingerprintMismatch, FrameError
 from splitexit.protocol.kserve import INPUT_FRAME
 from splitexit.protocol.stream import (
@@ -53,6 +47,12 @@ from splitexit.protocol.stream import (
     encode_failure,
     read_message,
 )
+from splitexit_server.auth import AUTH_HINT, bearer_ok
+from splitexit_server.batcher import Expired, QueueFull, Stopped
+from splitexit_server.errors import BadRequest, DeadlineExceeded, Overloaded
+from splitexit_server.metrics import Gauge
+from splitexit_server.model import Answer, ServedModel
+from splitexit_server.state import ServerState
 
 log = logging.getLogger("server.stream")
 

@@ -87,7 +87,7 @@ def tail_server(bundle: Path, port: int, log: Path, *, max_batch: int = 16) -> I
     cmd = [
         sys.executable,
         "-m",
-        "server.cli",
+        "splitexit_server.cli",
         "--bundle",
         str(bundle),
         "--host",
@@ -151,7 +151,7 @@ def run_agent(
     cmd = [
         sys.executable,
         "-m",
-        "device.cli",
+        "splitexit_device.cli",
         "run",
         "--bundle",
         str(bundle),

@@ -260,9 +260,9 @@ class TailServer:
     def start(self, timeout_s: float = 60.0) -> TailServer:
         import httpx
 
-        from server.app import create_app
-        from server.serve import make_server
-        from server.settings import Settings
+        from splitexit_server.app import create_app
+        from splitexit_server.serve import make_server
+        from splitexit_server.settings import Settings
 
         base: dict[str, Any] = {
             "bundles": (self.bundle_path,),

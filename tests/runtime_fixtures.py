@@ -22,7 +22,7 @@ from splitexit.zoo import default_bundle_path
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = default_bundle_path()
 
-#: Run `device.cli.main` with torch, fastapi and uvicorn unimportable (a meta-path finder
+#: Run `splitexit_device.cli.main` with torch, fastapi and uvicorn unimportable (a meta-path finder
 #: refuses them), then report on stderr whether any of them got imported after all.
 BLOCKED_RUNNER = """\
 import importlib.abc, sys
@@ -33,13 +33,13 @@ class Refuse(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
         return None
 sys.meta_path.insert(0, Refuse())
-from device.cli import main
+from splitexit_device.cli import main
 rc = main(sys.argv[1:])
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 print("IMPORTED " + json.dumps(loaded), file=sys.stderr)
 sys.exit(rc)
 """
-PLAIN_RUNNER = "import sys\nfrom device.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+PLAIN_RUNNER = "import sys\nfrom splitexit_device.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def fmnist_folder(root: Path, n: int = 40) -> Path:

@@ -21,12 +21,12 @@ import httpx
 import pytest
 import torch
 
-from server.app import create_app
-from server.serve import bind, make_server
-from server.settings import Settings
 from splitexit.bundle import export_bundle, load_bundle
 from splitexit.bundle.load import Bundle
 from splitexit.runtime import HeadRunner, TailRunner
+from splitexit_server.app import create_app
+from splitexit_server.serve import bind, make_server
+from splitexit_server.settings import Settings
 
 LOOPBACK = "127.0.0.1"
 OPERATING_POINTS = [(1, 8), (2, 4), (4, 2), (4, 4), (4, 8)]  # (k channels, bits)

@@ -24,9 +24,6 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketDisconnect
 
-from device.agent import Agent, AgentConfig
-from device.client import ClientConfig, OffloadClient
-from device.stream import StreamClient, StreamConfig, bundle_session
 from splitexit.protocol.stream import (
     CLOSE_FINGERPRINT,
     SUBPROTOCOL,
@@ -37,6 +34,9 @@ from splitexit.protocol.stream import (
     encode_failure,
     read_message,
 )
+from splitexit_device.agent import Agent, AgentConfig
+from splitexit_device.client import ClientConfig, OffloadClient
+from splitexit_device.stream import StreamClient, StreamConfig, bundle_session
 
 
 def stream_agent(
@@ -141,12 +141,20 @@ class FaultStreamServer:
 
 
 class ProcessServer:
-    """`python -m server.cli` serving `bundle` on a free loopback port, in its own process."""
+    """`python -m splitexit_server.cli` serving `bundle` on a free loopback port, own process."""
 
     def __init__(self, bundle: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-W", "ignore", "-m", "server.cli", "--bundle", str(bundle)]
+        cmd = [
+            sys.executable,
+            "-W",
+            "ignore",
+            "-m",
+            "splitexit_server.cli",
+            "--bundle",
+            str(bundle),
+        ]
         # admission control off in effect (a cold batch on a loaded machine must not be shed):
         # these tests are about faults; test_server_admission covers shedding
         cmd += ["--port", str(self.port), "--log-level", "warning"]

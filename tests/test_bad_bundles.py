@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from server_fixtures import tiny_bundle
 
-from device.cli import main as device_main
-from server.cli import main as server_main
 from splitexit.bundle.manifest import MANIFEST_FILE, Manifest, sha256_file
 from splitexit.preprocess import encode_image
+from splitexit_device.cli import main as device_main
+from splitexit_server.cli import main as server_main
 
 
 def rehash(root: Path) -> None:

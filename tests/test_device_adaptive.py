@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 from device_fixtures import ListWriter, TailServer, device_bundle, run_agent
 
-from device.agent import Agent, AgentConfig
-from device.client import ClientConfig, OffloadClient
-from device.sources import Input, Source, folder_source
 from splitexit.link import LinkEmulator
+from splitexit_device.agent import Agent, AgentConfig
+from splitexit_device.client import ClientConfig, OffloadClient
+from splitexit_device.sources import Input, Source, folder_source
 
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}  # every input goes to the policy
 # relearning after the slow phase takes the estimator a few seconds

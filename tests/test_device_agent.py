@@ -21,11 +21,11 @@ from device_fixtures import (
     run_agent,
 )
 
-from device.agent import Agent, AgentConfig
-from device.client import ClientConfig, OffloadClient
-from device.records import RecordWriter
-from device.sources import folder_source, limit, paths_source
 from splitexit.link import LinkEmulator
+from splitexit_device.agent import Agent, AgentConfig
+from splitexit_device.client import ClientConfig, OffloadClient
+from splitexit_device.records import RecordWriter
+from splitexit_device.sources import folder_source, limit, paths_source
 
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
 

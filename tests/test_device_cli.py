@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from device_fixtures import FaultServer, TailServer, device_bundle, free_port
 
-from device.cli import EXIT_OK, EXIT_SERVER, main
+from splitexit_device.cli import EXIT_OK, EXIT_SERVER, main
 
 
 def run(*args: str) -> int:
@@ -110,7 +110,7 @@ def test_ctrl_c_answers_what_was_taken_prints_the_summary_and_exits_130(tmp_path
     out = tmp_path / "records.jsonl"
     with FaultServer("stall", tb) as srv:
         cmd = [
-            sys.executable, "-m", "device.cli", "run", "--bundle", str(tb.path),
+            sys.executable, "-m", "splitexit_device.cli", "run", "--bundle", str(tb.path),
             "--server", srv.url, "--source", str(tb.folder), "--out", str(out),
             "--timeout-ms", "20000", "--budget-ms", "20000", "--no-progress",
             "--policy", "fixed",
@@ -141,7 +141,7 @@ def test_the_systemd_unit_runs_a_valid_command_line() -> None:
     import shutil
     import subprocess
 
-    from device.cli import build_parser
+    from splitexit_device.cli import build_parser
 
     unit = Path(__file__).parent.parent / "device" / "splitexit-device.service"
     text = unit.read_text()

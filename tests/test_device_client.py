@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 from device_fixtures import LOOPBACK, FaultServer, device_bundle, free_port
 
-from device.client import (
+from splitexit.protocol.kserve import (
+    ProtocolError,
+    RequestedOutput,
+    decode_response,
+    encode_infer_response,
+    encode_request,
+    parse_infer_request,
+)
+from splitexit_device.client import (
     ClientConfig,
     FingerprintRejected,
     OffloadClient,
@@ -27,14 +35,6 @@ from device.client import (
     metadata_fingerprint,
     server_seconds,
     server_timings,
-)
-from splitexit.protocol.kserve import (
-    ProtocolError,
-    RequestedOutput,
-    decode_response,
-    encode_infer_response,
-    encode_request,
-    parse_infer_request,
 )
 
 FRAME = b"SX" + bytes(range(50))

@@ -10,13 +10,13 @@ from typing import Any
 
 from device_fixtures import ListWriter, TailServer, device_bundle, quiet, run_agent
 
-from device.agent import Agent, AgentConfig
-from device.client import OffloadClient
-from device.records import Record
-from device.sources import folder_source, limit
 from splitexit.bundle import load_bundle
 from splitexit.link import LinkEmulator
 from splitexit.runtime import HeadResult, HeadRunner
+from splitexit_device.agent import Agent, AgentConfig
+from splitexit_device.client import OffloadClient
+from splitexit_device.records import Record
+from splitexit_device.sources import folder_source, limit
 
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}  # every input reaches the bottleneck
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from device.breaker import CircuitBreaker
-from device.estimator import EwmaEstimator, LinkEstimator, Measurements
 from splitexit.cost import Link
+from splitexit_device.breaker import CircuitBreaker
+from splitexit_device.estimator import EwmaEstimator, LinkEstimator, Measurements
 
 PROBE, REQUEST = 300, 1300  # bytes both ways
 

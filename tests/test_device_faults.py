@@ -18,9 +18,9 @@ from device_fixtures import (
     run_agent,
 )
 
-from device.agent import Agent, AgentConfig
-from device.client import ClientConfig, FingerprintRejected, OffloadClient
-from device.sources import Input, Source, folder_source, limit
+from splitexit_device.agent import Agent, AgentConfig
+from splitexit_device.client import ClientConfig, FingerprintRejected, OffloadClient
+from splitexit_device.sources import Input, Source, folder_source, limit
 
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
 

@@ -1,5 +1,5 @@
-"""The device's HTTP path (`device.http`: httpcore's pool, as the client configures it) keeps
-connections alive, reads every body framing a server may use, replaces connections the
+"""The device's HTTP path (`splitexit_device.http`: httpcore's pool, as the client configures
+it) keeps connections alive, reads every body framing a server may use, replaces connections the
 server closed, bounds what it reads and how long it waits, and puts exactly the counted
 bytes on the wire. Servers here are real sockets on loopback: the tail server itself, and
 small scripted ones for what a real server rarely does."""
@@ -18,9 +18,9 @@ import httpx
 import pytest
 from device_fixtures import LOOPBACK, TailServer, device_bundle, free_port
 
-from device.client import OffloadClient, request_wire_bytes
-from device.http import fetch, http_transport, timeouts
 from splitexit.link import LinkEmulator
+from splitexit_device.client import OffloadClient, request_wire_bytes
+from splitexit_device.http import fetch, http_transport, timeouts
 
 Handler = Callable[["Scripted", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from device.policy import (
+from splitexit.bundle import OperatingPoint as Point
+from splitexit.cost import Compute, CostModel, Link
+from splitexit_device.policy import (
     AdaptiveRule,
     Choices,
     Decision,
@@ -19,8 +21,6 @@ from device.policy import (
     pareto,
     start,
 )
-from splitexit.bundle import OperatingPoint as Point
-from splitexit.cost import Compute, CostModel, Link
 
 # (k, bits) -> (accuracy, frame bytes): more channels or bits, more accurate and bigger
 GRID = [

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.sources import (
+from splitexit.errors import DatasetError
+from splitexit_device.sources import (
     folder_source,
     label_index,
     limit,
@@ -18,7 +19,6 @@ from device.sources import (
     paths_source,
     video_source,
 )
-from splitexit.errors import DatasetError
 
 
 def png(path: Path, value: int = 0, mode: str = "L") -> Path:

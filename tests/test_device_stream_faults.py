@@ -18,10 +18,10 @@ import pytest
 from device_fixtures import FaultServer, TailServer, device_bundle, other_bundle, run_agent
 from stream_fixtures import FaultStreamServer, ProcessServer, stream_agent
 
-from device.agent import AgentConfig
-from device.client import FingerprintRejected, OffloadRefused
-from device.sources import Input, Source, folder_source, limit
-from device.stream import StreamConfig
+from splitexit_device.agent import AgentConfig
+from splitexit_device.client import FingerprintRejected, OffloadRefused
+from splitexit_device.sources import Input, Source, folder_source, limit
+from splitexit_device.stream import StreamConfig
 
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
 FAST_PING = StreamConfig(
@@ -249,7 +249,7 @@ def test_ctrl_c_over_the_stream_answers_what_was_taken_and_exits_130(tmp_path: P
     out = tmp_path / "records.jsonl"
     with FaultStreamServer("stall", tb) as srv:
         cmd = [
-            sys.executable, "-m", "device.cli", "run", "--bundle", str(tb.path),
+            sys.executable, "-m", "splitexit_device.cli", "run", "--bundle", str(tb.path),
             "--server", srv.url, "--source", str(tb.folder), "--out", str(out),
             "--transport", "stream", "--timeout-ms", "20000", "--budget-ms", "20000",
             "--no-progress", "--policy", "fixed",  # offload, never the tail here
@@ -309,7 +309,7 @@ def test_the_stream_counts_its_bytes_as_they_cross_tcp() -> None:
 def test_the_cli_refuses_a_bad_ping_and_a_stream_only_run_without_a_stream(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from device import cli
+    from splitexit_device import cli
 
     tb = device_bundle()
     base = ["run", "--bundle", str(tb.path), "--source", str(tb.folder), "--limit", "3"]
@@ -322,8 +322,8 @@ def test_the_cli_refuses_a_bad_ping_and_a_stream_only_run_without_a_stream(
 
 
 def test_offloads_that_meet_one_failure_each_get_their_own_error() -> None:
-    from device.connection import fresh
-    from device.errors import ServerBusy
+    from splitexit_device.connection import fresh
+    from splitexit_device.errors import ServerBusy
 
     shared = ServerBusy("draining", status=503, retry_after_s=2.0)
     a, b = fresh(shared), fresh(shared)

@@ -71,7 +71,8 @@ def test_device_install_has_no_torch_and_no_fastapi(venv: Path) -> None:
     code = (
         "import importlib.util, json\n"
         "print(json.dumps({m: importlib.util.find_spec(m) is not None for m in "
-        "('torch', 'fastapi', 'uvicorn', 'onnxruntime', 'device', 'splitexit')}))"
+        "('torch', 'fastapi', 'uvicorn', 'onnxruntime', 'splitexit_device', 'splitexit_server',"
+        " 'device', 'server', 'splitexit')}))"
     )
     out = subprocess.run(
         [str(venv / "bin" / "python"), "-c", code],
@@ -87,7 +88,10 @@ def test_device_install_has_no_torch_and_no_fastapi(venv: Path) -> None:
         "fastapi": False,
         "uvicorn": False,
         "onnxruntime": True,
-        "device": True,
+        "splitexit_device": True,
+        "splitexit_server": True,  # installed, but importing it needs the server extra
+        "device": False,  # no top-level names that collide with another package's
+        "server": False,
         "splitexit": True,
     }
 

@@ -265,10 +265,10 @@ def test_agent_against_an_onnx_server_answers_like_torch_against_a_torch_server(
 def test_server_image_baseline_runs_through_the_head_runner_on_either_runtime(
     images: Path,
 ) -> None:
-    from server.metrics import ServerMetrics
-    from server.model import ServedModel, Work
-    from server.settings import Settings
     from splitexit.preprocess import encode_image
+    from splitexit_server.metrics import ServerMetrics
+    from splitexit_server.model import ServedModel, Work
+    from splitexit_server.settings import Settings
 
     png = [encode_image(p) for p in pixels(images)[:8]]
     answers = {}
@@ -299,7 +299,8 @@ def test_core_and_device_packages_import_without_torch_or_fastapi() -> None:
         "sys.meta_path.insert(0, R())\n"
         "import splitexit, splitexit.bundle, splitexit.codec, splitexit.runtime\n"
         "import splitexit.preprocess, splitexit.confidence, splitexit.bottleneck.quantize\n"
-        "import device.cli, device.agent, device.client, device.config\n"
+        "import splitexit_device.cli, splitexit_device.agent, splitexit_device.client\n"
+        "import splitexit_device.config\n"
         "print('ok')\n"
     )
     out = subprocess.run(
@@ -317,7 +318,15 @@ def test_server_refuses_to_start_with_a_provider_it_lacks_in_one_line() -> None:
     repo = SHIPPED.parents[2]
 
     def server(*flags: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "server.cli", "--bundle", str(SHIPPED), "--check", *flags]
+        argv = [
+            sys.executable,
+            "-m",
+            "splitexit_server.cli",
+            "--bundle",
+            str(SHIPPED),
+            "--check",
+            *flags,
+        ]
         env = {**os.environ, "PYTHONPATH": str(repo)}
         return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=repo)
 

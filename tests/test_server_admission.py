@@ -12,11 +12,11 @@ import httpx
 import pytest
 from server_fixtures import LiveServer, settings, tiny_bundle
 
-from device.client import server_timings
-from server.admission import Admission
-from server.errors import DeadlineExceeded, Overloaded
 from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request
 from splitexit.runtime.tail import TailRunner
+from splitexit_device.client import server_timings
+from splitexit_server.admission import Admission
+from splitexit_server.errors import DeadlineExceeded, Overloaded
 
 TARGET_MS = 100.0
 

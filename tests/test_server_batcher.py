@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server.batcher import DynamicBatcher, Expired, QueueFull, Stopped
+from splitexit_server.batcher import DynamicBatcher, Expired, QueueFull, Stopped
 
 
 class Recorder:

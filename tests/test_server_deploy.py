@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from server_fixtures import LiveServer, settings, tiny_bundle
 
-from server.settings import ENV_PREFIX, Settings
+from splitexit_server.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "server"
@@ -27,7 +27,7 @@ SETTING_NAMES = {ENV_PREFIX + f.upper() for f in Settings.__dataclass_fields__}
 
 @pytest.fixture(scope="module")
 def routes() -> dict[str, set[str]]:
-    from server.app import create_app
+    from splitexit_server.app import create_app
 
     a = tiny_bundle("tiny-a", 0)
     doc = create_app(settings(a), bundles=[a.bundle]).openapi()
@@ -127,8 +127,8 @@ def test_triton_export_answers_like_the_server(tmp_path, name, shipped):
     """The bundle's shipped Triton model is copied; a bundle without one is exported now."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from server.triton.export import export_repository
     from splitexit.codec import decode_frame
+    from splitexit_server.triton.export import export_repository
 
     a = tiny_bundle(name, 0, onnx=shipped)
     assert (a.path / "onnx").exists() == shipped
@@ -165,8 +165,8 @@ def test_ray_serve_entry_point_serves_the_app():  # pragma: no cover - opt-in
 
     import httpx
 
-    from server.ray_serve import deployment
     from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
+    from splitexit_server.ray_serve import deployment
 
     a = tiny_bundle("tiny-a", 0)
     with socket.socket() as s:
@@ -196,8 +196,8 @@ def test_the_batcher_seam_used_by_the_ray_entry_point():
     """create_app(batcher_factory=...) swaps the batcher; the app answers the same."""
     import httpx
 
-    from server.batcher import DynamicBatcher
     from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
+    from splitexit_server.batcher import DynamicBatcher
 
     made = []
 

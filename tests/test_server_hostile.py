@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from server_fixtures import LiveServer, tiny_bundle
 from server_fixtures import settings as server_settings
 
-from server.model import IMAGE_FORMATS, ServedModel, Work
 from splitexit.bottleneck.quantize import QuantizedTensor
 from splitexit.codec import encode_frame
 from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
+from splitexit_server.model import IMAGE_FORMATS, ServedModel, Work
 
 FUZZ_EXAMPLES = 60  # bounded: a few seconds
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from server_fixtures import OPERATING_POINTS, LiveServer, settings, tiny_bundles
 
-from server.logs import JsonFormatter
 from splitexit.bottleneck.quantize import QuantizedTensor, quantize
 from splitexit.codec import encode_frame
 from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
+from splitexit_server.logs import JsonFormatter
 
 ATOL = 2e-5  # batching changes float summation order a little; answers differ by >1e-3
 
@@ -144,7 +144,7 @@ def test_image_input_runs_the_whole_model_at_the_best_operating_point(client, bu
 
 
 def test_answers_carry_server_timing_in_milliseconds(client, bundles):
-    from device.client import server_seconds  # what the device reads from it
+    from splitexit_device.client import server_seconds  # what the device reads from it
 
     a, _ = bundles
     frame = a.frame(a.inputs(1, seed=21), 4, 8)

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from server_fixtures import LiveServer, settings, tiny_bundle
 
-from server.model import ServedModel
 from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request
+from splitexit_server.model import ServedModel
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from server_fixtures import tiny_bundle
 
-from server import cli
-from server.settings import ENV_PREFIX, Settings
 from splitexit.errors import ConfigError
+from splitexit_server import cli
+from splitexit_server.settings import ENV_PREFIX, Settings
 
 
 def test_defaults_are_safe():
@@ -138,7 +138,7 @@ def test_the_command_serves_logs_json_and_drains_on_sigterm(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path / "server.log"
-    cmd = [sys.executable, "-W", "ignore", "-m", "server.cli", "--bundle", str(a.path)]
+    cmd = [sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(a.path)]
     cmd += ["--port", str(port), "--drain-s", "1", "--no-warmup", "--max-batch-size", "4"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     with open(log, "wb") as err:

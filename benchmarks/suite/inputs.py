@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from track_report import input_as_sent
 
-from device.sources import Input
 from splitexit.bundle import Bundle
 from splitexit.data import load_fashion_mnist
+from splitexit_device.sources import Input
 
 
 @dataclass(frozen=True)

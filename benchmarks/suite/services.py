@@ -1,6 +1,6 @@
 """The tail server the strategies talk to: `splitexit-server` as its own process, on loopback.
 
-    run_all ─ tail_server(bundle) ─ splitexit.demo.tail_server ─ `python -m server.cli` :port
+    run_all ─ tail_server(bundle) ─ splitexit.demo.tail_server ─ `splitexit_server.cli` :port
                                         ▲
     strategies ─ LinkEmulator(127.0.0.1:port, "RATE:20ms").url ─┘   (one per track, re-set per rate)
 

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
-from device.agent import Agent
-from device.client import OffloadClient
-from device.config import AgentConfig
-from device.records import Record, RecordWriter
-from device.sources import Input
-from device.stream import StreamClient, StreamConfig, bundle_session
 from splitexit.bundle import Bundle
 from splitexit.runtime import HeadRunner
+from splitexit_device.agent import Agent
+from splitexit_device.client import OffloadClient
+from splitexit_device.config import AgentConfig
+from splitexit_device.records import Record, RecordWriter
+from splitexit_device.sources import Input
+from splitexit_device.stream import StreamClient, StreamConfig, bundle_session
 
 from .device_side import BenchHead, DeviceClock, TimedPreprocess, timed_image, timed_tail
 from .inputs import Inputs

@@ -22,13 +22,6 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from device.client import (
-    request_wire_bytes,
-    response_wire_bytes,
-    server_timings,
-    timing_total,
-)
-from device.http import fetch, http_transport, timeouts
 from splitexit.bundle import Bundle
 from splitexit.preprocess import encode_image
 from splitexit.protocol.kserve import (
@@ -38,6 +31,13 @@ from splitexit.protocol.kserve import (
     decode_response,
     encode_request,
 )
+from splitexit_device.client import (
+    request_wire_bytes,
+    response_wire_bytes,
+    server_timings,
+    timing_total,
+)
+from splitexit_device.http import fetch, http_transport, timeouts
 
 from .device_side import DeviceClock, TimedPreprocess
 from .inputs import Inputs
@@ -109,8 +109,8 @@ def image_request(
     url: str, model: str, data: bytes, request_id: str, timeout_s: float = 10.0
 ) -> httpx.Request:
     """The `image` inference request, built by the agent's own request encoder, with the
-    agent's headers, and sent on the agent's transport (`device.http.http_transport`): both
-    baselines pay the same HTTP overhead."""
+    agent's headers, and sent on the agent's transport
+    (`splitexit_device.http.http_transport`): both baselines pay the same HTTP overhead."""
     body, n = encode_request(data, input_name="image")
     headers = {
         HEADER_LENGTH: str(n),

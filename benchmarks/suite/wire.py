@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from device.client import OffloadClient, request_wire_bytes
-from device.config import operating_points
-from device.policy import best_point
 from splitexit.bottleneck.quantize import quantize
 from splitexit.bundle import Bundle
 from splitexit.codec import HEADER_SIZE, QPARAM_SIZE, encode_frame
 from splitexit.preprocess import decode_image, encode_image
 from splitexit.runtime import HeadRunner, TailRunner
+from splitexit_device.client import OffloadClient, request_wire_bytes
+from splitexit_device.config import operating_points
+from splitexit_device.policy import best_point
 
 from .inputs import Inputs
 from .strategies import image_request

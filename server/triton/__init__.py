@@ -1,1 +1,1 @@
-"""Triton Inference Server export of a bundle's tail (see `server.triton.export`)."""
+"""Triton Inference Server export of a bundle's tail (see `splitexit_server.triton.export`)."""

@@ -1,6 +1,6 @@
 """Write a Triton model repository for a bundle's tail (needs the `export` extra).
 
-    python -m server.triton.export BUNDLE REPOSITORY [--max-batch-size 64]
+    python -m splitexit_server.triton.export BUNDLE REPOSITORY [--max-batch-size 64]
 
     REPOSITORY/<name>_tail/config.pbtxt   onnxruntime backend, dynamic batching
                           /labels.txt     class names
@@ -65,7 +65,7 @@ def _max_batch_size(config: Path) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m server.triton.export",
+        prog="python -m splitexit_server.triton.export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
