@@ -6,7 +6,7 @@
 Measures, on the shipped small-track bundle (and `--large-bundle` if given):
 - head (every segment and exit, no early exit) and tail time per backend and thread count,
   batch 1, median of `--reps` calls through `HeadRunner` / `TailRunner`;
-- tail throughput per backend at batch 1..32 (samples/s of `TailRunner.run_codes`, what a
+- tail throughput per backend at batch 1..32, per bundle (samples/s of `TailRunner.run_codes`, what a
   server worker runs per batch; one thread);
 - agent start-up: `splitexit-device run --local-only` on one image, wall time and peak RSS
   of the process, with --runtime torch and --runtime onnxruntime (which imports no torch),
@@ -96,7 +96,15 @@ def tail_throughput(path: Path, reps: int) -> list[dict[str, Any]]:
         tail = TailRunner(bundle, runtime=RuntimeOptions(name, threads=1))
         for b in BATCHES:
             ms = median_ms(lambda t=tail, c=codes[:b]: t.run_codes(c), reps)
-            rows.append({"backend": name, "batch": b, "ms": ms, "samples_per_s": b / ms * 1e3})
+            rows.append(
+                {
+                    "bundle": bundle.manifest.name,
+                    "backend": name,
+                    "batch": b,
+                    "ms": ms,
+                    "samples_per_s": b / ms * 1e3,
+                }
+            )
     return rows
 
 
@@ -223,15 +231,18 @@ def render(report: dict[str, Any]) -> str:
         "",
         "## Tail throughput by batch size (one thread, samples/s)",
         "",
-        "| batch | torch | onnxruntime |",
-        "| ---: | ---: | ---: |",
+        "What a server worker runs per batch: `TailRunner.run_codes` on b one-sample codes.",
+        "",
+        "| bundle | batch | torch | onnxruntime |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    tp = {(r["backend"], r["batch"]): r for r in report["throughput"]}
-    for b in BATCHES:
-        lines.append(
-            f"| {b} | {tp[('torch', b)]['samples_per_s']:,.0f} | "
-            f"{tp[('onnxruntime', b)]['samples_per_s']:,.0f} |"
-        )
+    tp = {(r.get("bundle", ""), r["backend"], r["batch"]): r for r in report["throughput"]}
+    for name in dict.fromkeys(r.get("bundle", "") for r in report["throughput"]):
+        for b in BATCHES:
+            lines.append(
+                f"| {name} | {b} | {tp[(name, 'torch', b)]['samples_per_s']:,.0f} | "
+                f"{tp[(name, 'onnxruntime', b)]['samples_per_s']:,.0f} |"
+            )
     lines += [
         "",
         "## Agent start-up (one image, local-only; median of 3)",
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "onnxruntime": onnxruntime.__version__,
         "compute": [row for b in bundles for row in compute_times(b, threads, args.reps)],
-        "throughput": tail_throughput(bundles[0], args.reps),
+        "throughput": [row for b in bundles for row in tail_throughput(b, args.reps)],
     }
     venv, made = (None, False) if args.no_venv else device_venv(args.device_venv)
     report["startup"] = startup(bundles[0], venv)
