@@ -6,8 +6,8 @@
 Measures, on the shipped small-track bundle (and `--large-bundle` if given):
 - head (every segment and exit, no early exit) and tail time per backend and thread count,
   batch 1, median of `--reps` calls through `HeadRunner` / `TailRunner`;
-- tail throughput per backend at batch 1..32, per bundle (samples/s of `TailRunner.run_codes`, what a
-  server worker runs per batch; one thread);
+- tail throughput per backend and bundle at batch 1..32 (samples/s of `TailRunner.run_codes`,
+  what a server worker runs per batch; one thread);
 - agent start-up: `splitexit-device run --local-only` on one image, wall time and peak RSS
   of the process, with --runtime torch and --runtime onnxruntime (which imports no torch),
   and in a torch-free device venv;
