@@ -13,12 +13,25 @@ on stderr and exit status 2.
 
 from __future__ import annotations
 
-from types import ModuleType
+import argparse
+from typing import Protocol
 
 from . import calibrate, demo, export, inspect, models, onnx, profile, sign, train
 
+
+class Command(Protocol):
+    """The shape of a subcommand module (a module satisfies it, as type checkers see)."""
+
+    HELP: str
+    DESCRIPTION: str | None
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
 #: name -> module, in the order `splitexit --help` lists them
-COMMANDS: dict[str, ModuleType] = {
+COMMANDS: dict[str, Command] = {
     "models": models,
     "train": train,
     "export": export,
@@ -30,4 +43,4 @@ COMMANDS: dict[str, ModuleType] = {
     "inspect": inspect,
 }
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "Command"]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the library imports torch: on first use, not to build the p
     from splitexit.calibrate import CalibrationTable, Goal
 
 HELP = "choose exit thresholds for a goal, check them on held-out data, write them"
-DESCRIPTION = None
+DESCRIPTION: str | None = None
 
 # the same as goals.GOALS and exits.CONFIDENCE_MEASURES (a test keeps them in sync), written
 # out so that building the parser imports no torch
@@ -238,18 +238,18 @@ def _tables(
         if args.save_tables:
             for name, table in tables.items():
                 table.save(Path(args.save_tables) / f"{name}.npz")
-    for table in (cal, test):
-        if table is None:
+    for recorded in (cal, test):
+        if recorded is None:
             continue
-        fp = table.info.get("fingerprint")
+        fp = recorded.info.get("fingerprint")
         if fp is not None and fp != bundle.fingerprint:
             raise CalibrationError(
                 f"the tables were recorded from a bundle with fingerprint {fp[:16]}, not "
                 f"{bundle.fingerprint[:16]}: record them again from this bundle"
             )
-        if list(table.exit_names) != bundle.manifest.exit_names:
+        if list(recorded.exit_names) != bundle.manifest.exit_names:
             raise CalibrationError(
-                f"the tables have exits {list(table.exit_names)}, the bundle "
+                f"the tables have exits {list(recorded.exit_names)}, the bundle "
                 f"{bundle.manifest.exit_names}: record them again from this bundle"
             )
     return cal, test

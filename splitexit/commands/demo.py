@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "run tail server + device agent end to end on Fashion-MNIST"
-DESCRIPTION = (
+DESCRIPTION: str | None = (
     "Start the tail server on a free loopback port, run the device agent over "
     "the Fashion-MNIST test set through it, and print a report: accuracy against the "
     "teacher's, exit and offload rates, bytes per input against sending the image, "

@@ -11,7 +11,7 @@ from splitexit.errors import SplitexitError
 from .onnx import require_onnx
 
 HELP = "write a bundle from a finished run directory"
-DESCRIPTION = (
+DESCRIPTION: str | None = (
     "Rebuild a finished run's model from its config.json (model reference and "
     "kwargs) and model.pt, and write its bundle. Exporting over the run's bundle keeps "
     "its fingerprint and its calibrated thresholds (same weights, same fingerprint), "

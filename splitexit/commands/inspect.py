@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "print a bundle's manifest readably"
-DESCRIPTION = None
+DESCRIPTION: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

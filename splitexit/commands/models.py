@@ -8,7 +8,7 @@ import json
 from splitexit.errors import SplitexitError
 
 HELP = "list the splittable architectures, or one model's split points"
-DESCRIPTION = (
+DESCRIPTION: str | None = (
     "Without MODEL: the zoo. With MODEL (a zoo name, package.module:factory "
     "or path/to/file.py:factory): where that model can be cut and where exits may go."
 )

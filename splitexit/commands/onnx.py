@@ -8,7 +8,7 @@ import importlib.util
 from splitexit.errors import SplitexitError
 
 HELP = "add ONNX graphs of head, exits and tail to a bundle (fingerprint unchanged)"
-DESCRIPTION = (
+DESCRIPTION: str | None = (
     "Export a bundle directory's TorchScript pieces to ONNX into its onnx/ "
     "folder, check them against TorchScript on sample inputs (the parity goes into the "
     "manifest), and list them, so `--runtime onnxruntime` can run it without torch. "

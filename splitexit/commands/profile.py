@@ -9,7 +9,7 @@ from splitexit.errors import SplitexitError
 from splitexit.profile import DEFAULT_LINKS
 
 HELP = "time and size every split point of a model; recommend one"
-DESCRIPTION = None
+DESCRIPTION: str | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "sign a bundle with an ed25519 key (servers and devices: --trusted-key)"
-DESCRIPTION = (
+DESCRIPTION: str | None = (
     "Write BUNDLE/manifest.sig, an ed25519 signature of its manifest (which "
     "holds every file's sha256). Make a key with `openssl genpkey -algorithm ed25519 -out "
     "signing.pem` and give servers and devices its public half (`openssl pkey -in "

@@ -8,7 +8,7 @@ from splitexit.train.config import resolve_config, shipped_configs
 from splitexit.train.resume import STAGES
 
 HELP = "run or resume an experiment from a TOML config"
-DESCRIPTION = (
+DESCRIPTION: str | None = (
     "Train teacher, bottleneck (head distillation + KD fine-tuning) and exits "
     "as the config says, evaluate every (channels, bits) point on the test set, and export "
     "a bundle. Re-running the same config resumes from the last finished epoch; a changed "
