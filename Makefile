@@ -5,11 +5,16 @@
 # Variables (override on the command line, e.g. `make test TORCH="torch==2.14.1 torchvision==0.29.1"`):
 #   PYTHON   interpreter that creates the venv                 (python3)
 #   VENV     where the venv lives                              (.venv)
-#   TORCH    pip requirement(s) for torch, installed first     (auto: see scripts/torch-spec)
+#   TORCH    pip arguments for torch, installed first          (auto: scripts/torch-spec)
+#            auto: with an NVIDIA GPU the default torch; without, torch==2.13.0 from PyTorch's
+#            CPU wheel index when it answers, else from your pip index (a note says so: from
+#            PyPI that is the multi-GB CUDA build)
 #   EXTRAS   project extras to install                         (server,dev,efficientnet,notebooks)
 PYTHON ?= python3
 VENV   ?= .venv
-TORCH  ?= $(shell sh scripts/torch-spec)
+ifeq ($(origin TORCH),undefined)  # probe once per make run, not at every use
+TORCH  := $(shell sh scripts/torch-spec)
+endif
 EXTRAS ?= server,dev,efficientnet,notebooks
 PIP    := $(VENV)/bin/python -m pip
 STAMP  := $(VENV)/.installed-$(shell printf '%s|%s' "$(TORCH)" "$(EXTRAS)" | cksum | cut -d' ' -f1)

@@ -5,7 +5,8 @@
 
 Where things live: `models` (zoo and split surgery), `bottleneck`, `exits`, `codec` (the
 frame), `train` (the pipeline), `bundle` (export / load), `runtime` (head and tail runners),
-`calibrate`, `profile`, `data`, `preprocess`, `link` (link emulator), `demo`, `cli`.
+`calibrate`, `profile`, `data`, `preprocess`, `link` (link emulator), `demo`, `cli` (the
+entry point) and `commands` (one module per subcommand).
 Submodules are imported on use, so `import splitexit` stays cheap.
 """
 

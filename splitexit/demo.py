@@ -46,6 +46,7 @@ class DemoPaths:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 just now (the OS's pick); for servers started on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse
 from splitexit.bundle import export_bundle, load_bundle, write_thresholds
 from splitexit.bundle.load import Bundle
 from splitexit.data import FASHION_MNIST_CLASSES
+from splitexit.demo import free_port  # re-exported: the device tests import it from here
 from splitexit.runtime import HeadRunner, TailRunner
 
 LOOPBACK = "127.0.0.1"
@@ -182,12 +183,6 @@ def _save_png(img: np.ndarray, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _listen(port: int) -> socket.socket:

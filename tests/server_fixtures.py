@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import torch
 
 from splitexit.bundle import export_bundle, load_bundle
@@ -189,8 +188,3 @@ def settings(*bundles: TinyBundle, **changes: Any) -> Settings:
     }
     base.update(changes)
     return Settings(**base)
-
-
-@pytest.fixture(scope="module")
-def two_bundles() -> tuple[TinyBundle, TinyBundle]:
-    return tiny_bundles()

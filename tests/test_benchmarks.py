@@ -9,11 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from suite.link_check import link_cost  # benchmarks/ is on pytest's pythonpath (pyproject)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from suite.link_check import link_cost  # noqa: E402
 
 
 def test_a_raw_exchange_through_the_emulator_pays_rtt_and_bytes_and_little_more() -> None:

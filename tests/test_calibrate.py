@@ -21,9 +21,7 @@ from splitexit.calibrate import (
     CalibrationTable,
     Goal,
     Replay,
-    add_arguments,
     binom_sf,
-    calibrate_main,
     check_promise,
     clopper_pearson_lower,
     clopper_pearson_upper,
@@ -35,6 +33,8 @@ from splitexit.calibrate import (
     select_thresholds,
     write_selection,
 )
+from splitexit.commands.calibrate import add_arguments
+from splitexit.commands.calibrate import run as calibrate_main
 from splitexit.cost import Compute, CostModel, Link
 
 # ------------------------------------------------------------------------ synthetic tables
@@ -610,18 +610,16 @@ def test_the_cli_parsers_build_without_torch_and_offer_every_choice():
     import subprocess
     import sys
 
-    from splitexit.calibrate.arguments import GOAL_CHOICES, MEASURE_CHOICES
     from splitexit.calibrate.goals import GOALS
+    from splitexit.commands.calibrate import GOAL_CHOICES, MEASURE_CHOICES
     from splitexit.exits import CONFIDENCE_MEASURES
 
     assert GOAL_CHOICES == GOALS
     assert MEASURE_CHOICES[:-1] == CONFIDENCE_MEASURES and MEASURE_CHOICES[-1] == "auto"
     code = (
-        "import sys, argparse\n"
-        "from splitexit.calibrate import add_arguments\n"
-        "from splitexit import profile\n"
-        "add_arguments(argparse.ArgumentParser())\n"
-        "profile.add_arguments(argparse.ArgumentParser())\n"
+        "import sys\n"
+        "from splitexit.cli import build_parser\n"
+        "build_parser()\n"
         "assert 'torch' not in sys.modules, 'building the parsers imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

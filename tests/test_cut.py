@@ -12,14 +12,7 @@ from torch import nn
 from splitexit.errors import SplitPointError
 from splitexit.models import ClassifierHead, StagedModel, cut_model, valid_split_points
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run faster on one thread than on two contended ones (shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_staged() -> StagedModel:

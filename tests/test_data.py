@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from splitexit import data
 from splitexit.data import (
     FASHION_MNIST_CLASSES,
     ArrayDataset,
@@ -32,6 +31,7 @@ from splitexit.data import (
     read_idx,
     split_indices,
 )
+from splitexit.data import fashion_mnist as data
 from splitexit.errors import DatasetError
 from splitexit.preprocess import Preprocess
 

@@ -20,14 +20,7 @@ from splitexit.models import (
     register_model,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run faster on one thread than on two contended ones (shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_every_cut_is_exact(model: StagedModel, x: torch.Tensor) -> torch.Tensor:

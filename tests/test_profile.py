@@ -12,15 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from splitexit.commands.profile import add_arguments
+from splitexit.commands.profile import run as profile_main
 from splitexit.cost import Link
 from splitexit.models import build_model
-from splitexit.profile import (
-    add_arguments,
-    profile_main,
-    profile_model,
-    profile_zoo,
-    synthetic_image,
-)
+from splitexit.profile import profile_model, profile_zoo, synthetic_image
 
 FAST = {"repeats": 5, "warmup": 1, "points": ("layer1", "layer2")}
 

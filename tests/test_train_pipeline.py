@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from splitexit.bundle import load_bundle
+from splitexit.demo import free_port
 from splitexit.train.config import config_from_dict
 from splitexit.train.pipeline import run_experiment
 
@@ -132,12 +132,6 @@ def test_rerunning_a_finished_run_trains_nothing_more(tiny_run) -> None:
     run_experiment(config_from_dict(tiny_config(out)), export=False, log=lambda *a: None)
     assert (out / "metrics.jsonl").read_text() == lines
     assert_same_state(before, final_state(out))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, **kw) -> subprocess.Popen:

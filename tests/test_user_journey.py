@@ -22,6 +22,7 @@ import pytest
 import torch
 from torch import nn
 
+from splitexit.demo import free_port
 from splitexit.models import StagedModel
 
 BIN = Path(sys.executable).parent
@@ -210,7 +211,7 @@ def test_the_walkthrough_trains_calibrates_serves_and_answers_as_the_run_did(
     splitexit("inspect", "runs/my-cnn/bundle", cwd=journey)
 
     # serve it, run the agent over the test folder
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(BIN / "splitexit-server"), "--bundle", "runs/my-cnn/bundle", "--host",
          "127.0.0.1", "--port", str(port)],
@@ -290,14 +291,6 @@ def best_point(bundle) -> tuple[int, int]:
         return b.channels, max(b.bits)
     p = max(measured, key=lambda p: (p.accuracy, p.channels, p.bits))
     return p.channels, p.bits
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:

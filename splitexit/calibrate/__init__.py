@@ -8,11 +8,11 @@ check the promise on a test split, and write the thresholds into the bundle.
 latency, priced by `splitexit.cost`); `goals` states what they must achieve; `bounds` holds
 the Clopper-Pearson bounds; `thresholds` searches; `samples` says how many calibration
 samples each exit's figures rest on and how many the goal's margin needs; `promise` checks on
-held-out data; `report` formats; `arguments` and `command` are the `splitexit calibrate`
-CLI (`add_arguments`, `calibrate_main`).
+held-out data; `report` formats; `write` writes a selection into the bundle. The
+`splitexit calibrate` command is `splitexit.commands.calibrate`.
 
-Names are imported on first use, so `from splitexit.calibrate import add_arguments` (what the
-CLI parser needs) does not import torch.
+Names are imported on first use, so importing the package (what the CLI does to build its
+parser) does not import torch.
 """
 
 from __future__ import annotations
@@ -21,14 +21,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "add_arguments": "arguments",
-    "calibrate_main": "arguments",
     "betainc": "bounds",
     "binom_sf": "bounds",
     "clopper_pearson_lower": "bounds",
     "clopper_pearson_upper": "bounds",
     "samples_needed": "bounds",
-    "write_selection": "command",
     "folder_split": "data",
     "held_out_splits": "data",
     "GOALS": "goals",
@@ -55,6 +52,9 @@ _EXPORTS = {
     "ExitSamples": "samples",
     "Selection": "thresholds",
     "select_thresholds": "thresholds",
+    "calibrated_on": "write",
+    "jsonable": "write",
+    "write_selection": "write",
 }
 
 __all__ = [
@@ -69,10 +69,9 @@ __all__ = [
     "PromiseCheck",
     "Replay",
     "Selection",
-    "add_arguments",
     "betainc",
     "binom_sf",
-    "calibrate_main",
+    "calibrated_on",
     "check_compute",
     "check_promise",
     "clopper_pearson_lower",
@@ -85,6 +84,7 @@ __all__ = [
     "format_sweep",
     "format_table_summary",
     "held_out_splits",
+    "jsonable",
     "measure_compute",
     "median_ms",
     "promise_sweep",
@@ -109,7 +109,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .arguments import add_arguments, calibrate_main
     from .bounds import (
         betainc,
         binom_sf,
@@ -117,7 +116,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         clopper_pearson_upper,
         samples_needed,
     )
-    from .command import write_selection
     from .goals import GOALS, Goal
     from .policy import (
         NEVER,
@@ -140,3 +138,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .samples import ExitSamples
     from .table import CalibrationError, CalibrationTable
     from .thresholds import Selection, select_thresholds
+    from .write import calibrated_on, jsonable, write_selection

@@ -68,10 +68,6 @@ class HeadResult:
     def batch_size(self) -> int:
         return len(self.exit_name)
 
-    @property
-    def needs_tail(self) -> bool:
-        return bool(self.pending)
-
     def answer(self, i: int) -> ExitAnswer | None:
         """Sample i's local answer if it exited, else None."""
         name = self.exit_name[i]

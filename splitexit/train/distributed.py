@@ -31,13 +31,17 @@ class DistInfo:
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun; a no-op otherwise."""
+    """Join the process group when launched by torchrun (on CUDA, each rank on the GPU of
+    its LOCAL_RANK); a no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":  # one GPU per rank: `cuda` then means this rank's
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def barrier(info: DistInfo) -> None:

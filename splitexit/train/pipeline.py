@@ -260,7 +260,11 @@ def _run(
     if not cfg.teacher.checkpoint and cfg.teacher.optim.epochs > 0:
 
         def eval_teacher() -> dict[str, float]:
-            return {"val_accuracy": accuracy(teacher, calib, pre, device=device)}
+            return {
+                "val_accuracy": accuracy(
+                    teacher, calib, pre, batch_size=cfg.eval_batch_size, device=device
+                )
+            }
 
         run_stage(
             stage_run("teacher", cfg.teacher.optim, augment=aug, evaluate=eval_teacher),
@@ -277,11 +281,13 @@ def _run(
     widest, narrowest = (s.channels, max(s.bits)), (s.min_channels, min(s.bits))
 
     def eval_split() -> dict[str, float]:
-        r = evaluate_split(net, calib, pre, [widest, narrowest], device=device)
+        r = evaluate_split(
+            net, calib, pre, [widest, narrowest], batch_size=cfg.eval_batch_size, device=device
+        )
         return {"val_accuracy": r["grid"][0]["accuracy"], "val_narrow": r["grid"][1]["accuracy"]}
 
     def eval_exits() -> dict[str, float]:
-        r = evaluate_split(net, calib, pre, [widest], device=device)
+        r = evaluate_split(net, calib, pre, [widest], batch_size=cfg.eval_batch_size, device=device)
         return {f"val_exit_{k}": v for k, v in r["exits"].items()}
 
     stages = [
@@ -382,8 +388,8 @@ def _load_final(model: torch.nn.Module, out: Path, stage: str, epochs: int) -> N
 def final_results(cfg, net, teacher, test: ArraySplit, pre: Preprocess, device) -> dict:
     """Test-set accuracy of the teacher, every operating point and every exit, with bytes."""
     grid_points = operating_grid(cfg)
-    teacher_acc = accuracy(teacher, test, pre, device=device)
-    r = evaluate_split(net, test, pre, grid_points, device=device)
+    teacher_acc = accuracy(teacher, test, pre, batch_size=cfg.eval_batch_size, device=device)
+    r = evaluate_split(net, test, pre, grid_points, batch_size=cfg.eval_batch_size, device=device)
     sizes = mean_frame_bytes(net.cpu(), test, pre, grid_points)
     net.to(device)
     for row in r["grid"]:
