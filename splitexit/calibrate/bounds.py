@@ -57,7 +57,7 @@ def _beta_cf(a: float, b: float, x: float) -> float:
     raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b})")
 
 
-def binom_sf(k: int, n: int, p: float) -> float:
+def binom_sf(k: float, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p)."""
     if k <= 0:
         return 1.0
@@ -66,7 +66,7 @@ def binom_sf(k: int, n: int, p: float) -> float:
     return betainc(k, n - k + 1, p)
 
 
-def _check(k: int, n: int, confidence: float) -> None:
+def _check(k: float, n: int, confidence: float) -> None:
     if n < 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if not 0.0 < confidence < 1.0:

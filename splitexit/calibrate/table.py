@@ -144,7 +144,7 @@ class CalibrationTable:
             )
         return self.confidence[measure]
 
-    def tail_accuracy(self, point: Sequence[int] | None = None) -> float:
+    def tail_accuracy(self, point: Sequence[int] | Point | None = None) -> float:
         """Accuracy of sending every sample to the tail at `point` (default the widest)."""
         return float(self.tail_correct[:, self.point_index(point)].mean()) if self.n else 0.0
 
@@ -186,7 +186,7 @@ class CalibrationTable:
             "measures": list(self.measures),
             "info": self.info,
         }
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
             "labels": _compact(self.labels),
             "exit_prediction": _compact(self.exit_prediction),
@@ -195,7 +195,7 @@ class CalibrationTable:
             **{f"confidence_{m}": c.astype(np.float32) for m, c in self.confidence.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, **arrays)
+        np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds
         return path
 
     @classmethod

@@ -27,6 +27,7 @@ from ..preprocess import Preprocess
 from .batches import ArraySplit, epoch_generator, iterate_batches, num_batches
 from .config import Optim
 from .distributed import DistInfo, all_reduce_sum, barrier, sync_buffers, wrap
+from .objectives import Objective
 from .resume import checkpoint_path
 
 
@@ -87,7 +88,7 @@ def epoch_batches(run: StageRun, g: torch.Generator):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(run: StageRun, objective: nn.Module, epoch: int) -> None:
+def recalibrate_batchnorm(run: StageRun, objective: Objective, epoch: int) -> None:
     """Re-estimate the running statistics of the BatchNorm layers this stage trains.
 
     Their statistics are reset and averaged (momentum None: a plain cumulative mean) over
@@ -158,7 +159,7 @@ def stage_done(out_dir: Path, stage: str, epochs: int) -> bool:
     return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"]) >= epochs
 
 
-def run_stage(run: StageRun, objective: nn.Module, model: nn.Module) -> dict[str, float]:
+def run_stage(run: StageRun, objective: Objective, model: nn.Module) -> dict[str, float]:
     """Train `objective` for the stage's epochs; `model` is what the checkpoint saves."""
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, run.optim)

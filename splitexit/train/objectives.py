@@ -10,6 +10,8 @@ Only parameters with `requires_grad` are trained; each objective freezes what it
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,13 +19,24 @@ from torch import nn
 from ..splitnet import SplitExitNet
 from .losses import feature_loss, kd_loss
 
+if TYPE_CHECKING:
+    from ..models.staged import StagedModel
+
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(trainable)
 
 
-class TeacherObjective(nn.Module):
+class Objective(nn.Module):
+    """A stage's loss as a module: forward(x, y, bits, keep) -> (loss, logits)."""
+
+    def frozen(self) -> list[nn.Module]:
+        """The submodules this stage keeps fixed (the loop puts them in eval mode)."""
+        raise NotImplementedError
+
+
+class TeacherObjective(Objective):
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
@@ -38,10 +51,10 @@ class TeacherObjective(nn.Module):
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
 
 
-class HeadDistillObjective(nn.Module):
+class HeadDistillObjective(Objective):
     """Stage 1: student f̂ (and the frozen tail stages after it) match the teacher features."""
 
-    def __init__(self, net: SplitExitNet, teacher: nn.Module, split: str, later_stages: bool):
+    def __init__(self, net: SplitExitNet, teacher: StagedModel, split: str, later_stages: bool):
         super().__init__()
         self.net, self.teacher = net, teacher
         tail_names = [n for n, _ in net.tail.named_children()][:-1]
@@ -66,7 +79,7 @@ class HeadDistillObjective(nn.Module):
         return loss, out["logits"]
 
 
-class FinetuneObjective(nn.Module):
+class FinetuneObjective(Objective):
     """Stage 2: knowledge distillation with quantization (and ordered channels) in the loop."""
 
     def __init__(
@@ -103,7 +116,7 @@ class FinetuneObjective(nn.Module):
         return kd_loss(logits, t, y, alpha=self.alpha, temperature=self.temperature), logits
 
 
-class ExitObjective(nn.Module):
+class ExitObjective(Objective):
     """Exit branches against labels and teacher logits; the backbone frozen or trained jointly."""
 
     def __init__(

@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,7 +153,7 @@ def _load_teacher_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 
 def build_student(
-    cfg: ExperimentConfig, teacher: torch.nn.Module, pre: Preprocess, num_classes: int
+    cfg: ExperimentConfig, teacher: StagedModel, pre: Preprocess, num_classes: int
 ) -> SplitExitNet:
     """The SplitExitNet the config describes, cut from (a copy of) the teacher."""
     s = cfg.split
@@ -180,7 +181,7 @@ def resolved(cfg: ExperimentConfig) -> ExperimentConfig:
     """`cfg` with its file paths (data folders, a model file, a checkpoint) made absolute, so
     that the run's record rebuilds the same data and model from any working directory."""
     d, t = cfg.data, cfg.teacher
-    folders = {
+    folders: dict[str, Any] = {
         k: str(Path(v).resolve()) for k in ("root", "val_root", "test_root") if (v := getattr(d, k))
     }
     teacher = dataclasses.replace(
