@@ -86,7 +86,7 @@ def clopper_pearson_lower(k: float, n: int, confidence: float = 0.95) -> float:
         return 0.0
     alpha = 1.0 - confidence
     if k == n:  # closed form: p**n = alpha
-        return alpha ** (1.0 / n)
+        return float(alpha ** (1.0 / n))
     lo, hi = 0.0, k / n  # P(X >= k | p) rises with p; at p = k/n it is > alpha
     for _ in range(200):
         mid = 0.5 * (lo + hi)

@@ -165,8 +165,8 @@ def _tables(
             )
         cal, test = tables["calibration"], tables.get("test")
         if args.save_tables:
-            for name, table in tables.items():
-                table.save(Path(args.save_tables) / f"{name}.npz")
+            for name, saved in tables.items():
+                saved.save(Path(args.save_tables) / f"{name}.npz")
     for table in (cal, test):
         if table is None:
             continue

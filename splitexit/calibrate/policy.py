@@ -113,7 +113,8 @@ class Replay:
         if self.e == 0:
             return np.zeros(self.n, np.int64)
         take = self.conf >= thresholds[None, :]
-        return np.where(take.any(axis=1), take.argmax(axis=1), self.e)
+        index: np.ndarray = np.where(take.any(axis=1), take.argmax(axis=1), self.e)
+        return index
 
     def stats(self, thresholds: np.ndarray) -> dict[str, Any]:
         """Counts and totals for one threshold vector (in exit order)."""

@@ -112,12 +112,14 @@ class CalibrationTable:
     @property
     def exit_correct(self) -> np.ndarray:
         """[N, E] bool: each exit's prediction is right."""
-        return self.exit_prediction == self.labels[:, None]
+        correct: np.ndarray = self.exit_prediction == self.labels[:, None]
+        return correct
 
     @property
     def tail_correct(self) -> np.ndarray:
         """[N, P] bool: the tail's prediction at each operating point is right."""
-        return self.tail_prediction == self.labels[:, None]
+        correct: np.ndarray = self.tail_prediction == self.labels[:, None]
+        return correct
 
     @property
     def widest_point(self) -> Point:

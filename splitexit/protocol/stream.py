@@ -534,10 +534,11 @@ def session_for(
     points: Sequence[tuple[int, int]],
     *,
     dictionary: bool = False,
-    timeout_ms: int | None = None,
+    timeout_ms: float | None = None,
     timing: bool = False,
 ) -> Session:
-    """A one-sample session for a bundle's operating points (sorted, duplicates dropped)."""
+    """A one-sample session for a bundle's operating points (sorted, duplicates dropped);
+    `timeout_ms` is rounded up to a whole millisecond."""
     pts = tuple(sorted({(int(k), int(b)) for k, b in points}))
     c, h, w = (int(d) for d in code_shape)
     if timeout_ms is not None:

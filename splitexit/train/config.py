@@ -297,7 +297,7 @@ def config_from_dict(table: dict[str, Any]) -> ExperimentConfig:
             f"data.augment = {str(augment).lower()}: give a list of transforms from "
             f'{sorted(AUGMENTATIONS)} instead (e.g. ["crop", "hflip"], or [] for none)'
         )
-    cfg = _build(ExperimentConfig, table, "")
+    cfg: ExperimentConfig = _build(ExperimentConfig, table, "")
     _validate(cfg)
     return cfg
 

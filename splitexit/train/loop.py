@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +72,7 @@ class StageRun:
     evaluate: Callable[[], dict[str, float]] | None = None
 
 
-def epoch_batches(run: StageRun, g: torch.Generator):
+def epoch_batches(run: StageRun, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's shuffled, augmented training batches for one pass, drawn from `g`."""
     return iterate_batches(
         run.train,

@@ -46,7 +46,13 @@ class TeacherObjective(Objective):
     def frozen(self) -> list[nn.Module]:
         return []
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
 
@@ -68,7 +74,13 @@ class HeadDistillObjective(Objective):
     def frozen(self) -> list[nn.Module]:
         return [self.teacher, self.net.tail, self.net.exits]
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             target = self.teacher.forward_features(x, self.points)
         out = self.net(x, bits, keep, collect=True)
@@ -109,7 +121,13 @@ class FinetuneObjective(Objective):
     def frozen(self) -> list[nn.Module]:
         return self._frozen
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher(x)
         logits = self.net(x, bits, keep)["logits"]
@@ -141,7 +159,13 @@ class ExitObjective(Objective):
             return [self.teacher, self.net.head, self.net.bottleneck, self.net.tail]
         return [self.teacher]
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher(x)
         if self.freeze_backbone:  # the backbone runs once, without autograd
