@@ -51,7 +51,7 @@ from suite.strategies import BY_KEY, GAP_S, STRATEGIES, run_full_offload, run_lo
 from suite.wire import measure_wire
 
 from splitexit.bundle import Bundle, load_bundle
-from splitexit.calibrate.command import parse_point
+from splitexit.commands.calibrate import parse_point
 from splitexit.errors import SplitexitError
 from splitexit.link import LinkEmulator
 from splitexit.runtime import HeadRunner

@@ -323,7 +323,7 @@ class Agent:
         answer = work.result.answer(0)
         if answer is None:
             return None
-        e = self.exit_names.index(answer.exit_name)
+        index = self.exit_names.index(answer.exit_name)
         return self._record(
             work,
             answer.exit_name,
@@ -332,7 +332,7 @@ class Agent:
             exit=answer.exit_name,
             reason="threshold",
             action="exit",
-            expected_s=None if work.cost is None else work.cost.exit_s(e),
+            expected_s=None if work.cost is None else work.cost.exit_s(index),
         )
 
     def _observe_head(self, work: _Work) -> None:
@@ -393,9 +393,11 @@ class Agent:
             window.release()
             self.net.release()
             return self._local(work, FALLBACK, late, encode_s=encode_s)
-        task = asyncio.create_task(self._offload(work, point, frame, encode_s, expected))
-        tasks.add(task)
-        task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+        _track(
+            asyncio.create_task(self._offload(work, point, frame, encode_s, expected)),
+            tasks,
+            window,
+        )
         return None
 
     async def _send_image(
@@ -416,9 +418,11 @@ class Agent:
                 self.net.release()
         if why is not None:
             return await self._head_then_here(work, why)
-        task = asyncio.create_task(self._offload(work, None, work.image, work.image_s, expected))
-        tasks.add(task)
-        task.add_done_callback(lambda t: (tasks.discard(t), window.release()))
+        _track(
+            asyncio.create_task(self._offload(work, None, work.image, work.image_s, expected)),
+            tasks,
+            window,
+        )
         return None
 
     async def _head_then_here(self, work: _Work, reason: str) -> Record:
@@ -672,6 +676,17 @@ class Agent:
         self.summary.finish()
         if self.net is not None:
             self.summary.extra.update(self.net.snapshot())
+
+
+def _track(task: asyncio.Task, tasks: set[asyncio.Task], window: asyncio.Semaphore) -> None:
+    """Hold `task` in `tasks` while it runs; when it ends, drop it and free its window slot."""
+
+    def done(t: asyncio.Task) -> None:
+        tasks.discard(t)
+        window.release()
+
+    tasks.add(task)
+    task.add_done_callback(done)
 
 
 def _is(plan: Decision | None, action: str) -> bool:

@@ -21,7 +21,7 @@ import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import httpx
 
@@ -95,7 +95,8 @@ async def _exchange(
                 f"the answer's body is {declared} bytes, over {max_body_bytes} bytes",
                 request=request,
             )
-        response.stream = _Bounded(response.stream, max_body_bytes, request)
+        stream = cast(httpx.AsyncByteStream, response.stream)  # an AsyncClient's response
+        response.stream = _Bounded(stream, max_body_bytes, request)
         await response.aread()
     finally:
         await response.aclose()

@@ -216,7 +216,10 @@ def create_app(
 
     # ---------------------------------------------------------------------- inference
 
-    infer_doc = {"openapi_extra": openapi.INFER_REQUEST, "responses": openapi.INFER_RESPONSES}
+    infer_doc: dict[str, Any] = {
+        "openapi_extra": openapi.INFER_REQUEST,
+        "responses": openapi.INFER_RESPONSES,
+    }
 
     @app.post("/v2/models/{name}/infer", tags=["inference"], dependencies=auth, **infer_doc)
     async def infer(name: ModelName, request: Request) -> Response:
@@ -282,7 +285,7 @@ async def infer_request(
         received = time.perf_counter()
         metrics.received_bytes.inc(len(body), model=model.name)
         headers = request.headers
-        parse = {
+        parse: dict[str, Any] = {
             "header_length": headers.get(HEADER_LENGTH),
             "content_type": headers.get("content-type"),
             "content_encoding": headers.get("content-encoding"),

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 class QueueFull(Exception):
@@ -50,10 +50,28 @@ class Job:
 
 
 Process = Callable[[Sequence[Job]], Sequence[Any]]
-BatcherFactory = Callable[..., "DynamicBatcher"]
+
+
+class Batcher(Protocol):
+    """What the server needs of a batcher: DynamicBatcher's `start`, `submit`, `stop`,
+    `pending` and `queued` (Ray Serve's batching in `splitexit_server.ray_serve` has them too)."""
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def queued(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    def submit(self, payload: Any, *, size: int = 1, deadline: float | None = None) -> Job: ...
+
+    async def stop(self) -> None: ...
+
+
+BatcherFactory = Callable[..., Batcher]
 """Makes a batcher from `(process, *, max_batch_size, max_queue_delay_s, max_queue_size,
-workers, name)`; anything with DynamicBatcher's `start`, `submit`, `stop` and `pending` fits
-(e.g. Ray Serve's batching in `splitexit_server.ray_serve`)."""
+workers, name)`."""
 
 
 class DynamicBatcher:

@@ -30,7 +30,7 @@ from splitexit_server.limits import ASGIApp, Message, Receive, Scope, Send
 DRAIN_BYTES = 64 * 1024  # the most of an unread body uvicorn reads and drops (keep-alive)
 
 
-class _HeaderDeadline:
+class _HeaderDeadline(asyncio.Protocol):
     """Mixed into a uvicorn HTTP protocol (h11 or httptools: both keep `cycle`, `loop` and
     `transport`): a deadline for each request's header."""
 

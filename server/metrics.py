@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (
@@ -177,13 +178,16 @@ class Histogram(_Metric):
         return lines
 
 
+_M = TypeVar("_M", bound=_Metric)
+
+
 class Registry:
     """An ordered set of metrics rendered together."""
 
     def __init__(self) -> None:
         self._metrics: list[_Metric] = []
 
-    def add(self, metric: _Metric) -> _Metric:
+    def add(self, metric: _M) -> _M:
         if any(m.name == metric.name for m in self._metrics):
             raise ValueError(f"metric {metric.name} is registered twice")
         self._metrics.append(metric)

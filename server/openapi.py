@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+Responses = dict[int | str, dict[str, Any]]  # FastAPI's `responses=`: status -> response object
+
 ERROR = {
     "type": "object",
     "required": ["error"],
@@ -122,7 +124,7 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ERROR}}}
 
 
-INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+INFER_RESPONSES: Responses = {
     200: {
         "description": "the answer (JSON, or JSON header + binary outputs)",
         "content": {
@@ -156,18 +158,18 @@ INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     504: _error("deadline passed before the answer"),
 }
 
-HEALTH: dict[int | str, dict[str, Any]] = {
+HEALTH: Responses = {
     200: {"description": "yes"},
     503: {"description": "no (not ready yet, shutting down, or failed)"},
 }
-MODEL_READY = {
+MODEL_READY: Responses = {
     **HEALTH,
     400: _error("malformed path parameter"),
     404: _error("no such model or version"),
 }
-METRICS = {200: {"description": "Prometheus text format", "content": {"text/plain": {}}}}
-SERVER_METADATA = {401: _error("missing or wrong bearer token")}
-MODEL_METADATA = {
+METRICS: Responses = {200: {"description": "Prometheus text format", "content": {"text/plain": {}}}}
+SERVER_METADATA: Responses = {401: _error("missing or wrong bearer token")}
+MODEL_METADATA: Responses = {
     400: _error("malformed path parameter"),
     401: _error("missing or wrong bearer token"),
     404: _error("no such model or version"),

@@ -128,7 +128,7 @@ def deployment(
     class SplitexitTail:
         """One replica of the tail server."""
 
-    return SplitexitTail.bind()
+    return SplitexitTail.bind()  # type: ignore[attr-defined]  # ray is untyped: a Deployment
 
 
 def app(args: dict[str, str]) -> Any:

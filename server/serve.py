@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import time
 from types import FrameType
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI
@@ -52,7 +53,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def make_server(
-    app: FastAPI, settings: Settings, *, log_config: dict | bool | None = True
+    app: FastAPI, settings: Settings, *, log_config: dict[str, Any] | Literal[True] | None = True
 ) -> GracefulServer:
     """A GracefulServer for `app` on settings.host:settings.port (JSON logs by default)."""
     config = uvicorn.Config(
@@ -62,7 +63,8 @@ def make_server(
         log_config=uvicorn_log_config(settings.log_level) if log_config is True else log_config,
         log_level=settings.log_level,
         access_log=False,  # RequestContextMiddleware logs each request, with its id
-        timeout_graceful_shutdown=settings.graceful_timeout_s,
+        # uvicorn annotates an int but waits with it as a timeout: fractions are kept
+        timeout_graceful_shutdown=settings.graceful_timeout_s,  # type: ignore[arg-type]
         server_header=False,  # bytes on every response, for nobody
         date_header=False,  # likewise; answers are never cached (RFC 9110 asks for Date)
         lifespan="on",

@@ -35,19 +35,22 @@ def confidence(logits: Any, measure: str = "max_prob") -> Any:
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis of a float32 numpy array (max-subtracted)."""
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    p: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return p
 
 
 def _numpy(logits: np.ndarray, measure: str) -> np.ndarray:
     p = softmax(logits)
     if measure == "max_prob":
-        return p.max(axis=1)
+        top: np.ndarray = p.max(axis=1)
+        return top
     if measure == "margin":
         top2 = np.sort(p, axis=1)[:, -2:]
-        return top2[:, 1] - top2[:, 0]
+        margin: np.ndarray = top2[:, 1] - top2[:, 0]
+        return margin
     shifted = logits - logits.max(axis=1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    h = -(np.exp(logp) * logp).sum(axis=1)
+    h: np.ndarray = -(np.exp(logp) * logp).sum(axis=1)
     return np.clip(1.0 - h / np.float32(math.log(logits.shape[1])), 0.0, 1.0).astype(np.float32)
 
 

@@ -54,4 +54,5 @@ class ExitBranch(nn.Module):
             self.classifier = nn.Linear(width, num_classes)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(f)), 1))
+        logits: torch.Tensor = self.classifier(torch.flatten(self.pool(self.features(f)), 1))
+        return logits

@@ -100,8 +100,8 @@ class Preprocess:
             )
         if x.shape[1] == 1 and self.channels == 3:  # after resizing: a third of the work
             x = x.expand(-1, 3, -1, -1)
-        mean = self._cache["mean_t"].to(x.device)
-        std = self._cache["std_t"].to(x.device)
+        mean: torch.Tensor = self._cache["mean_t"].to(x.device)
+        std: torch.Tensor = self._cache["std_t"].to(x.device)
         return ((x - mean) / std).contiguous()
 
     def numpy(self, images: np.ndarray) -> np.ndarray:
@@ -262,7 +262,7 @@ def open_image(
     `formats` (Pillow names, e.g. ("PNG", "JPEG")) limits the decoders tried; None: all.
     """
     Image = require_pillow()
-    img = Image.open(source, formats=None if formats is None else list(formats))
+    img: PILImage = Image.open(source, formats=None if formats is None else list(formats))
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         img.close()

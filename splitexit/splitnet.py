@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from torch import nn
 from .bottleneck import Bottleneck
 from .errors import SplitPointError
 from .exits import ExitBranch
+
+if TYPE_CHECKING:
+    from .models.staged import StagedModel
 
 BOTTLENECK = "bottleneck"
 
@@ -64,7 +68,7 @@ class SplitExitNet(nn.Module):
     @classmethod
     def from_teacher(
         cls,
-        teacher: nn.Module,
+        teacher: StagedModel,
         split: str,
         *,
         input_shape: Sequence[int],

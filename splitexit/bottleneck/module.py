@@ -68,7 +68,8 @@ class Encoder(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.layers(f)
+        z: torch.Tensor = self.layers(f)
+        return z
 
 
 class Decoder(nn.Module):
@@ -99,7 +100,8 @@ class Decoder(nn.Module):
             y = F.interpolate(
                 y, size=(self.out_h, self.out_w), mode="bilinear", align_corners=False
             )
-        return self.project(y)
+        f: torch.Tensor = self.project(y)
+        return f
 
 
 class Bottleneck(nn.Module):
@@ -159,7 +161,8 @@ class Bottleneck(nn.Module):
         may be a tensor [N] giving every sample its own operating point, so one pass trains
         a mix of (k, bits) (the ordered-dropout / sandwich rule without extra passes).
         """
-        return self.decoder(self.code(self.encoder(f), bits, keep))
+        f_hat: torch.Tensor = self.decoder(self.code(self.encoder(f), bits, keep))
+        return f_hat
 
     def code(
         self,
@@ -188,4 +191,5 @@ class Bottleneck(nn.Module):
         """Deployment path, tail side: integers back to split-point features."""
         if qt.channels != self.channels:
             raise ValueError(f"code has C={qt.channels}, this bottleneck has C={self.channels}")
-        return self.decoder(zero_fill(dequantize(qt), self.channels))
+        f_hat: torch.Tensor = self.decoder(zero_fill(dequantize(qt), self.channels))
+        return f_hat

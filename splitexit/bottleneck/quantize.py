@@ -155,5 +155,7 @@ def fake_quantize(x: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
     qmax = qmax.to(x.device)
     scale, zero_point = _range_params(x, qmax)
     s, zp, qm = (_expand(v, x).to(x.dtype) for v in (scale, zero_point, qmax))
-    xq = (torch.minimum(torch.clamp(torch.round(x.detach() / s) + zp, min=0), qm) - zp) * s
+    xq: torch.Tensor = (
+        torch.minimum(torch.clamp(torch.round(x.detach() / s) + zp, min=0), qm) - zp
+    ) * s
     return x + (xq - x).detach()

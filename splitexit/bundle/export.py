@@ -32,6 +32,7 @@ import torch
 import zstandard
 from torch import nn
 
+from splitexit.bottleneck.module import Bottleneck
 from splitexit.bottleneck.quantize import SUPPORTED_BITS
 from splitexit.errors import BundleError
 from splitexit.exits import CONFIDENCE_MEASURES
@@ -155,7 +156,7 @@ def export_bundle(
             bottleneck=BottleneckSpec(
                 channels=bottleneck.channels,
                 code_shape=code_shape,
-                feature_shape=tuple(bottleneck.feature_shape),  # type: ignore[arg-type]
+                feature_shape=tuple(bottleneck.feature_shape),
                 bits=tuple(bottleneck.bits),
             ),
             operating_points=_operating_points(operating_points, bottleneck),
@@ -189,8 +190,8 @@ def archive_bundle(path: str | os.PathLike[str], archive: str | os.PathLike[str]
     src = Path(path)
     read_manifest(src)
     out = Path(archive)
-    mode = "w:gz" if out.name.endswith((".gz", ".tgz")) else "w"
-    with tarfile.open(out, mode) as tar:
+    gzip = out.name.endswith((".gz", ".tgz"))
+    with tarfile.open(out, "w:gz") if gzip else tarfile.open(out, "w") as tar:
         for file in sorted(p for p in src.rglob("*") if p.is_file()):
             tar.add(file, arcname=f"{src.name}/{file.relative_to(src).as_posix()}")
     return out
@@ -356,7 +357,7 @@ def _trace_save(
     with quiet_torchscript(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the check below decides
         traced = torch.jit.trace(module, example, check_trace=False)
-    want = module(check)
+    want: torch.Tensor = module(check)
     got = traced(check)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=_TRACE_RTOL, atol=_TRACE_ATOL):
         err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
@@ -371,7 +372,7 @@ def _trace_save(
 
 
 def _operating_points(
-    points: Sequence[OperatingPoint | Mapping[str, Any]] | None, bottleneck: nn.Module
+    points: Sequence[OperatingPoint | Mapping[str, Any]] | None, bottleneck: Bottleneck
 ) -> tuple[OperatingPoint, ...]:
     if points is None:
         return tuple(OperatingPoint(bottleneck.channels, b) for b in bottleneck.bits)

@@ -22,7 +22,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zstandard
 
@@ -42,6 +42,8 @@ from .sign import SIGNATURE_FILE, verify_signature
 
 if TYPE_CHECKING:
     import torch
+
+_Part = TypeVar("_Part")
 
 PARTS = ("head", "exits", "tail")
 MAX_ARCHIVE_BYTES = 8 * 2**30  # refuse archives that would extract to more than this
@@ -118,7 +120,10 @@ class Bundle:
         """The full SplitExitNet state dict (weights only; loaded on each call)."""
         import torch
 
-        return torch.load(self.path / WEIGHTS_FILE, map_location=self.device, weights_only=True)
+        weights: dict[str, torch.Tensor] = torch.load(
+            self.path / WEIGHTS_FILE, map_location=self.device, weights_only=True
+        )
+        return weights
 
     def load_parts(self, parts: Iterable[str]) -> None:
         """Load TorchScript parts ("head", "exits", "tail") not loaded yet, on `device`."""
@@ -139,7 +144,7 @@ class Bundle:
         if "tail" in parts and self._tail is None:
             self._tail = _load_script(self.path, TAIL_FILE, self.device)
 
-    def _need(self, value: Any, part: str) -> Any:
+    def _need(self, value: _Part | None, part: str) -> _Part:
         if value is None:
             raise BundleError(
                 f"bundle {self.manifest.name!r} was loaded without its {part!r} part; "
@@ -218,7 +223,8 @@ def _load_script(root: Path, rel: str, device: Any) -> torch.jit.ScriptModule:
         raise BundleError(f"{rel} is missing from bundle {root}; re-export or re-download it")
     try:
         with quiet_torchscript():
-            return torch.jit.load(str(file), map_location=device).eval()
+            module: torch.jit.ScriptModule = torch.jit.load(str(file), map_location=device)
+            return module.eval()
     except Exception as e:  # torch says RuntimeError (PytorchStreamReader ...) and more
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise BundleError(

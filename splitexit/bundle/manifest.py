@@ -297,7 +297,7 @@ def _check_format(d: Mapping[str, Any]) -> None:
             "this is not a splitexit bundle"
         )
     version = d.get("format_version")
-    major = version.split(".")[0] if isinstance(version, str) else version
+    major: Any = version.split(".")[0] if isinstance(version, str) else version  # int() decides
     try:
         major = int(major)
     except (TypeError, ValueError):

@@ -66,7 +66,8 @@ class RawTail(nn.Module):
     ) -> torch.Tensor:
         zp = zero_point.to(torch.float32).view(-1, 1, 1, 1)
         x = (code.to(torch.float32) - zp) * scale.to(torch.float32).view(-1, 1, 1, 1)
-        return self.tail(x)
+        logits: torch.Tensor = self.tail(x)
+        return logits
 
 
 def raw_tail(tail: nn.Module) -> nn.Module:
@@ -226,7 +227,7 @@ def onnx_parity(
     def compare(piece: str, rel: str, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
         sess = ort.InferenceSession(str(root / rel), providers=["CPUExecutionProvider"])
         [got] = sess.run(None, {sess.get_inputs()[0].name: inp.numpy()})
-        want = module(inp)
+        want: torch.Tensor = module(inp)
         diff = float((torch.from_numpy(got) - want).abs().max())
         diffs[piece] = diff
         if diff > PARITY_RTOL * max(1.0, float(want.abs().max())):
@@ -317,10 +318,13 @@ def _pieces(
             raise ValueError("export ONNX from a bundle loaded on the CPU (device='cpu')")
         m = source.manifest
         exit_at = {e.segment: e.name for e in m.exits}
-        segments = [(s, exit_at.get(i)) for i, s in enumerate(source.segments)]
+        segments: list[tuple[nn.Module, str | None]] = [
+            (s, exit_at.get(i)) for i, s in enumerate(source.segments)
+        ]
+        exits: dict[str, nn.Module] = dict(source.exits)
         return (
             segments,
-            dict(source.exits),
+            exits,
             source.tail,
             tuple(input_shape or m.input_shape),
             name or m.name,

@@ -57,7 +57,7 @@ def _beta_cf(a: float, b: float, x: float) -> float:
     raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b})")
 
 
-def binom_sf(k: int, n: int, p: float) -> float:
+def binom_sf(k: float, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p)."""
     if k <= 0:
         return 1.0
@@ -66,7 +66,7 @@ def binom_sf(k: int, n: int, p: float) -> float:
     return betainc(k, n - k + 1, p)
 
 
-def _check(k: int, n: int, confidence: float) -> None:
+def _check(k: float, n: int, confidence: float) -> None:
     if n < 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if not 0.0 < confidence < 1.0:
@@ -86,7 +86,7 @@ def clopper_pearson_lower(k: float, n: int, confidence: float = 0.95) -> float:
         return 0.0
     alpha = 1.0 - confidence
     if k == n:  # closed form: p**n = alpha
-        return alpha ** (1.0 / n)
+        return float(alpha ** (1.0 / n))
     lo, hi = 0.0, k / n  # P(X >= k | p) rises with p; at p = k/n it is > alpha
     for _ in range(200):
         mid = 0.5 * (lo + hi)

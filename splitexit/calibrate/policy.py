@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -112,7 +113,8 @@ class Replay:
         if self.e == 0:
             return np.zeros(self.n, np.int64)
         take = self.conf >= thresholds[None, :]
-        return np.where(take.any(axis=1), take.argmax(axis=1), self.e)
+        index: np.ndarray = np.where(take.any(axis=1), take.argmax(axis=1), self.e)
+        return index
 
     def stats(self, thresholds: np.ndarray) -> dict[str, Any]:
         """Counts and totals for one threshold vector (in exit order)."""
@@ -238,13 +240,10 @@ def measure_compute(
     f = torch.zeros((1, *m.input_shape), device=bundle.device)
     features, segment_s = [], []
     for segment in bundle.segments:
-        segment_s.append(seconds(lambda s=segment, f=f: s(f)))
+        segment_s.append(seconds(partial(segment, f)))
         f = segment(f)
         features.append(f)
-    exit_s = [
-        seconds(lambda branch=bundle.exits[spec.name], f=features[spec.segment]: branch(f))
-        for spec in m.exits
-    ]
+    exit_s = [seconds(partial(bundle.exits[spec.name], features[spec.segment])) for spec in m.exits]
     z = features[-1]
 
     def encode() -> bytes:  # what a device does to send z: quantize, pack, compress

@@ -110,7 +110,8 @@ def _preprocess(bundle: Any, images: Any, device: Any) -> torch.Tensor:
         return torch.cat(
             [bundle.preprocess(np.asarray(img)[None], device=device) for img in images]
         )
-    return bundle.preprocess(images, device=device)
+    x: torch.Tensor = bundle.preprocess(images, device=device)
+    return x
 
 
 def _points(points: Iterable[Sequence[int]] | None, manifest: Any) -> tuple[Point, ...]:

@@ -112,12 +112,14 @@ class CalibrationTable:
     @property
     def exit_correct(self) -> np.ndarray:
         """[N, E] bool: each exit's prediction is right."""
-        return self.exit_prediction == self.labels[:, None]
+        correct: np.ndarray = self.exit_prediction == self.labels[:, None]
+        return correct
 
     @property
     def tail_correct(self) -> np.ndarray:
         """[N, P] bool: the tail's prediction at each operating point is right."""
-        return self.tail_prediction == self.labels[:, None]
+        correct: np.ndarray = self.tail_prediction == self.labels[:, None]
+        return correct
 
     @property
     def widest_point(self) -> Point:
@@ -144,7 +146,7 @@ class CalibrationTable:
             )
         return self.confidence[measure]
 
-    def tail_accuracy(self, point: Sequence[int] | None = None) -> float:
+    def tail_accuracy(self, point: Sequence[int] | Point | None = None) -> float:
         """Accuracy of sending every sample to the tail at `point` (default the widest)."""
         return float(self.tail_correct[:, self.point_index(point)].mean()) if self.n else 0.0
 
@@ -186,7 +188,7 @@ class CalibrationTable:
             "measures": list(self.measures),
             "info": self.info,
         }
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
             "labels": _compact(self.labels),
             "exit_prediction": _compact(self.exit_prediction),
@@ -195,7 +197,7 @@ class CalibrationTable:
             **{f"confidence_{m}": c.astype(np.float32) for m, c in self.confidence.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, **arrays)
+        np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds
         return path
 
     @classmethod

@@ -148,7 +148,7 @@ class _Problem:
 
     def cost(self, s: dict[str, Any]) -> float:
         """What the greedy path trades accuracy for."""
-        return s["latency"] if self.goal.kind == "latency" else s["offload"]
+        return float(s["latency"] if self.goal.kind == "latency" else s["offload"])
 
     def _objective(self, s: dict[str, Any]) -> tuple[float, float]:
         if self.goal.kind == "accuracy":
@@ -176,7 +176,7 @@ class _Problem:
     @property
     def exit_confidence(self) -> float:
         """Per-exit confidence level: Bonferroni, so all exits' bounds hold together."""
-        return 1.0 - (1.0 - self.confidence) / max(self.replay.e, 1)
+        return float(1.0 - (1.0 - self.confidence) / max(self.replay.e, 1))
 
     def bounds(self, s: dict[str, Any]) -> list[float | None]:
         """Clopper-Pearson lower bound on each exit's accepted accuracy (None: accepts none)."""
@@ -191,7 +191,7 @@ class _Problem:
         """Overall accuracy with every exit's accepted accuracy at its lower bound."""
         counts = s["counts"]
         exits = sum(b * int(counts[i]) for i, b in enumerate(self.bounds(s)) if b is not None)
-        return (exits + float(s["hits"][-1])) / max(self.replay.n, 1)
+        return float((exits + float(s["hits"][-1])) / max(self.replay.n, 1))
 
 
 def _candidates(scores: np.ndarray, k: int) -> np.ndarray:
@@ -207,10 +207,10 @@ def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     if b is None:
         return True
     if a["feasible"] != b["feasible"]:
-        return a["feasible"]
+        return bool(a["feasible"])
     if a["feasible"]:
-        return a["objective"] < b["objective"]
-    return (a["violation"], a["objective"]) < (b["violation"], b["objective"])
+        return bool(a["objective"] < b["objective"])
+    return bool((a["violation"], a["objective"]) < (b["violation"], b["objective"]))
 
 
 def _search(problem: _Problem, k: int) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def unpack(data: bytes | bytearray | memoryview, bits: int, count: int) -> np.nd
         return buf.copy()
     per_byte = 8 // bits
     mask = np.uint8((1 << bits) - 1)
-    out = np.empty((buf.size, per_byte), dtype=np.uint8)
+    out: np.ndarray = np.empty((buf.size, per_byte), dtype=np.uint8)
     for i in range(per_byte):
         np.bitwise_and(buf >> np.uint8(i * bits), mask, out=out[:, i])
     out = out.reshape(-1)

@@ -42,6 +42,7 @@ import threading
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -322,9 +323,8 @@ def _decode(
     zero_point = qparams["zero_point"].copy()
     _check_qparams(scale, zero_point, header.bits, FrameError)
 
-    payload = view[HEADER_SIZE + QPARAM_SIZE * n :]
-    if header.compressed:
-        payload = _decompress(payload, header, dictionary)
+    body = view[HEADER_SIZE + QPARAM_SIZE * n :]
+    payload = _decompress(body, header, dictionary) if header.compressed else body
     values = unpack(payload, header.bits, math.prod(header.shape)).reshape(header.shape)
     import torch  # decoded codes go to a torch tail (the server); framing needs no torch
 
@@ -406,8 +406,8 @@ def _expected_prefixes(expected: str | Iterable[str] | None) -> set[str] | None:
 _local = threading.local()
 
 
-def _cache(name: str) -> dict:
-    cache = _local.__dict__.setdefault(name, {})
+def _cache(name: str) -> dict[Any, Any]:
+    cache: dict[Any, Any] = _local.__dict__.setdefault(name, {})
     if len(cache) >= _CACHE_LIMIT:
         cache.clear()
     return cache
@@ -461,7 +461,7 @@ def train_dictionary(
     channel count as the frames it will compress; a few hundred samples is typical. Pass the
     result as `dictionary=` to both `encode_frame` and `decode_frame`.
     """
-    payloads: list[bytes] = []
+    payloads: list[bytes | bytearray | memoryview] = []
     for s in samples:
         if isinstance(s, QuantizedTensor):
             values = s.values.detach().cpu().contiguous().numpy()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch.fx as fx
 from torch import nn
@@ -26,7 +26,7 @@ from splitexit.models.staged import StagedModel
 __all__ = ["cut_model", "stage_name", "staged_at", "valid_split_points"]
 
 
-def _is_plain_sequential(model: nn.Module) -> bool:
+def _is_plain_sequential(model: nn.Module) -> TypeGuard[nn.Sequential]:
     return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
 
 
@@ -180,7 +180,9 @@ def _graph_segments(
     nodes = list(graph.nodes)
     output = nodes[-1]
     name = type(model).__name__
-    segments, done, start = [], set(), None
+    segments: list[tuple[str | None, fx.GraphModule]] = []
+    done: set[fx.Node] = set()
+    start: fx.Node | None = None
     for i, cut in enumerate([*cuts, None]):
         if cut is None:
             members = {n for n in nodes if n not in done and n.op != "output"}
@@ -224,7 +226,7 @@ def staged_at(model: nn.Module, points: Sequence[str]) -> StagedModel:
     if _is_plain_sequential(model):
         return _as_staged(model)
     segments = _graph_segments(model, points)
-    names = [stage_name(p) for p, _ in segments[:-1]]
+    names = [stage_name(p) for p, _ in segments[:-1] if p is not None]
     last = "classifier" if "classifier" not in names else "output"
     stages = OrderedDict(zip([*names, last], (seg for _, seg in segments), strict=True))
     staged = StagedModel(stages)

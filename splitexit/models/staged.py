@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, overload
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ class ClassifierHead(nn.Sequential):
 
     ``(N, C, H, W) ─ pool ─ flatten ─ [dropout] ─ fc ─ (N, num_classes)`` logits.
     """
+
+    if TYPE_CHECKING:  # for mypy only: TorchScript cannot read a class-level annotation
+        fc: nn.Linear
 
     def __init__(self, fc: nn.Linear, *, dropout: float = 0.0) -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -93,6 +97,10 @@ class StagedModel(nn.Sequential):
         """Stage names after which the model may be cut: every stage but the last."""
         return self.stage_names[:-1]
 
+    @overload
+    def __getitem__(self, key: slice) -> nn.Sequential: ...
+    @overload
+    def __getitem__(self, key: str | int) -> nn.Module: ...
     def __getitem__(self, key: str | int | slice) -> nn.Module:
         """A stage by name (``model["layer1"]``), or by position / slice as in nn.Sequential."""
         if isinstance(key, str):

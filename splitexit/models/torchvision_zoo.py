@@ -118,7 +118,7 @@ def _load_state_dict(name: str, net: nn.Module, weights_path: str | Path | None)
 
 def _torchvision_net(
     name: str, pretrained: bool, num_classes: int, weights_path: str | Path | None, **kwargs: Any
-) -> nn.Module:
+) -> Any:  # a torchvision model; torchvision ships no types, its attributes are untyped
     models = importlib.import_module("torchvision.models")
     load = pretrained or weights_path is not None
     net = getattr(models, name)(weights=None, num_classes=1000 if load else num_classes, **kwargs)
@@ -135,6 +135,7 @@ def _resnet(
     **kwargs: Any,
 ) -> StagedModel:
     net = _torchvision_net(name, pretrained, num_classes, weights_path, **kwargs)
+    classifier = ClassifierHead(net.fc)
     model = StagedModel(
         OrderedDict(
             stem=nn.Sequential(
@@ -144,12 +145,12 @@ def _resnet(
             layer2=net.layer2,
             layer3=net.layer3,
             layer4=net.layer4,
-            classifier=ClassifierHead(net.fc),
+            classifier=classifier,
         ),
         input_shape=(3, 224, 224),
     )
-    if model.classifier.num_classes != num_classes:
-        model.classifier.reset(num_classes)
+    if classifier.num_classes != num_classes:
+        classifier.reset(num_classes)
     return model
 
 
@@ -198,10 +199,10 @@ def mobilenet_v2(
         start += repeats
     stages["head"] = features[-1]
     dropout, fc = net.classifier
-    stages["classifier"] = ClassifierHead(fc, dropout=dropout.p)
+    stages["classifier"] = classifier = ClassifierHead(fc, dropout=dropout.p)
     model = StagedModel(stages, input_shape=(3, 224, 224))
-    if model.classifier.num_classes != num_classes:
-        model.classifier.reset(num_classes)
+    if classifier.num_classes != num_classes:
+        classifier.reset(num_classes)
     return model
 
 

@@ -172,7 +172,7 @@ def _parse_inputs(
         raise ProtocolError(f"'inputs' must be a list with exactly one BYTES input named {names}")
     spec = _object(raw[0], "inputs[0]")
     name = spec.get("name")
-    if name not in allowed:
+    if not isinstance(name, str) or name not in allowed:
         raise ProtocolError(f"unknown input {name!r}; this model accepts {names}")
     if spec.get("datatype") != "BYTES":
         raise ProtocolError(
@@ -355,7 +355,7 @@ def _json_data(array: np.ndarray) -> list[Any]:
     return flat.tolist()
 
 
-def encode_bytes_tensor(elements: Sequence[bytes]) -> bytes:
+def encode_bytes_tensor(elements: Sequence[bytes | bytearray | memoryview]) -> bytes:
     """Triton's binary layout of a BYTES tensor: each element as u32le length + bytes."""
     return b"".join(_LENGTH.pack(len(e)) + bytes(e) for e in elements)
 

@@ -79,7 +79,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -211,7 +211,7 @@ def _tuple(value: Any, item: Any = None) -> Any:
     return tuple(value if item is None else (item(v) for v in value))
 
 
-def _is_int(v: Any, lo: int, hi: int) -> bool:
+def _is_int(v: Any, lo: int, hi: int) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
@@ -485,7 +485,8 @@ def decode_answer(data: bytes | bytearray | memoryview, session: Session, classe
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    p: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return p
 
 
 def encode_failure(failure: Failure) -> str:
@@ -533,10 +534,11 @@ def session_for(
     points: Sequence[tuple[int, int]],
     *,
     dictionary: bool = False,
-    timeout_ms: int | None = None,
+    timeout_ms: float | None = None,
     timing: bool = False,
 ) -> Session:
-    """A one-sample session for a bundle's operating points (sorted, duplicates dropped)."""
+    """A one-sample session for a bundle's operating points (sorted, duplicates dropped);
+    `timeout_ms` is rounded up to a whole millisecond."""
     pts = tuple(sorted({(int(k), int(b)) for k, b in points}))
     c, h, w = (int(d) for d in code_shape)
     if timeout_ms is not None:

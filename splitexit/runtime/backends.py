@@ -193,7 +193,8 @@ class TorchBackend:
         return a[self._torch.from_numpy(keep).to(a.device)]
 
     def host(self, a: Any) -> np.ndarray:
-        return a.detach().cpu().numpy()
+        out: np.ndarray = a.detach().cpu().numpy()
+        return out
 
     def codes(self, codes: Sequence[QuantizedTensor], channels: int) -> Any:
         """Dequantize on the device (moving the uint8 values, not 4x larger floats), zero-fill."""

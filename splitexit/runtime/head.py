@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,9 +75,9 @@ class HeadResult:
             return None
         return ExitAnswer(
             name,
-            self.prediction[i],
-            self.confidence[i],
-            self.exit_logits[i][name],  # type: ignore[arg-type]
+            cast(int, self.prediction[i]),  # set wherever exit_name is
+            cast(float, self.confidence[i]),
+            self.exit_logits[i][name],
         )
 
 

@@ -79,7 +79,8 @@ class OnnxBackend:
     @staticmethod
     def _call(entry: Any, x: np.ndarray) -> np.ndarray:
         sess, name = entry
-        return sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        out: np.ndarray = sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return out
 
     def _need(self, value: Any, part: str) -> Any:
         if value is None:
@@ -104,7 +105,8 @@ class OnnxBackend:
         return pre.numpy(images)
 
     def rows(self, a: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        return a[keep]
+        out: np.ndarray = a[keep]
+        return out
 
     def host(self, a: np.ndarray) -> np.ndarray:
         return a

@@ -162,7 +162,7 @@ class ExperimentConfig:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
         return _build(tp, value, where)
@@ -297,7 +297,7 @@ def config_from_dict(table: dict[str, Any]) -> ExperimentConfig:
             f"data.augment = {str(augment).lower()}: give a list of transforms from "
             f'{sorted(AUGMENTATIONS)} instead (e.g. ["crop", "hflip"], or [] for none)'
         )
-    cfg = _build(ExperimentConfig, table, "")
+    cfg: ExperimentConfig = _build(ExperimentConfig, table, "")
     _validate(cfg)
     return cfg
 

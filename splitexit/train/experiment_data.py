@@ -301,14 +301,15 @@ def _load_images(folder: ImageFolder, size: tuple[int, int], mode: str, desc: st
 def _subset(split: ArraySplit, n: int, seed: int) -> ArraySplit:
     if n <= 0 or n >= len(split):
         return split
-    idx = split_indices(len(split), {"keep": n}, seed, stratify=split.labels.numpy())["keep"]
-    idx = torch.from_numpy(np.sort(idx))
+    keep = split_indices(len(split), {"keep": n}, seed, stratify=split.labels.numpy())["keep"]
+    idx = torch.from_numpy(np.sort(keep))
     return ArraySplit(split.images[idx], split.labels[idx])
 
 
 def measured_stats(split: ArraySplit, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel pixel mean and std (in [0, 1]) of a split, as the model will see it."""
-    x = Preprocess(size=tuple(split.images.shape[1:3]), channels=channels)(split.images)
+    size = (split.images.shape[1], split.images.shape[2])
+    x = Preprocess(size=size, channels=channels)(split.images)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)

@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from ..preprocess import Preprocess
 from .batches import ArraySplit, epoch_generator, iterate_batches, num_batches
 from .config import Optim
 from .distributed import DistInfo, all_reduce_sum, barrier, sync_buffers, wrap
+from .objectives import Objective
 from .resume import checkpoint_path
 
 
@@ -71,7 +72,7 @@ class StageRun:
     evaluate: Callable[[], dict[str, float]] | None = None
 
 
-def epoch_batches(run: StageRun, g: torch.Generator):
+def epoch_batches(run: StageRun, g: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's shuffled, augmented training batches for one pass, drawn from `g`."""
     return iterate_batches(
         run.train,
@@ -87,7 +88,7 @@ def epoch_batches(run: StageRun, g: torch.Generator):
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(run: StageRun, objective: nn.Module, epoch: int) -> None:
+def recalibrate_batchnorm(run: StageRun, objective: Objective, epoch: int) -> None:
     """Re-estimate the running statistics of the BatchNorm layers this stage trains.
 
     Their statistics are reset and averaged (momentum None: a plain cumulative mean) over
@@ -158,7 +159,7 @@ def stage_done(out_dir: Path, stage: str, epochs: int) -> bool:
     return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"]) >= epochs
 
 
-def run_stage(run: StageRun, objective: nn.Module, model: nn.Module) -> dict[str, float]:
+def run_stage(run: StageRun, objective: Objective, model: nn.Module) -> dict[str, float]:
     """Train `objective` for the stage's epochs; `model` is what the checkpoint saves."""
     params = [p for p in objective.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, run.optim)

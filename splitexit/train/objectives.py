@@ -10,6 +10,8 @@ Only parameters with `requires_grad` are trained; each objective freezes what it
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,13 +19,24 @@ from torch import nn
 from ..splitnet import SplitExitNet
 from .losses import feature_loss, kd_loss
 
+if TYPE_CHECKING:
+    from ..models.staged import StagedModel
+
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(trainable)
 
 
-class TeacherObjective(nn.Module):
+class Objective(nn.Module):
+    """A stage's loss as a module: forward(x, y, bits, keep) -> (loss, logits)."""
+
+    def frozen(self) -> list[nn.Module]:
+        """The submodules this stage keeps fixed (the loop puts them in eval mode)."""
+        raise NotImplementedError
+
+
+class TeacherObjective(Objective):
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.model = model
@@ -33,15 +46,21 @@ class TeacherObjective(nn.Module):
     def frozen(self) -> list[nn.Module]:
         return []
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
 
 
-class HeadDistillObjective(nn.Module):
+class HeadDistillObjective(Objective):
     """Stage 1: student f̂ (and the frozen tail stages after it) match the teacher features."""
 
-    def __init__(self, net: SplitExitNet, teacher: nn.Module, split: str, later_stages: bool):
+    def __init__(self, net: SplitExitNet, teacher: StagedModel, split: str, later_stages: bool):
         super().__init__()
         self.net, self.teacher = net, teacher
         tail_names = [n for n, _ in net.tail.named_children()][:-1]
@@ -55,7 +74,13 @@ class HeadDistillObjective(nn.Module):
     def frozen(self) -> list[nn.Module]:
         return [self.teacher, self.net.tail, self.net.exits]
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             target = self.teacher.forward_features(x, self.points)
         out = self.net(x, bits, keep, collect=True)
@@ -66,7 +91,7 @@ class HeadDistillObjective(nn.Module):
         return loss, out["logits"]
 
 
-class FinetuneObjective(nn.Module):
+class FinetuneObjective(Objective):
     """Stage 2: knowledge distillation with quantization (and ordered channels) in the loop."""
 
     def __init__(
@@ -96,14 +121,20 @@ class FinetuneObjective(nn.Module):
     def frozen(self) -> list[nn.Module]:
         return self._frozen
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher(x)
         logits = self.net(x, bits, keep)["logits"]
         return kd_loss(logits, t, y, alpha=self.alpha, temperature=self.temperature), logits
 
 
-class ExitObjective(nn.Module):
+class ExitObjective(Objective):
     """Exit branches against labels and teacher logits; the backbone frozen or trained jointly."""
 
     def __init__(
@@ -128,7 +159,13 @@ class ExitObjective(nn.Module):
             return [self.teacher, self.net.head, self.net.bottleneck, self.net.tail]
         return [self.teacher]
 
-    def forward(self, x, y, bits=None, keep=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        bits: int | torch.Tensor | None = None,
+        keep: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             t = self.teacher(x)
         if self.freeze_backbone:  # the backbone runs once, without autograd

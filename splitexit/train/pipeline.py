@@ -16,7 +16,9 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from ..models.reference import build_reference, is_zoo_name, resolve_reference
 from ..preprocess import Preprocess
 from ..splitnet import BOTTLENECK, SplitExitNet
 from .batches import ArraySplit
-from .config import ExperimentConfig
+from .config import ExperimentConfig, Optim
 from .distributed import DistInfo, barrier, check_ranks_agree, init_distributed, shutdown
 from .evaluate import accuracy, evaluate_split, mean_frame_bytes
 from .experiment_data import (
@@ -152,7 +154,7 @@ def _load_teacher_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 
 def build_student(
-    cfg: ExperimentConfig, teacher: torch.nn.Module, pre: Preprocess, num_classes: int
+    cfg: ExperimentConfig, teacher: StagedModel, pre: Preprocess, num_classes: int
 ) -> SplitExitNet:
     """The SplitExitNet the config describes, cut from (a copy of) the teacher."""
     s = cfg.split
@@ -180,7 +182,7 @@ def resolved(cfg: ExperimentConfig) -> ExperimentConfig:
     """`cfg` with its file paths (data folders, a model file, a checkpoint) made absolute, so
     that the run's record rebuilds the same data and model from any working directory."""
     d, t = cfg.data, cfg.teacher
-    folders = {
+    folders: dict[str, Any] = {
         k: str(Path(v).resolve()) for k in ("root", "val_root", "test_root") if (v := getattr(d, k))
     }
     teacher = dataclasses.replace(
@@ -192,7 +194,11 @@ def resolved(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, *, export: bool = True, log=print, restart_from: str | None = None
+    cfg: ExperimentConfig,
+    *,
+    export: bool = True,
+    log: Callable[..., object] = print,
+    restart_from: str | None = None,
 ) -> dict:
     """Run (or resume) every stage of `cfg`; returns the results written to results.json.
 
@@ -217,7 +223,7 @@ def _run(
     dist: DistInfo,
     *,
     export: bool,
-    log,
+    log: Callable[..., object],
     restart_from: str | None,
 ) -> dict:
     out = cfg.output_dir()
@@ -243,7 +249,7 @@ def _run(
     )
     aug = augmentations(cfg)
 
-    def stage_run(name: str, optim, **kw) -> StageRun:
+    def stage_run(name: str, optim: Optim, **kw: Any) -> StageRun:
         return StageRun(
             name=name,
             optim=optim,
@@ -385,7 +391,14 @@ def _load_final(model: torch.nn.Module, out: Path, stage: str, epochs: int) -> N
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
 
 
-def final_results(cfg, net, teacher, test: ArraySplit, pre: Preprocess, device) -> dict:
+def final_results(
+    cfg: ExperimentConfig,
+    net: SplitExitNet,
+    teacher: StagedModel,
+    test: ArraySplit,
+    pre: Preprocess,
+    device: torch.device,
+) -> dict[str, Any]:
     """Test-set accuracy of the teacher, every operating point and every exit, with bytes."""
     grid_points = operating_grid(cfg)
     teacher_acc = accuracy(teacher, test, pre, batch_size=cfg.eval_batch_size, device=device)

@@ -240,7 +240,8 @@ def _trained_from(out: Path, stage: str) -> bool:
 def _normalised(table: dict[str, Any]) -> dict[str, Any]:
     """A stored config with today's defaults filled in (as stored if it no longer parses)."""
     try:
-        return json.loads(json.dumps(config_from_dict(table).to_dict()))
+        normalised: dict[str, Any] = json.loads(json.dumps(config_from_dict(table).to_dict()))
+        return normalised
     except ConfigError:
         return table
 
