@@ -25,12 +25,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import SplitexitError
+
+if TYPE_CHECKING:
+    from .bundle.manifest import Manifest
 
 READY_TIMEOUT_S = 180.0
 
@@ -180,7 +184,12 @@ def run_agent(
 
 
 def format_report(
-    manifest, summary: dict, image_bytes: float, paths: DemoPaths, link: str | None, seconds: float
+    manifest: Manifest,
+    summary: dict,
+    image_bytes: float,
+    paths: DemoPaths,
+    link: str | None,
+    seconds: float,
 ) -> str:
     n = summary["inputs"]
     acc = summary.get("accuracy")

@@ -36,7 +36,7 @@ def _fashion_mnist_image() -> np.ndarray | None:
 
     if find_fashion_mnist("test") is None:
         return None
-    return load_fashion_mnist("test", download=False)[0][0]
+    return np.asarray(load_fashion_mnist("test", download=False)[0][0])
 
 
 def synthetic_image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
@@ -50,7 +50,7 @@ def synthetic_image(height: int, width: int, channels: int = 3, seed: int = 0) -
         blob = np.exp(-(((xx - 0.5) ** 2 + (yy - 0.45) ** 2) / 0.05)) * (0.3 + 0.1 * c)
         planes.append(base + blob + rng.normal(0, 0.02, (height, width)))
     img = np.clip(np.stack(planes, axis=-1) * 255, 0, 255).astype(np.uint8)
-    return img[..., 0] if channels == 1 else img
+    return np.asarray(img[..., 0] if channels == 1 else img)
 
 
 def load_image(path: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -92,7 +92,7 @@ def profile_model(
 
             def int8(r: float, s: dict[str, Any] = slowed, n: int = int8_bytes) -> float:
                 cost = split_cost(Link.mbit(r, rtt_ms), s["head_ms"], 0.0, s["tail_ms"])
-                return 1e3 * (cost.bottleneck_s() + cost.offload_s(n))
+                return float(1e3 * (cost.bottleneck_s() + cost.offload_s(n)))
 
             profile = SplitProfile(**slowed, latency_ms={}, int8_latency_ms={})
             profile.latency_ms.update({r: profile.predict(Link.mbit(r, rtt_ms)) for r in links})

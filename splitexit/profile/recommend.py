@@ -20,7 +20,9 @@ def split_cost(link: Link, head_ms: float, encoder_ms: float, server_ms: float) 
 
 def offload_ms(link: Link, input_bytes: int, full_ms: float) -> float:
     """Full offload: the encoded input over `link`, the whole model on the server."""
-    return 1e3 * CostModel(link, Compute(), Compute(model_s=full_ms / 1e3)).image_s(input_bytes)
+    return float(
+        1e3 * CostModel(link, Compute(), Compute(model_s=full_ms / 1e3)).image_s(input_bytes)
+    )
 
 
 def best_option(

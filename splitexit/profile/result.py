@@ -32,7 +32,7 @@ class SplitProfile:
     def predict(self, link: Link) -> float:
         """End-to-end ms over `link`: head + encoder, the frame, decoder + tail."""
         cost = split_cost(link, self.head_ms, self.encoder_ms, self.decoder_ms + self.tail_ms)
-        return 1e3 * (cost.bottleneck_s() + cost.offload_s(self.bottleneck_bytes))
+        return float(1e3 * (cost.bottleneck_s() + cost.offload_s(self.bottleneck_bytes)))
 
 
 @dataclass(frozen=True)
