@@ -190,6 +190,7 @@ class Summary:
             "local_for_deadline": self.local_for_deadline,
             "offloaded": offloads,
             "offload_rate": _rate(offloads, n),
+            "tail_here": self.decided[DEVICE],  # the tail finished on this device
             "fallbacks": self.decided[FALLBACK],
             "fallback_rate": _rate(self.decided[FALLBACK], n),
             "fallback_reasons": dict(self.fallback_reasons),

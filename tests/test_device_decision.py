@@ -36,7 +36,9 @@ class SlowHead(HeadRunner):
         return out
 
 
-def run(link_spec: str, config: AgentConfig, n: int = 24, **patch: Any) -> list[Record]:
+def run(
+    link_spec: str, config: AgentConfig, n: int = 24, summaries: list | None = None, **patch: Any
+) -> list[Record]:
     """Run an agent holding the bundle's tail over `link_spec`; `patch` replaces agent parts
     (a callable gets the agent)."""
     tb = device_bundle()
@@ -49,15 +51,19 @@ def run(link_spec: str, config: AgentConfig, n: int = 24, **patch: Any) -> list[
         agent = Agent(bundle, config, OffloadClient(link.url, tb.name), writer=out)
         for name, make in patch.items():
             setattr(agent, name, make(agent))
-        run_agent(agent, limit(folder_source(tb.folder), n))
+        summary = run_agent(agent, limit(folder_source(tb.folder), n))
     assert len(out.records) == n
+    if summaries is not None:
+        summaries.append(summary.to_dict())
     return out.records
 
 
 def test_a_device_holding_the_tail_finishes_inputs_here_when_the_link_is_slow() -> None:
     config = AgentConfig(accuracy_floor=0.5, thresholds=NO_EXITS, images=False)
-    records = run("32kbit:20ms", config)
+    summaries: list = []
+    records = run("32kbit:20ms", config, summaries=summaries)
     here = [r for r in records if r.action == "tail"]
+    assert summaries[0]["tail_here"] == len(here)  # counted apart from exits and offloads
     assert len(here) >= 0.8 * len(records), [(r.decided_by, r.action) for r in records]
     for r in here:
         assert r.decided_by == "device" and r.frame_bytes == 0 and r.prediction is not None
