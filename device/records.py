@@ -236,6 +236,10 @@ class Summary:
         if d["operating_points"]:
             mix = ", ".join(f"{k}: {v}" for k, v in sorted(d["operating_points"].items()))
             lines.append(f"  (k x bits)  {mix}")
+        if d["tail_here"]:
+            lines.append(
+                f"tail here     {d['tail_here']:>6}  ({_pct(_rate(d['tail_here'], d['inputs']))})"
+            )
         if d["actions"]:
             mix = ", ".join(f"{k}: {v}" for k, v in sorted(d["actions"].items()))
             lines.append(f"actions       {mix}")
