@@ -86,9 +86,10 @@ class _Hub:
         self.streams: set[_Stream] = set()
         self.numbers = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.gauge = state.metrics.registry.add(
-            Gauge("splitexit_stream_connections", "open stream connections by model", ("model",))
-        )
+        self.gauge = Gauge(
+            "splitexit_stream_connections", "open stream connections by model", ("model",),
+            registry=state.metrics.registry,
+        )  # fmt: skip
 
     def count(self, name: str) -> None:
         """Show the open streams of model `name` in the gauge."""
