@@ -147,7 +147,7 @@ def start_splitexit(bundle: Path, port: int, max_batch: int, threads: int) -> su
         sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(bundle),
         "--host", LOOPBACK, "--port", str(port), "--max-batch-size", str(max_batch),
         "--max-queue-delay-ms", str(QUEUE_DELAY_MS), "--max-queue-size", "1024",
-        "--torch-threads", str(threads), "--log-level", "warning", "--no-images",
+        "--threads", str(threads), "--log-level", "warning", "--no-images",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_http(port, "/v2/health/ready", proc)

@@ -107,10 +107,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads is not None:
+        if settings.threads is not None:
             import torch
 
-            torch.set_num_threads(settings.torch_threads)
+            torch.set_num_threads(settings.threads)
         log.info("starting", extra={"settings": settings.public()})
         task = asyncio.create_task(state.start(bundles))
         try:
