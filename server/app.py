@@ -55,8 +55,8 @@ from splitexit_server.batcher import BatcherFactory, Expired, QueueFull, Stopped
 from splitexit_server.connection import CloseUnreadBodies
 from splitexit_server.errors import (
     BadRequest,
+    Conflict,
     DeadlineExceeded,
-    FingerprintRefused,
     NotFound,
     Overloaded,
     RequestTimeout,
@@ -330,8 +330,8 @@ async def infer_request(
         outcome = "success"
         return Response(content, headers=out_headers)
     except FingerprintMismatch as e:
-        outcome = FingerprintRefused.outcome
-        raise FingerprintRefused(_mismatch_message(state, e)) from None
+        outcome = Conflict.outcome
+        raise Conflict(_mismatch_message(state, e)) from None
     except FrameError as e:
         outcome = BadRequest.outcome
         raise BadRequest(f"bad frame: {e}") from None

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from splitexit.errors import SplitexitError
-from splitexit_server.settings import BOOL, ENV_PREFIX, RENAMED, Settings, parse_value
+from splitexit_server.settings import BOOL, ENV_PREFIX, RENAMED, Settings
 
 log = logging.getLogger("splitexit_server.cli")
 
@@ -105,10 +105,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
             continue
         if name in ("bundles", "trusted_keys"):
             overrides[name] = tuple(Path(p) for p in value)
-        elif isinstance(value, str):
-            overrides[name] = parse_value(name, value)
         else:
-            overrides[name] = value
+            overrides[name] = value  # text: parsed by Settings.from_env
     if args.auth_token_file:
         try:
             token = Path(args.auth_token_file).read_text().strip()

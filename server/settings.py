@@ -220,7 +220,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then `SPLITEXIT_SERVER_<FIELD>` variables, then `overrides`.
+        """Defaults, then `SPLITEXIT_SERVER_<FIELD>` variables, then `overrides` (text values
+        are parsed like the variables: `serve run ... key=value` arguments, flags).
 
         Lists (`SPLITEXIT_SERVER_BUNDLES`) are separated by the OS path separator (':' on
         Linux) or commas; booleans accept 1/0, true/false, yes/no, on/off.
@@ -231,8 +232,12 @@ class Settings:
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None and raw.strip() != "":
                 values[_current_name(name)] = parse_value(name, raw)
-        given = {_current_name(k): v for k, v in overrides.items() if v is not None}
-        return cls(**{**values, **given})
+        for name, value in overrides.items():
+            parser_of(name)  # an unknown name is a ConfigError, not a TypeError
+            if value is not None:
+                text = isinstance(value, str)
+                values[_current_name(name)] = parse_value(name, value) if text else value
+        return cls(**values)
 
     def public(self) -> dict[str, Any]:
         """The settings as JSON-ready values, secrets masked (for logs)."""

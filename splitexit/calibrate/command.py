@@ -25,10 +25,10 @@ from .data import folder_split, held_out_splits
 from .goals import Goal
 from .policy import check_compute, measure_compute
 from .promise import PromiseCheck, check_promise, promise_sweep
-from .record import record_table
 from .report import format_selection, format_sweep, format_table_summary
 from .samples import warnings as sample_warnings
 from .table import CalibrationError, CalibrationTable
+from .tabulate import record_table
 from .thresholds import Selection, select_thresholds
 
 
