@@ -39,6 +39,14 @@ def test_environment_variables_are_parsed_by_type():
     assert s.public()["auth_token"] == "***"
 
 
+def test_text_overrides_are_parsed_like_variables_and_unknown_names_refused():
+    """What `serve run splitexit_server.ray_serve:app key=value` passes."""
+    s = Settings.from_env({}, bundles="/m/a,/m/b", max_batch_size="8", images="off")
+    assert (s.bundles, s.max_batch_size, s.images) == ((Path("/m/a"), Path("/m/b")), 8, False)
+    with pytest.raises(ConfigError, match="no server setting is called 'max_batch'"):
+        Settings.from_env({}, max_batch=8)
+
+
 def test_every_setting_is_parsed_as_its_annotated_type():
     hints = typing.get_type_hints(Settings)
     for f in dataclasses.fields(Settings):
