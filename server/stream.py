@@ -294,7 +294,7 @@ class _Stream:
         if self.session.timeout_ms is not None:
             deadline = min(deadline, time.monotonic() + self.session.timeout_ms / 1e3)
         try:
-            work = model.prepare(INPUT_FRAME, [frame])
+            work = model.prepare(INPUT_FRAME, [frame], header_sent=False)
             job = model.batcher.submit(work, size=work.samples, deadline=deadline)
         except FrameError as e:
             await self._fail(mid, "rejected", f"bad frame: {e}", start)
