@@ -36,6 +36,7 @@ class _HeaderDeadline:
 
     header_timeout_s = 5.0
     door: Callable[[Scope], bytes | None] | None = None  # a refusal to write, or None
+    timed_out: Callable[[], None] | None = None  # told of each 408 written here (metrics)
     _header_timer: asyncio.TimerHandle | None = None
     cycle: Any
     loop: asyncio.AbstractEventLoop
@@ -97,18 +98,22 @@ class _HeaderDeadline:
         )
         self.transport.write(head + body)
         self.transport.close()
+        if self.timed_out is not None:
+            self.timed_out()
 
 
 def guarded_protocol(
     header_timeout_s: float,
     parser: str = "auto",
     door: Callable[[Scope], bytes | None] | None = None,
+    timed_out: Callable[[], None] | None = None,
 ) -> type[asyncio.Protocol]:
     """The uvicorn `http` protocol class that answers 408 to a header slower than this.
 
     `parser`: "httptools" (C, the `server` extra), "h11" (pure Python), or "auto": httptools
     when installed, else h11. `door` (httptools only: h11 starts its task itself) gives the
-    response refusing a request before its ASGI task starts (`AdmissionDoor.refusal`).
+    response refusing a request before its ASGI task starts (`AdmissionDoor.refusal`);
+    `timed_out` is called after each 408 for a header (to count it).
     """
     base: type[asyncio.Protocol]
     if parser not in ("auto", "h11", "httptools"):
@@ -122,7 +127,7 @@ def guarded_protocol(
             raise
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     name = f"HeaderDeadline{base.__name__}"
-    attrs = {"header_timeout_s": header_timeout_s, "door": door}
+    attrs = {"header_timeout_s": header_timeout_s, "door": door, "timed_out": timed_out}
     return type(name, (_HeaderDeadline, base), attrs)
 
 

@@ -217,5 +217,9 @@ class ServerMetrics:
         )  # fmt: skip
         self.start_time.set(time.time())
 
+    def header_timed_out(self) -> None:
+        """Count a 408 for a header that never completed: no route, no method known yet."""
+        self.http_requests.inc(route="unmatched", method="OTHER", code=408)
+
     def render(self) -> str:
         return generate_latest(self.registry).decode()

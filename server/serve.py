@@ -70,6 +70,7 @@ def make_server(
             settings.client_timeout_s,
             settings.http_parser,
             door=AdmissionDoor(app, app.state.splitexit).refusal,
+            timed_out=app.state.splitexit.metrics.header_timed_out,
         ),
         ws_max_size=settings.max_body_bytes,  # a stream message is bounded like a body
         ws_per_message_deflate=False,  # payloads are compressed already
