@@ -46,9 +46,12 @@ class _Family(Generic[_M]):
         self._children: dict[tuple[str, ...], _M] = {}
 
     def _key(self, labels: dict[str, object]) -> tuple[str, ...]:
-        if labels.keys() != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
+        try:
+            if len(labels) == len(self.labelnames):
+                return tuple([str(labels[n]) for n in self.labelnames])
+        except KeyError:
+            pass
+        raise ValueError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
 
     def child(self, labels: dict[str, object]) -> _M:
         """The series for `labels`, which name every label of the metric and no other."""
