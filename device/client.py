@@ -98,11 +98,11 @@ async def with_retries(
 ) -> InferResult:
     """One request's attempts, whatever carries them (HTTP, the stream): the diagram above.
 
-    `send(attempt_s, left, tally)` makes one attempt within `attempt_s` (`left`: the seconds
-    to the deadline), counts what it put on the wire into `tally`, and returns the result or
-    raises an OffloadError. A timeout, connection loss or garbage answer is retried after a
-    backoff with full jitter while retries and time remain; the error raised carries the
-    attempts and bytes of them all.
+    `send(attempt_s, left, tally)` makes one attempt within `attempt_s` (`left`: what is left
+    of the deadline, or of `budget_s` without one), counts what it put on the wire into
+    `tally`, and returns the result or raises an OffloadError. A timeout, connection loss, 5xx
+    or garbage answer is retried after a backoff with full jitter while retries and time
+    remain; the error raised carries the attempts and bytes of them all.
     """
     c = config
     end = deadline if deadline is not None else time.monotonic() + c.budget_s

@@ -36,11 +36,11 @@ class _HeaderDeadline:
 
     header_timeout_s = 5.0
     door: Callable[[Scope], bytes | None] | None = None  # a refusal to write, or None
-    timed_out: Callable[[], None] | None = None  # told of each 408 written here (metrics)
     _header_timer: asyncio.TimerHandle | None = None
     cycle: Any
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
+    timed_out: Callable[[], None] | None = None  # called after each 408 written here (metrics)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -106,14 +106,12 @@ def guarded_protocol(
     header_timeout_s: float,
     parser: str = "auto",
     door: Callable[[Scope], bytes | None] | None = None,
-    timed_out: Callable[[], None] | None = None,
 ) -> type[asyncio.Protocol]:
     """The uvicorn `http` protocol class that answers 408 to a header slower than this.
 
     `parser`: "httptools" (C, the `server` extra), "h11" (pure Python), or "auto": httptools
     when installed, else h11. `door` (httptools only: h11 starts its task itself) gives the
-    response refusing a request before its ASGI task starts (`AdmissionDoor.refusal`);
-    `timed_out` is called after each 408 for a header (to count it).
+    response refusing a request before its ASGI task starts (`AdmissionDoor.refusal`).
     """
     base: type[asyncio.Protocol]
     if parser not in ("auto", "h11", "httptools"):
@@ -127,7 +125,7 @@ def guarded_protocol(
             raise
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     name = f"HeaderDeadline{base.__name__}"
-    attrs = {"header_timeout_s": header_timeout_s, "door": door, "timed_out": timed_out}
+    attrs = {"header_timeout_s": header_timeout_s, "door": door}
     return type(name, (_HeaderDeadline, base), attrs)
 
 
