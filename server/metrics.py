@@ -40,7 +40,7 @@ class _Family(Generic[_M]):
     """One `prometheus_client` metric; its labelled children are cached by label values."""
 
     def __init__(self, metric: _M, name: str, labelnames: Sequence[str]) -> None:
-        self.metric = metric
+        self.metric: _M = metric
         self.name = name
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], _M] = {}

@@ -219,7 +219,7 @@ class Settings:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
         """Defaults, then `SPLITEXIT_SERVER_<FIELD>` variables, then `overrides` (text values
         are parsed like the variables: `serve run ... key=value` arguments, flags).
 
@@ -276,7 +276,8 @@ def parser_of(name: str) -> Parser:
     """The parser of setting `name` (a renamed setting's old name too)."""
     for f in dataclasses.fields(Settings):
         if f.name == RENAMED.get(name, name):
-            return f.metadata["parser"]
+            parser: Parser = f.metadata["parser"]
+            return parser
     raise ConfigError(f"no server setting is called {name!r}")
 
 
