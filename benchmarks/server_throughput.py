@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -36,6 +38,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +129,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+def wait_http(
+    port: int, path: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"server exited with {proc.returncode}: {tail}")
         try:
             with socket.create_connection((LOOPBACK, port), timeout=1) as s:
                 s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
@@ -142,36 +148,75 @@ def wait_http(port: int, path: str, proc: subprocess.Popen, timeout: float = 180
     raise RuntimeError(f"server on port {port} not ready after {timeout} s")
 
 
-def start_splitexit(bundle: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, ready_path: str, log: Path) -> Iterator[None]:
+    """The server `cmd` ready on `port` while the block runs. It runs in its own process
+    group, which is stopped and waited for however the block ends (Ctrl-C, an error): LitServe
+    forks workers that outlive a signal to their parent alone."""
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+        )
+    try:
+        wait_http(port, ready_path, proc, log)
+        yield
+    finally:
+        stop(proc)
+
+
+def start_splitexit(
+    bundle: Path, port: int, max_batch: int, threads: int, log: Path
+) -> contextlib.AbstractContextManager[None]:
     cmd = [
         sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(bundle),
         "--host", LOOPBACK, "--port", str(port), "--max-batch-size", str(max_batch),
         "--max-queue-delay-ms", str(QUEUE_DELAY_MS), "--max-queue-size", "1024",
-        "--torch-threads", str(threads), "--log-level", "warning", "--no-images",
+        "--threads", str(threads), "--log-level", "warning", "--no-images",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_http(port, "/v2/health/ready", proc)
-    return proc
+    return running(cmd, port, "/v2/health/ready", log)
 
 
-def start_litserve(bundle: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
+def start_litserve(
+    bundle: Path, port: int, max_batch: int, threads: int, log: Path
+) -> contextlib.AbstractContextManager[None]:
     cmd = [
         sys.executable, "-W", "ignore", str(Path(__file__).resolve()), "--serve-litserve",
         "--bundle", str(bundle), "--port", str(port), "--max-batch", str(max_batch),
         "--torch-threads", str(threads),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_http(port, "/health", proc)
-    return proc
+    return running(cmd, port, "/health", log)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM the process group `proc` leads and wait for it; SIGKILL what of the group is
+    left after `timeout` (+ 5 s for the workers); wait (bounded) until none of it is left."""
+    group = proc.pid  # start_new_session: the server leads its own group
+    _signal_group(group, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    if not _group_gone(group, 5.0):  # the leader hung, or its workers did
+        _signal_group(group, signal.SIGKILL)
+        proc.wait()
+        if not _group_gone(group, 5.0):
+            print(f"warning: processes of group {group} outlived SIGKILL", file=sys.stderr)
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, sig)
+
+
+def _group_gone(group: int, timeout: float) -> bool:
+    """True once no process is left in `group` (within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 try:  # optional: only the LitServe rows need it
@@ -371,10 +416,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not have_litserve:
         print("litserve not installed: measuring splitexit only", file=sys.stderr)
     bundles = list(args.bundle or [])
-    tmp = tempfile.TemporaryDirectory(prefix="splitexit-bench-")
+    with tempfile.TemporaryDirectory(prefix="splitexit-bench-") as tmp:
+        return _run(args, bundles, Path(tmp), have_litserve)
+
+
+def _run(
+    args: argparse.Namespace, bundles: list[Path], tmp: Path, have_litserve: bool
+) -> dict[str, Any]:
     described = {str(b): str(b) for b in bundles}
     if not bundles:
-        bundles = [build_bundle(Path(tmp.name) / t, t) for t in args.tracks]
+        bundles = [build_bundle(tmp / t, t) for t in args.tracks]
         described = {str(b): TRACKS[t] for b, t in zip(bundles, args.tracks, strict=True)}
     results: dict[str, Any] = {
         "machine": machine(),
@@ -432,27 +483,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         stream = stream_requests(bundle, name, frames, point)
         for max_batch in BATCH_SIZES:
-            servers = [("splitexit (stream)", start_splitexit, stream, _stream_client)]
-            servers.append(("splitexit (binary)", None, binary, _client))
-            servers.append(("splitexit (JSON)", None, as_json, _client))
+            # (the server, then the rows it serves): each server stopped before the next starts
+            plans: list[tuple[Any, list[tuple[str, list, Any]]]] = [
+                (start_splitexit, [
+                    ("splitexit (stream)", stream, _stream_client),
+                    ("splitexit (binary)", binary, _client),
+                    ("splitexit (JSON)", as_json, _client),
+                ]),
+            ]  # fmt: skip
             if have_litserve:
-                servers.append(("LitServe (JSON)", start_litserve, lit, _client))
-            proc = None
-            for label, starter, requests, client in servers:
-                if starter is not None:
-                    if proc is not None:
-                        stop(proc)
-                    port = free_port()
-                    proc = starter(bundle, port, max_batch, args.torch_threads)
-                for c in args.concurrency:
-                    cell = asyncio.run(measure(port, requests, c, args.duration, client))
-                    row = {"server": label, "max_batch": max_batch, "concurrency": c, **cell}
-                    print(json.dumps(row), flush=True)
-                    entry["rows"].append(row)
-            if proc is not None:
-                stop(proc)
+                plans.append((start_litserve, [("LitServe (JSON)", lit, _client)]))
+            for starter, rows in plans:
+                port = free_port()
+                log = tmp / f"{starter.__name__}-{port}.log"
+                with starter(bundle, port, max_batch, args.torch_threads, log):
+                    for label, requests, client in rows:
+                        for c in args.concurrency:
+                            cell = asyncio.run(measure(port, requests, c, args.duration, client))
+                            row = {"server": label, "max_batch": max_batch, "concurrency": c}
+                            row.update(cell)
+                            print(json.dumps(row), flush=True)
+                            entry["rows"].append(row)
         results["bundles"].append(entry)
-    tmp.cleanup()
     return results
 
 
@@ -501,6 +553,10 @@ def write_markdown(results: dict[str, Any], path: Path, command: str) -> None:
     path.write_text("\n".join(lines))
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--bundle", type=Path, action="append", help="bundle(s) to serve")
@@ -516,7 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_litserve:
         serve_litserve(args.bundle[0], args.port, args.max_batch, args.torch_threads)
         return 0
-    results = run(args)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the servers are stopped on the way out
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("interrupted: every server this run started is stopped", file=sys.stderr)
+        return 130
     command = "python benchmarks/server_throughput.py " + " ".join(argv or sys.argv[1:])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -60,7 +60,7 @@ from splitexit_server.model import load_bundles
 from splitexit_server.serve import make_server
 from splitexit_server.settings import Settings
 s = Settings.from_env(bundles=(sys.argv[1],), port=int(sys.argv[2]), max_queue_delay_ms=0.0,
-                      torch_threads=1, log_level="warning")
+                      threads=1, log_level="warning")
 server = make_server(create_app(s, bundles=load_bundles(s)), s)
 server.config.http, server.config.loop = sys.argv[3], sys.argv[4]
 server.run()

@@ -28,6 +28,7 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,43 @@ class ClientConfig:
 
 
 _RETRYABLE = (OffloadTimeout, ServerUnreachable, ServerFailed)
+Send = Callable[[float, float, "Tally"], Awaitable["InferResult"]]
+
+
+async def with_retries(
+    config: ClientConfig, rng: random.Random, deadline: float | None, send: Send
+) -> InferResult:
+    """One request's attempts, whatever carries them (HTTP, the stream): the diagram above.
+
+    `send(attempt_s, left, tally)` makes one attempt within `attempt_s` (`left`: what is left
+    of the deadline, or of `budget_s` without one), counts what it put on the wire into
+    `tally`, and returns the result or raises an OffloadError. A timeout, connection loss, 5xx
+    or garbage answer is retried after a backoff with full jitter while retries and time
+    remain; the error raised carries the attempts and bytes of them all.
+    """
+    c = config
+    end = deadline if deadline is not None else time.monotonic() + c.budget_s
+    tally = Tally()
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            late = OffloadTimeout("the deadline passed before an answer came")
+            late.by_deadline = True
+            raise tally.stamp(late)
+        tally.attempts += 1
+        attempt_s = min(c.timeout_s, left)
+        try:
+            return await send(attempt_s, left, tally)
+        except OffloadError as error:
+            if isinstance(error, OffloadTimeout) and attempt_s < c.timeout_s:
+                error.by_deadline = True
+            if not isinstance(error, _RETRYABLE) or tally.attempts > c.retries:
+                raise tally.stamp(error) from None
+            last = error
+        delay = rng.uniform(0.0, min(c.backoff_max_s, c.backoff_s * 2 ** (tally.attempts - 1)))
+        if time.monotonic() + delay >= end:
+            raise tally.stamp(last)
+        await asyncio.sleep(delay)
 
 
 # -------------------------------------------------------------------------------- results
@@ -186,18 +224,9 @@ class OffloadClient:
         Raises an OffloadError subclass (see the module docstring) with `attempts` and the
         bytes spent set.
         """
-        c = self.config
-        end = deadline if deadline is not None else time.monotonic() + c.budget_s
         path = f"/v2/models/{self.model}/infer"
-        tally = _Tally()
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                late = OffloadTimeout("the deadline passed before an answer came")
-                late.by_deadline = True
-                raise tally.stamp(late)
-            tally.attempts += 1
-            attempt_s = min(c.timeout_s, left)
+
+        async def send(attempt_s: float, left: float, tally: Tally) -> InferResult:
             timeout_us = None if deadline is None else int(left * 1e6)
             body, header_len = _encode(frame, None, timeout_us, input_name=input_name)
             headers = {
@@ -209,30 +238,12 @@ class OffloadClient:
                 response, ex = await self._exchange("POST", path, attempt_s, body, headers)
                 tally.add(ex.request_bytes, ex.response_bytes, len(frame))
                 answer = _answer(response, request_id, self.classes)
-                return InferResult(
-                    answer,
-                    tally.attempts,
-                    tally.frame_bytes,
-                    tally.request_bytes,
-                    tally.response_bytes,
-                    ex.sent_at,
-                    ex.seconds,
-                    ex.server_s,
-                    ex.compute_s,
-                )
             except _AttemptFailed as e:
                 tally.add(e.request_bytes, e.response_bytes, len(frame))
-                error = e.error
-                if isinstance(error, OffloadTimeout) and attempt_s < c.timeout_s:
-                    error.by_deadline = True
-            if not isinstance(error, _RETRYABLE) or tally.attempts > c.retries:
-                raise tally.stamp(error)
-            delay = self.rng.uniform(
-                0.0, min(c.backoff_max_s, c.backoff_s * 2 ** (tally.attempts - 1))
-            )
-            if time.monotonic() + delay >= end:
-                raise tally.stamp(error)
-            await asyncio.sleep(delay)
+                raise e.error from None
+            return tally.result(answer, ex.sent_at, ex.seconds, ex.server_s, ex.compute_s)
+
+        return await with_retries(self.config, self.rng, deadline, send)
 
     def request_overhead(self) -> int:
         """Bytes an inference request puts on the wire besides its frame (a 19-character id,
@@ -373,7 +384,7 @@ class _AttemptFailed(Exception):
 
 
 @dataclass
-class _Tally:
+class Tally:
     """Attempts and bytes of one request, over its attempts."""
 
     attempts: int = 0
@@ -386,6 +397,27 @@ class _Tally:
         self.response_bytes += response_bytes
         if request_bytes:  # the request (and its frame) went on the wire
             self.frame_bytes += frame
+
+    def result(
+        self,
+        answer: Answer,
+        sent_at: float,
+        seconds: float,
+        server_s: float | None,
+        compute_s: float | None,
+    ) -> InferResult:
+        """The InferResult of the attempt that answered (times its own, bytes all attempts')."""
+        return InferResult(
+            answer,
+            self.attempts,
+            self.frame_bytes,
+            self.request_bytes,
+            self.response_bytes,
+            sent_at,
+            seconds,
+            server_s,
+            compute_s,
+        )
 
     def stamp(self, error: OffloadError) -> OffloadError:
         error.attempts, error.frame_bytes = self.attempts, self.frame_bytes

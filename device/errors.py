@@ -8,6 +8,10 @@ OffloadError                      reason
 ├── RequestRejected               "rejected"      400 / 413: this frame cannot work
 └── OffloadRefused (fatal)        "refused"       401 / 403 / 404: stop offloading
     └── FingerprintRejected       "fingerprint"   409: the server runs another bundle
+
+Each is the device's view of one server answer: the server found a `splitexit.errors.FrameError`
+(answered 400 `BadRequest`: here `RequestRejected`) or a `FingerprintMismatch` (409 `Conflict`,
+stream close 4409: here `FingerprintRejected`, which also stops offloading).
 """
 
 from __future__ import annotations

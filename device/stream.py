@@ -14,7 +14,7 @@
                            ├ connection lost: closed, no pong
                            │ within ping_timeout_s, garbage ─► ServerUnreachable / ServerFailed
                            └ no answer in time ─────────────► OffloadTimeout
-                retried like HTTP (same retries, backoff, deadline), on a new connection
+                retried by the HTTP path's loop (`client.with_retries`), on a new connection
                 when the old one is gone
 
 Liveness: the client pings every `ping_interval_s`; a server that does not answer within
@@ -53,7 +53,7 @@ from splitexit.protocol.stream import (
     websocket_frame_bytes,
 )
 
-from .client import _RETRYABLE, Exchange, InferResult, OffloadClient, _Tally
+from .client import Exchange, InferResult, OffloadClient, Tally, with_retries
 from .config import operating_points
 from .connection import Connection, NoStream, close_error, fresh, handshake_refused
 from .errors import (
@@ -254,36 +254,17 @@ class StreamClient:
             return await self.http.infer(
                 frame, request_id, deadline=deadline, input_name=input_name
             )
-        c = self.http.config
-        end = deadline if deadline is not None else time.monotonic() + c.budget_s
-        tally = _Tally()
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                late = OffloadTimeout("the deadline passed before an answer came")
-                late.by_deadline = True
-                raise tally.stamp(late)
-            tally.attempts += 1
-            attempt_s = min(c.timeout_s, left)
-            try:
-                return await self._attempt(frame, attempt_s, tally)
-            except NoStream as e:
-                self._no_stream(str(e))
-                return await self.http.infer(frame, request_id, deadline=deadline)
-            except OffloadError as error:
-                if isinstance(error, OffloadTimeout) and attempt_s < c.timeout_s:
-                    error.by_deadline = True
-                if not isinstance(error, _RETRYABLE) or tally.attempts > c.retries:
-                    raise tally.stamp(error) from None
-                last = error
-            delay = self.rng.uniform(
-                0.0, min(c.backoff_max_s, c.backoff_s * 2 ** (tally.attempts - 1))
-            )
-            if time.monotonic() + delay >= end:
-                raise tally.stamp(last)
-            await asyncio.sleep(delay)
 
-    async def _attempt(self, frame: bytes, attempt_s: float, tally: _Tally) -> InferResult:
+        async def send(attempt_s: float, left: float, tally: Tally) -> InferResult:
+            return await self._attempt(frame, attempt_s, tally)
+
+        try:
+            return await with_retries(self.http.config, self.rng, deadline, send)
+        except NoStream as e:
+            self._no_stream(str(e))
+            return await self.http.infer(frame, request_id, deadline=deadline)
+
+    async def _attempt(self, frame: bytes, attempt_s: float, tally: Tally) -> InferResult:
         stop = time.monotonic() + attempt_s
         conn = await self._connection(stop)
         mid = await conn.reserve(stop)
@@ -306,16 +287,8 @@ class StreamClient:
         self._received += down
         tally.add(up, down, body)
         seconds = time.monotonic() - sent_at
-        return InferResult(
-            reply.samples[0].answer,
-            tally.attempts,
-            tally.frame_bytes,
-            tally.request_bytes,
-            tally.response_bytes,
-            sent_at,
-            seconds,
-            reply.server_s,
-            reply.compute_s,
+        return tally.result(
+            reply.samples[0].answer, sent_at, seconds, reply.server_s, reply.compute_s
         )
 
     # --------------------------------------------------------------------- connections

@@ -55,8 +55,8 @@ from splitexit_server.batcher import BatcherFactory, Expired, QueueFull, Stopped
 from splitexit_server.connection import CloseUnreadBodies
 from splitexit_server.errors import (
     BadRequest,
+    Conflict,
     DeadlineExceeded,
-    FingerprintRefused,
     NotFound,
     Overloaded,
     RequestTimeout,
@@ -107,10 +107,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads is not None:
+        if settings.threads is not None:
             import torch
 
-            torch.set_num_threads(settings.torch_threads)
+            torch.set_num_threads(settings.threads)
         log.info("starting", extra={"settings": settings.public()})
         task = asyncio.create_task(state.start(bundles))
         try:
@@ -333,8 +333,8 @@ async def infer_request(
         outcome = "success"
         return Response(content, headers=out_headers)
     except FingerprintMismatch as e:
-        outcome = FingerprintRefused.outcome
-        raise FingerprintRefused(_mismatch_message(state, e)) from None
+        outcome = Conflict.outcome
+        raise Conflict(_mismatch_message(state, e)) from None
     except FrameError as e:
         outcome = BadRequest.outcome
         raise BadRequest(f"bad frame: {e}") from None

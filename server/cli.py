@@ -12,10 +12,11 @@ import json
 import logging
 import logging.config
 import sys
+import warnings
 from pathlib import Path
 
 from splitexit.errors import SplitexitError
-from splitexit_server.settings import ENV_PREFIX, Settings, field_types, parse_value
+from splitexit_server.settings import BOOL, ENV_PREFIX, RENAMED, Settings
 
 log = logging.getLogger("splitexit_server.cli")
 
@@ -52,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     defaults = Settings()
-    types = field_types()
     for f in dataclasses.fields(Settings):
         help_text = f.metadata["help"]
         if f.name == "bundles":
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="PATH",
                 help=f"file holding the bearer token (or set {ENV_PREFIX}AUTH_TOKEN)",
             )
-        elif types[f.name] == "bool":
+        elif f.metadata["parser"] is BOOL:
             parser.add_argument(
                 "--" + f.name.replace("_", "-"),
                 action=argparse.BooleanOptionalAction,
@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help=f"{help_text} (default: {getattr(defaults, f.name)})",
             )
+    for old, new in RENAMED.items():
+        parser.add_argument(
+            "--" + old.replace("_", "-"),
+            metavar=new.split("_")[-1].upper(),
+            default=None,
+            help=f"deprecated name of --{new.replace('_', '-')}",
+        )
     parser.add_argument(
         "--check", action="store_true", help="load and verify the bundles, print them, exit"
     )
@@ -92,16 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
     """Defaults < environment < flags."""
     overrides: dict[str, object] = {}
-    for name in field_types():
+    for name in (*(f.name for f in dataclasses.fields(Settings)), *RENAMED):
         value = getattr(args, name, None)
         if value is None or name == "auth_token":
             continue
         if name in ("bundles", "trusted_keys"):
             overrides[name] = tuple(Path(p) for p in value)
-        elif isinstance(value, str):
-            overrides[name] = parse_value(name, value)
         else:
-            overrides[name] = value
+            overrides[name] = value  # text: parsed by Settings.from_env
     if args.auth_token_file:
         try:
             token = Path(args.auth_token_file).read_text().strip()
@@ -130,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = settings_from_args(args)
+        with warnings.catch_warnings(record=True) as deprecated:
+            warnings.simplefilter("always", FutureWarning)
+            settings = settings_from_args(args)
     except SplitexitError as e:
         parser.error(str(e))
+    for w in deprecated:
+        print(f"splitexit-server: warning: {w.message}", file=sys.stderr)
     if not settings.bundles:
         parser.error(f"give at least one --bundle PATH (or set {ENV_PREFIX}BUNDLES)")
 

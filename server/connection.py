@@ -40,6 +40,7 @@ class _HeaderDeadline(asyncio.Protocol):
     cycle: Any
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
+    timed_out: Callable[[], None] | None = None  # called after each 408 written here (metrics)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -97,6 +98,8 @@ class _HeaderDeadline(asyncio.Protocol):
         )
         self.transport.write(head + body)
         self.transport.close()
+        if self.timed_out is not None:
+            self.timed_out()
 
 
 def guarded_protocol(

@@ -42,7 +42,9 @@ class RequestTimeout(ServerError):
     status, outcome = 408, "client_timeout"
 
 
-class FingerprintRefused(ServerError):
+class Conflict(ServerError):
+    """The frame or stream session is from another bundle (`errors.FingerprintMismatch`)."""
+
     status, outcome = 409, "fingerprint_mismatch"
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from splitexit.bottleneck.quantize import QuantizedTensor
 from splitexit.bundle.load import Bundle, load_bundle
-from splitexit.codec import FrameHeader, encode_frame, read_header
+from splitexit.codec import HEADER_SIZE, FrameHeader, encode_frame, read_header
 from splitexit.errors import FingerprintMismatch, FrameError
 from splitexit.protocol.kserve import INPUT_FRAME, INPUT_IMAGE
 from splitexit.runtime.head import HeadRunner
@@ -137,8 +137,14 @@ class ServedModel:
 
     # ------------------------------------------------------------------ event-loop side
 
-    def prepare(self, input_name: str, elements: Sequence[bytes]) -> Work:
-        """Cheap checks before queueing; raises FrameError (400) or FingerprintMismatch (409)."""
+    def prepare(
+        self, input_name: str, elements: Sequence[bytes], *, header_sent: bool = True
+    ) -> Work:
+        """Cheap checks before queueing; raises FrameError (400) or FingerprintMismatch (409).
+
+        `header_sent` False: the frames were rebuilt from stream messages, their headers never
+        crossed the wire, and the frame bytes counted leave them out.
+        """
         if input_name == INPUT_IMAGE:
             return Work(INPUT_IMAGE, elements, len(elements))
         samples = 0
@@ -156,7 +162,8 @@ class ServedModel:
             self.metrics.frames.inc(
                 model=self.name, channels=header.sent_channels, bits=header.bits
             )
-            self.metrics.frame_bytes.inc(len(data), model=self.name)
+            sent = len(data) if header_sent else len(data) - HEADER_SIZE
+            self.metrics.frame_bytes.inc(sent, model=self.name)
         if samples > self.max_samples:
             raise FrameError(
                 f"the request's frames carry {samples} samples; this server runs at most "

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from splitexit_server.batcher import Job, QueueFull
-from splitexit_server.settings import Settings, parse_value
+from splitexit_server.settings import Settings
 
 DEFAULT_AUTOSCALING = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
 
@@ -96,14 +96,6 @@ class RayBatcher:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def settings_from_args(args: Mapping[str, Any] | None = None) -> Settings:
-    """Settings from `serve run ... key=value` arguments, then the environment."""
-    overrides = {}
-    for key, value in (args or {}).items():
-        overrides[key] = parse_value(key, value) if isinstance(value, str) else value
-    return Settings.from_env(**overrides)
-
-
 def deployment(
     settings: Settings,
     *,
@@ -133,4 +125,4 @@ def deployment(
 
 def app(args: dict[str, str]) -> Any:
     """Application builder for `serve run splitexit_server.ray_serve:app key=value ...`."""
-    return deployment(settings_from_args(args))
+    return deployment(Settings.from_env(**args))

@@ -56,6 +56,12 @@ def make_server(
     app: FastAPI, settings: Settings, *, log_config: dict[str, Any] | Literal[True] | None = True
 ) -> GracefulServer:
     """A GracefulServer for `app` on settings.host:settings.port (JSON logs by default)."""
+    protocol = guarded_protocol(  # 408 for a header that never completes; 429 before any task
+        settings.client_timeout_s,
+        settings.http_parser,
+        door=AdmissionDoor(app, app.state.splitexit).refusal,
+    )
+    protocol.timed_out = app.state.splitexit.metrics.header_timed_out  # type: ignore[attr-defined]
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -68,11 +74,7 @@ def make_server(
         server_header=False,  # bytes on every response, for nobody
         date_header=False,  # likewise; answers are never cached (RFC 9110 asks for Date)
         lifespan="on",
-        http=guarded_protocol(  # 408 for a header that never completes; 429 before any task
-            settings.client_timeout_s,
-            settings.http_parser,
-            door=AdmissionDoor(app, app.state.splitexit).refusal,
-        ),
+        http=protocol,
         ws_max_size=settings.max_body_bytes,  # a stream message is bounded like a body
         ws_per_message_deflate=False,  # payloads are compressed already
     )

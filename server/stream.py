@@ -86,9 +86,10 @@ class _Hub:
         self.streams: set[_Stream] = set()
         self.numbers = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.gauge = state.metrics.registry.add(
-            Gauge("splitexit_stream_connections", "open stream connections by model", ("model",))
-        )
+        self.gauge = Gauge(
+            "splitexit_stream_connections", "open stream connections by model", ("model",),
+            registry=state.metrics.registry,
+        )  # fmt: skip
 
     def count(self, name: str) -> None:
         """Show the open streams of model `name` in the gauge."""
@@ -293,7 +294,7 @@ class _Stream:
         if self.session.timeout_ms is not None:
             deadline = min(deadline, time.monotonic() + self.session.timeout_ms / 1e3)
         try:
-            work = model.prepare(INPUT_FRAME, [frame])
+            work = model.prepare(INPUT_FRAME, [frame], header_sent=False)
             job = model.batcher.submit(work, size=work.samples, deadline=deadline)
         except FrameError as e:
             await self._fail(mid, "rejected", f"bad frame: {e}", start)

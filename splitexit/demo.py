@@ -101,7 +101,7 @@ def tail_server(bundle: Path, port: int, log: Path, *, max_batch: int = 16) -> I
         str(port),
         "--max-batch-size",
         str(max_batch),
-        "--torch-threads",
+        "--threads",
         "1",
     ]
     with log.open("w") as log_file:

@@ -84,6 +84,14 @@ def std_zero(d: dict) -> None:
     d["preprocessing"] = {**d["preprocessing"], "std": [0.0]}
 
 
+def nan_accuracy(root: Path) -> Path:
+    """No rehash: accuracies are not in the fingerprint, the manifest not in `files`."""
+    d = json.loads((root / MANIFEST_FILE).read_text())
+    d["operating_points"][0]["accuracy"] = float("nan")  # json.dumps writes NaN, loads reads it
+    (root / MANIFEST_FILE).write_text(json.dumps(d))
+    return root
+
+
 def missing(root: Path) -> Path:
     return root.parent / "no-such-bundle"
 
@@ -99,6 +107,7 @@ CASES = [
     ("hash-mismatch", flipped_byte, True, True),
     ("truncated-archive", truncated_archive, True, True),
     ("preprocessing-std-zero", edit_manifest(std_zero), True, True),
+    ("accuracy-nan", nan_accuracy, True, True),
     ("missing", missing, True, True),
 ]
 
@@ -151,3 +160,11 @@ def test_a_bundle_that_cannot_load_is_one_line_and_exit_2(case: Case, tmp_path, 
         assert one_clear_line(err).startswith("splitexit-device: cannot use the bundle:")
     else:
         assert code == 0, err
+
+
+def test_a_nan_accuracy_is_refused_at_load_naming_it(tmp_path, capsys):
+    """Served, it made the metadata endpoint answer 500 (NaN is not JSON)."""
+    path = damaged(tmp_path, nan_accuracy)
+    assert server_main(["--bundle", str(path), "--check", "--log-level", "critical"]) == 2
+    line = one_clear_line(capsys.readouterr().err)
+    assert "accuracy must be a fraction in [0, 1] or null, got nan" in line, line

@@ -103,6 +103,36 @@ def test_a_body_that_stops_short_of_its_content_length_gets_408_and_a_closed_con
         assert closed_by_server(sock)
 
 
+def test_408s_are_counted_in_the_metrics_body_and_header_alike(live, a):
+    m = live.state.metrics
+    route = {"route": "/v2/models/{name}/infer", "method": "POST", "code": 408}
+    unmatched = {"route": "unmatched", "method": "OTHER", "code": 408}
+    before = (
+        m.requests.value(model=a.name, outcome="client_timeout"),
+        m.http_requests.value(**route),
+        m.http_requests.value(**unmatched),
+    )
+    with connect(live) as sock:  # the body stops short
+        sock.sendall(head(a, 1000) + b"x" * 100)
+        assert read_response(sock)[0] == 408
+    with connect(live) as sock:  # the header stops short
+        sock.sendall(head(a, 1000)[:40])
+        assert read_response(sock)[0] == 408
+    after = (
+        m.requests.value(model=a.name, outcome="client_timeout"),
+        m.http_requests.value(**route),
+        m.http_requests.value(**unmatched),
+    )
+    assert [n - b for n, b in zip(after, before, strict=True)] == [1, 1, 1]
+    assert 'code="408",method="OTHER",route="unmatched"' in scrape(live)
+
+
+def scrape(live: LiveServer) -> str:
+    with connect(live) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return read_response(sock)[2].decode()
+
+
 def test_a_body_trickled_slower_than_the_timeout_gets_408(live, a):
     with connect(live) as sock:
         sock.sendall(head(a, 50))

@@ -3,15 +3,17 @@ errors for bad values, and a server that refuses to start on a bundle failing ve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import typing
 from pathlib import Path
 
 import pytest
 from server_fixtures import tiny_bundle
 
 from splitexit.errors import ConfigError
-from splitexit_server import cli
+from splitexit_server import cli, settings
 from splitexit_server.settings import ENV_PREFIX, Settings
 
 
@@ -27,14 +29,42 @@ def test_environment_variables_are_parsed_by_type():
         f"{ENV_PREFIX}MAX_BATCH_SIZE": "64",
         f"{ENV_PREFIX}MAX_QUEUE_DELAY_MS": "0.5",
         f"{ENV_PREFIX}IMAGES": "off",
-        f"{ENV_PREFIX}TORCH_THREADS": "2",
+        f"{ENV_PREFIX}THREADS": "2",
         f"{ENV_PREFIX}AUTH_TOKEN": "tok",
     }
     s = Settings.from_env(env)
     assert s.bundles == (Path("/m/a"), Path("/m/b"), Path("/m/c"))
     assert (s.max_batch_size, s.max_queue_delay_s, s.images) == (64, 0.0005, False)
-    assert s.torch_threads == 2 and s.auth_token == "tok"
+    assert s.threads == 2 and s.auth_token == "tok"
     assert s.public()["auth_token"] == "***"
+
+
+def test_text_overrides_are_parsed_like_variables_and_unknown_names_refused():
+    """What `serve run splitexit_server.ray_serve:app key=value` passes."""
+    s = Settings.from_env({}, bundles="/m/a,/m/b", max_batch_size="8", images="off")
+    assert (s.bundles, s.max_batch_size, s.images) == ((Path("/m/a"), Path("/m/b")), 8, False)
+    with pytest.raises(ConfigError, match="no server setting is called 'max_batch'"):
+        Settings.from_env({}, max_batch=8)
+
+
+def test_every_setting_is_parsed_as_its_annotated_type():
+    hints = typing.get_type_hints(Settings)
+    for f in dataclasses.fields(Settings):
+        assert f.metadata["parser"].type == hints[f.name], f.name
+
+
+def test_the_old_torch_threads_name_still_works_and_warns_once(monkeypatch):
+    monkeypatch.setattr(settings, "_warned", set())
+    with pytest.warns(FutureWarning, match="torch_threads .* is deprecated: use threads") as seen:
+        from_env = Settings.from_env({f"{ENV_PREFIX}TORCH_THREADS": "3"})
+        args = cli.build_parser().parse_args(["--bundle", "x", "--torch-threads", "5"])
+        from_flag = cli.settings_from_args(args, environ={})
+    assert (from_env.threads, from_flag.threads) == (3, 5)
+    assert len([w for w in seen if issubclass(w.category, FutureWarning)]) == 1
+    new_wins = Settings.from_env({f"{ENV_PREFIX}TORCH_THREADS": "3", f"{ENV_PREFIX}THREADS": "4"})
+    assert new_wins.threads == 4
+    with pytest.raises(ConfigError, match=f"{ENV_PREFIX}TORCH_THREADS='many' is not a valid int"):
+        Settings.from_env({f"{ENV_PREFIX}TORCH_THREADS": "many"})
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from splitexit.protocol.stream import (
     CLOSE_FINGERPRINT,
     CLOSE_NOT_FOUND,
     CLOSE_PROTOCOL,
+    MESSAGE_HEADER_SIZE,
     SUBPROTOCOL,
     Accepted,
     Session,
@@ -399,10 +400,11 @@ def test_sigterm_answers_messages_in_flight_then_closes_4503(a):
 def test_stream_metrics_count_connections_and_outcomes(a):
     session = session_of(a)
     with LiveServer(settings(a), [a]) as live:
+        message = message_from_frame(frames(a, 1)[0], 0, session)
 
         async def go() -> str:
             ws, _ = await opened(live, session)
-            await ws.send(message_from_frame(frames(a, 1)[0], 0, session))
+            await ws.send(message)
             await ws.recv()
             await ws.send(b"\x01\x77")  # no such point
             await ws.recv()
@@ -416,6 +418,8 @@ def test_stream_metrics_count_connections_and_outcomes(a):
         m = live.state.metrics
         assert m.requests.value(model=a.name, outcome="success") == 1
         assert m.requests.value(model=a.name, outcome="bad_request") == 1
+        # the frame's bytes as they crossed the wire: qparams and payload, no 32-byte header
+        assert m.frame_bytes.value(model=a.name) == len(message) - MESSAGE_HEADER_SIZE
 
 
 def test_a_refused_message_is_logged_with_its_connection_and_id(a, caplog):

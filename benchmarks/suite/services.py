@@ -21,7 +21,7 @@ from splitexit.demo import tail_server as demo_tail_server
 
 SERVER_ENV = {
     "SPLITEXIT_SERVER_MAX_QUEUE_DELAY_MS": "0",
-    "SPLITEXIT_SERVER_TORCH_THREADS": "1",
+    "SPLITEXIT_SERVER_THREADS": "1",
     "SPLITEXIT_SERVER_LOG_LEVEL": "warning",
 }
 

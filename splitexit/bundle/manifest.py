@@ -388,6 +388,13 @@ def _problems(m: Manifest) -> Iterator[str]:
                 f"operating point (k={p.channels}, bits={p.bits}) is outside the bottleneck "
                 f"(k in 1..{b.channels}, bits in {list(b.bits)})"
             )
+    accuracies = [(f"operating point (k={p.channels}, bits={p.bits})", p.accuracy)
+                  for p in m.operating_points]  # fmt: skip
+    accuracies += [(f"exit {e.name!r}", e.accuracy) for e in m.exits]
+    accuracies.append(("teacher", m.teacher_accuracy))
+    for what, accuracy in accuracies:
+        if accuracy is not None and not 0 <= accuracy <= 1:  # NaN included
+            yield f"{what} accuracy must be a fraction in [0, 1] or null, got {accuracy}"
     names = [e.name for e in m.exits]
     if len(set(names)) != len(names):
         yield f"exit names must be unique, got {names}"

@@ -4,7 +4,7 @@ check the promise on a test split, and write the thresholds into the bundle.
     bundle + split ─ record_table ─► CalibrationTable (.npz) ─ select_thresholds(Goal)
         ─► Selection ─ check_promise(test table) ─► PromiseCheck ─ write_selection ─► bundle
 
-`record` runs a bundle into a `table`; `policy` replays thresholds (accuracy, offload, bytes,
+`tabulate` runs a bundle into a `table`; `policy` replays thresholds (accuracy, offload, bytes,
 latency, priced by `splitexit.cost`); `goals` states what they must achieve; `bounds` holds
 the Clopper-Pearson bounds; `thresholds` searches; `samples` says how many calibration
 samples each exit's figures rest on and how many the goal's margin needs; `promise` checks on
@@ -41,7 +41,7 @@ _EXPORTS = {
     "PromiseCheck": "promise",
     "check_promise": "promise",
     "promise_sweep": "promise",
-    "record_table": "record",
+    "record_table": "tabulate",
     "format_exit_samples": "report",
     "format_outcome": "report",
     "format_selection": "report",
@@ -127,7 +127,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         median_ms,
     )
     from .promise import Promise, PromiseCheck, check_promise, promise_sweep
-    from .record import record_table
     from .report import (
         format_exit_samples,
         format_outcome,
@@ -137,5 +136,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     )
     from .samples import ExitSamples
     from .table import CalibrationError, CalibrationTable
+    from .tabulate import record_table
     from .thresholds import Selection, select_thresholds
     from .write import calibrated_on, jsonable, write_selection

@@ -1,4 +1,4 @@
-"""The calibration table: what a bundle did on every sample of a split (`record.py` fills it).
+"""The calibration table: what a bundle did on every sample of a split (`tabulate.py` fills it).
 
     per sample: label, every exit's confidence (every measure) and predicted class, the
     tail's predicted class and the frame's bytes at every operating point (k, bits)

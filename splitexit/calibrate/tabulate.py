@@ -1,4 +1,4 @@
-"""Record a calibration table: run a bundle over a split once, batched.
+"""Tabulate what a bundle does on a split: run it once, batched, into a calibration table.
 
     images ─ preprocess ─ segment 0 ─┬─ ... ─ last segment ─ z ─┬─ quantize(k, bits) ─ tail
                                      │                          │    (every operating point)
