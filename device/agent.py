@@ -68,6 +68,10 @@ from .sources import Input, label_index
 _RESPONSE_BYTES_GUESS = 350.0
 _LOCAL_MARGIN_S = 0.002  # time kept back from a deadline to answer locally
 _INLINE_ENCODE_ELEMENTS = 4096  # codes up to this size are framed on the event loop (~0.1 ms)
+# Device compute expected to take longer than this runs in the worker thread even where a hop
+# costs more: while the event loop computes it cannot read answers, so every probe and offload
+# in flight would be timed late and the link would read slower than it is.
+_INLINE_MAX_S = 0.003
 
 
 @dataclass
@@ -260,7 +264,11 @@ class Agent:
                 work = _Work(item, seq, time.monotonic())
                 seq += 1
                 self._plan(work)
-                if self._small_input and (not tasks or _is(work.plan, "image")):
+                if (
+                    self._small_input
+                    and (not tasks or _is(work.plan, "image"))
+                    and self._quick(work)
+                ):
                     record = self._run_head(work)  # nothing to overlap: a hop costs more
                 else:
                     record = await loop.run_in_executor(self._pool, self._run_head, work)
@@ -334,6 +342,15 @@ class Agent:
             action="exit",
             expected_s=None if work.cost is None else work.cost.exit_s(index),
         )
+
+    def _quick(self, work: _Work) -> bool:
+        """The head (or the image encode the plan chose) is expected to take no longer than
+        the event loop may be kept from reading answers (`_INLINE_MAX_S`)."""
+        cost = work.cost
+        if cost is None:
+            return True
+        expected = cost.device.image_encode_s if _is(work.plan, "image") else cost.bottleneck_s()
+        return expected <= _INLINE_MAX_S
 
     def _observe_head(self, work: _Work) -> None:
         """Event loop: what the head (or the image encode) of this input cost."""
@@ -446,7 +463,8 @@ class Agent:
         assert self.tail is not None and work.result is not None and work.result.z is not None
         z = work.result.z
         start = time.monotonic()
-        if math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:  # a small tail: a hop costs as much
+        quick = self.measure.tail_s.value <= _INLINE_MAX_S
+        if quick and math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:  # a hop costs as much
             answer = self.tail.run_code(z)
         else:
             answer = await asyncio.get_running_loop().run_in_executor(

@@ -12,8 +12,9 @@ add time, so the quickest samples are the truest):
 * base: the quickest sample of the last `window_s` seconds, (t0, n0) (small probes keep it
   close to the round trip; it keeps its value while no samples come);
 * seconds per byte: the least of the last few (t - t0) / (n - n0) over samples clearly
-  larger than n0 (a sample of about the base's size says nothing about bandwidth); a
-  sample quicker than predicted lowers it at once,
+  larger than n0 (a sample of about the base's size says nothing about bandwidth; one
+  clearly smaller than a base that is large says its extra bytes cost less than the noise,
+  and teaches 0); a sample quicker than predicted lowers it at once,
 
 and predicts t = t0 + max(0, n - n0) * seconds per byte.
 
@@ -222,9 +223,14 @@ class LinkEstimator:
         self._last = (done, seconds, nbytes)
         self._base = self._recent[0][1:]
         base_s, base_bytes = self._base
-        if nbytes - base_bytes < _MIN_EXTRA * nbytes:
+        if base_bytes - nbytes >= _MIN_EXTRA * base_bytes:
+            # clearly smaller than the base, and no quicker: the extra bytes cost less than
+            # the noise (the quickest sample was a large one), so teach a fast link
+            spb = 0.0
+        elif nbytes - base_bytes < _MIN_EXTRA * nbytes:
             return  # about the base's size: nothing to learn about the bandwidth
-        spb = max(0.0, seconds - base_s) / (nbytes - base_bytes)
+        else:
+            spb = max(0.0, seconds - base_s) / (nbytes - base_bytes)
         self.bandwidth_seen_at = done
         now = min(max(self._spb.value, self._min_spb), self._max_spb)
         side = 1 if spb > 2.0 * now else -1 if max(spb, self._min_spb) < 0.5 * now else 0

@@ -224,3 +224,18 @@ def test_after_a_change_a_small_probe_and_similar_requests_are_enough() -> None:
         t += 0.05
     assert est.predict(REQUEST) < 0.01
     assert est.bandwidth_bps > 1e6
+
+
+def test_a_large_sample_quicker_than_the_small_ones_teaches_a_fast_link() -> None:
+    """On a fast link jitter outweighs the transfer: when the quickest recent sample is a
+    large request, a small one no quicker says the extra bytes cost nothing measurable. The
+    estimate must not stay at a slow rate it learned before (it then never offloads again)."""
+    est = LinkEstimator()
+    t = feed(est, 64e3, 0.05, 0.0, n=6)  # a slow link first: about 0.16 s per request
+    slow = est.predict(REQUEST)
+    t += 3.0  # past the base latency's window
+    # the link is fast now, with jitter larger than a request's transfer
+    for i, (nbytes, seconds) in enumerate([(REQUEST, 0.004), (PROBE, 0.006), (PROBE, 0.005)]):
+        est.observe(t + i, t + i + seconds, nbytes)
+    assert est.predict(REQUEST) < 0.01 < slow / 10
+    assert est.bandwidth_bps > 100e6
