@@ -55,7 +55,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
         "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", "2",
         "--queue-delay-target-ms", str(args.target_ms), "--log-level", "warning",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # keep the caller's path too
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     wait_http(port, "/v2/health/ready", proc)
     return proc
