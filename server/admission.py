@@ -15,8 +15,10 @@ and the running one, times the measured batch time (the model's share); and the 
 flight divided by the measured answer rate (Little's law: this counts the event loop's time
 for each request too, its HTTP and its answer, which under overload is most of it). Both
 measurements are exponentially weighted means, so the prediction follows the model, the
-batch size and the machine without configuration; the answer rate is measured only over
-windows in which the server was never idle (an idle server shows its load, not its rate).
+batch size and the machine without configuration. The answer rate is measured only over
+windows in which the server was never idle (an idle server shows its load, not its rate);
+it never keeps out half a batch, so that a rate measured in a bad moment cannot keep the
+door shut.
 (A concurrency limit adapted from the answers' times, TCP-style, was tried and dropped:
 under overload the answers' time was mostly the event loop's, spent on the refusals
 themselves, so the limit fell to 1 and goodput with it; see benchmarks/overload.py.)
@@ -105,10 +107,11 @@ class Admission:
     def expected_wait(self, ahead: int, running: bool) -> float:
         """Seconds a request arriving now waits: for its batch (the full batches of the
         `ahead` requests before it, and the one running, shared among the workers), or, when
-        longer, for the requests in flight to be answered at the measured answer rate."""
+        longer, for the requests in flight to be answered at the measured answer rate (half
+        a batch is always let in: a rate measured low cannot shut the door on everything)."""
         batches = ahead // self.max_batch_size + (1 if running else 0)
         wait = batches * self.batch_s / self.workers
-        if self.answer_rate:
+        if self.answer_rate and self.inflight >= self.max_batch_size // 2:
             wait = max(wait, self.inflight / self.answer_rate)
         return wait
 
