@@ -355,9 +355,11 @@ class ServedModel:
                 for r in self.run(batch):
                     if isinstance(r, Exception):
                         raise RuntimeError(f"warm-up of model {self.name!r} failed: {r}") from r
-        # What is alive now (the model, the runtimes, the app) lives as long as the server:
+        # What is alive now (the models, the runtimes, the app) lives as long as the server:
         # kept out of the collector's full passes, which would otherwise scan it all again
         # and again under load, stopping the event loop for tens of milliseconds each time.
+        # (Unfrozen first: what an earlier freeze kept and is garbage now is collected.)
+        gc.unfreeze()
         gc.collect()
         gc.freeze()
         self.ready = True

@@ -299,3 +299,15 @@ def test_a_connection_only_refused_from_its_bytes_still_times_out_when_idle(a):
             start = time.monotonic()
             assert f.read(1) == b""  # closed by the server, once idle
             assert time.monotonic() - start < 10
+
+
+def test_after_warm_up_what_is_alive_is_kept_out_of_the_collector(a):
+    """The collector's full passes would scan the models and the app again and again under
+    load, stopping the event loop each time: warm-up freezes them."""
+    import gc
+
+    gc.unfreeze()
+    with LiveServer(settings(a), [a]) as live:
+        assert live.state.models[a.name].ready
+        assert gc.get_freeze_count() > 0
+    gc.unfreeze()
