@@ -55,7 +55,8 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
         "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", "2",
         "--queue-delay-target-ms", str(args.target_ms), "--log-level", "warning",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # keep the caller's path too
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     wait_http(port, "/v2/health/ready", proc)
     return proc
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rss = RSSSampler(proc.pid)
         try:
             baseline_rss = rss.now()
+            load_before = os.getloadavg()[0]
             phases = {}
             print("unloaded ...", flush=True)
             phases["unloaded"] = h2load(
@@ -176,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args, url, body, header_length, clients, args.duration, rps, Path(tmp) / "o.log"
             )
             peak_rss = rss.peak
+            load_after = os.getloadavg()[0]
         finally:
             rss.close()
             stop(proc)
@@ -207,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "http_parser": _installed("httptools") or "h11",
             "event_loop": _installed("uvloop") or "asyncio",
+            "load_average_1min": {"before": round(load_before, 2), "after": round(load_after, 2)},
         },
         "phases": phases,
         "capacity_per_s": capacity,
@@ -255,7 +259,8 @@ def report(doc: dict[str, Any]) -> str:
         f"thread, max batch {s['max_batch_size']}, queue-delay target "
         f"{s['queue_delay_target_ms']:g} ms), h2load on core {s['load_cpu']}; "
         f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores; uvicorn with "
-        f"{doc['machine'].get('http_parser')} and {doc['machine'].get('event_loop')}.",
+        f"{doc['machine'].get('http_parser')} and {doc['machine'].get('event_loop')}; "
+        f"load average {_load(doc)} (its own two busy processes included).",
         "",
         "| phase | clients | offered/s | answers/s | answer p50 ms | answer p99 ms | "
         "429 p50 ms | 429 p99 ms | statuses |",
@@ -295,6 +300,11 @@ def report(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _load(doc: dict[str, Any]) -> str:
+    load = doc["machine"].get("load_average_1min") or {}
+    return f"{load.get('before')} before, {load.get('after')} after"
+
+
 def _cost_note(doc: dict[str, Any]) -> list[str]:
     """What a refusal costs the server's core, from the numbers: an answer costs 1/capacity
     of a core-second; the refusals had what the answers left of it."""
@@ -308,10 +318,10 @@ def _cost_note(doc: dict[str, Any]) -> list[str]:
     return [
         f"Where the core goes: one core runs the event loop and the model. An answer costs it "
         f"{answer_ms:.2f} ms (1 / capacity), so the {refusals:.0f} refusals/s had the rest: "
-        f"{refusal_ms:.3f} ms each ({100 * refusal_ms / answer_ms:.0f}% of an answer: HTTP "
-        f"parsing and writing in uvicorn), {share:.0f}% of the core in all. Every answer also "
-        "waits behind them on the event loop; the batch queue itself stays within the target "
-        "(`server/admission.py`).",
+        f"{refusal_ms:.3f} ms each ({100 * refusal_ms / answer_ms:.0f}% of an answer: reading "
+        "the request and writing the door's prebuilt 429, `server/connection.py`), "
+        f"{share:.0f}% of the core in all. Every answer also waits behind them on the event "
+        "loop; the door keeps what it admits within the target (`server/admission.py`).",
         "",
     ]
 

@@ -1,24 +1,26 @@
 """Dynamic batching, Triton-style: requests that arrive together run as one model call.
 
-    submit ─► bounded FIFO queue ─ a worker frees up ─ wait until the batch holds
+    submit ─► bounded FIFO queue ─ a worker thread is free ─ it waits until the batch holds
               (429 when full)      max_batch_size samples or the oldest request has waited
-                                   max_queue_delay ─ drop requests already cancelled or past
-                                   their deadline ─ run the batch in the worker thread pool
-                                   ─ hand each request its own result
+                                   max_queue_delay ─ drops requests already cancelled or past
+                                   their deadline ─ runs the batch ─ hands each request its
+                                   result on the event loop ─ takes the next batch
 
 The event loop only queues and hands out results; the `process` function (decode + model)
-runs in a thread pool, `workers` batches at a time, so HTTP handling never waits behind
-inference. `process` receives the payloads of a batch in order and returns one result or one
-exception per payload: a bad request fails alone, never its batch-mates. Should `process`
-raise for a whole batch, each of its requests is run again alone, so that only the one that
-made it raise fails.
+runs in `workers` threads, one batch each, so HTTP handling never waits behind inference.
+A worker takes its next batch itself, as soon as it is done with one: it never waits for the
+event loop, which under overload is busy refusing requests (`splitexit_server.admission`).
+`process` receives the payloads of a batch in order and returns one result or one exception
+per payload: a bad request fails alone, never its batch-mates. Should `process` raise for a
+whole batch, each of its requests is run again alone, so that only the one that made it
+raise fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -84,7 +86,8 @@ class DynamicBatcher:
         max_queue_delay_s: longest the oldest job waits for the batch to fill.
         max_queue_size: most jobs waiting; `submit` raises QueueFull beyond it.
         workers: batches run at once (threads).
-        executor: run batches here instead of an own thread pool.
+        executor: run the workers here instead of in an own thread pool (each holds one of
+            its threads while the batcher runs).
     """
 
     def __init__(
@@ -107,10 +110,11 @@ class DynamicBatcher:
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(workers, thread_name_prefix=f"tail-{name}")
         self._queue: collections.deque[Job] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._samples = 0  # sum of the queued jobs' sizes
+        self._cond = threading.Condition()  # guards the queue, _samples and running_jobs
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: list[asyncio.Future[None]] = []
+        self._stopping = False
         self.running_jobs = 0
 
     # ------------------------------------------------------------------------- public
@@ -126,15 +130,18 @@ class DynamicBatcher:
         return len(self._queue) + self.running_jobs
 
     async def start(self) -> None:
-        """Start the batching loop on the running event loop."""
-        if self._loop_task is None:
-            self._wakeup = asyncio.Event()
-            self._slots = asyncio.Semaphore(self.workers)
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        """Start the worker threads; results are handed out on the running event loop."""
+        if self._loop is None:
+            self._loop = loop = asyncio.get_running_loop()
+            self._stopping = False
+            self._workers = [
+                asyncio.wrap_future(self._executor.submit(self._work), loop=loop)
+                for _ in range(self.workers)
+            ]
 
     def submit(self, payload: Any, *, size: int = 1, deadline: float | None = None) -> Job:
         """Queue a payload; await `job.future` for its result. Raises QueueFull, Stopped."""
-        if self._loop_task is None or self._wakeup is None:
+        if self._loop is None or self._stopping:
             raise Stopped(f"the batcher of {self.name!r} is not running")
         if len(self._queue) >= self.max_queue_size:
             self._sweep()
@@ -143,88 +150,112 @@ class DynamicBatcher:
                     f"model {self.name!r} has {len(self._queue)} requests queued "
                     f"(max_queue_size={self.max_queue_size}); retry later"
                 )
-        loop = asyncio.get_running_loop()
         deadline = deadline if deadline is not None else time.monotonic() + 3600
-        job = Job(payload, max(1, int(size)), deadline, loop.create_future())
-        self._queue.append(job)
-        self._wakeup.set()
+        job = Job(payload, max(1, int(size)), deadline, self._loop.create_future())
+        with self._cond:
+            self._queue.append(job)
+            self._samples += job.size
+            self._cond.notify()
         return job
 
     async def stop(self) -> None:
         """Stop batching: running batches finish, queued jobs fail with Stopped."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-        while self._queue:
-            job = self._queue.popleft()
+        if self._loop is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._workers:  # their last results are handed out before they count as done
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        self._loop = None
+        with self._cond:
+            jobs, self._queue, self._samples = list(self._queue), collections.deque(), 0
+        for job in jobs:
             if not job.future.done():
                 job.future.set_exception(Stopped("the server is shutting down"))
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
-    # ----------------------------------------------------------------------- internals
+    # ---------------------------------------------------------- event-loop internals
 
     def _sweep(self) -> None:
         """Drop jobs whose caller gave up; fail the ones past their deadline."""
+        with self._cond:
+            expired = self._drop_stale()
+        self._expire(expired)
+
+    def _expire(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(Expired("deadline passed while queued"))
+
+    def _deliver(self, batch: list[Job], results: Sequence[Any]) -> None:
+        with self._cond:
+            self.running_jobs -= len(batch)
+        for job, result in zip(batch, results, strict=True):
+            if job.future.done():  # the caller gave up (deadline, disconnect)
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    # -------------------------------------------------------------- worker internals
+
+    def _drop_stale(self) -> list[Job]:
+        """With the lock held: drop the jobs whose caller gave up and those past their
+        deadline; returns the latter (to fail on the event loop)."""
         now = time.monotonic()
         keep: collections.deque[Job] = collections.deque()
+        expired: list[Job] = []
         for job in self._queue:
             if job.future.done():
                 continue
-            if job.deadline <= now:
-                job.future.set_exception(Expired("deadline passed while queued"))
-                continue
-            keep.append(job)
+            (expired if job.deadline <= now else keep).append(job)
         self._queue = keep
+        self._samples = sum(j.size for j in keep)
+        return expired
 
-    async def _wait_for_arrival(self, timeout: float | None) -> bool:
-        assert self._wakeup is not None
-        self._wakeup.clear()
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-    async def _collect(self) -> list[Job]:
-        while True:
-            self._sweep()
-            if self._queue:
-                break
-            await self._wait_for_arrival(None)
-        close_at = self._queue[0].enqueued + self.max_queue_delay_s
-        while sum(j.size for j in self._queue) < self.max_batch_size:
-            remaining = close_at - time.perf_counter()
-            if remaining <= 0 or not await self._wait_for_arrival(remaining):
-                break
-        self._sweep()
-        batch: list[Job] = []
-        total = 0
-        while self._queue and (not batch or total + self._queue[0].size <= self.max_batch_size):
-            job = self._queue.popleft()
-            batch.append(job)
-            total += job.size
+    def _take(self) -> list[Job] | None:
+        """The next batch, once there is one (None once stopping). Runs in a worker."""
+        assert self._loop is not None
+        loop = self._loop
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            close_at = self._queue[0].enqueued + self.max_queue_delay_s
+            while self._samples < self.max_batch_size and not self._stopping:
+                remaining = close_at - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._stopping:
+                return None
+            expired = self._drop_stale()
+            batch: list[Job] = []
+            total = 0
+            while self._queue and (not batch or total + self._queue[0].size <= self.max_batch_size):
+                job = self._queue.popleft()
+                batch.append(job)
+                total += job.size
+            self._samples -= total
+            self.running_jobs += len(batch)
+        if expired:
+            loop.call_soon_threadsafe(self._expire, expired)
         return batch
 
-    async def _loop(self) -> None:
-        assert self._slots is not None
-        while True:
-            await self._slots.acquire()
-            try:
-                batch = await self._collect()
-            except BaseException:
-                self._slots.release()
-                raise
-            if not batch:  # everything collected expired meanwhile
-                self._slots.release()
+    def _work(self) -> None:
+        """A worker: take a batch, run it, hand out its results; until stopped."""
+        assert self._loop is not None
+        loop = self._loop
+        while (batch := self._take()) is not None:
+            if not batch:  # everything taken had expired or was cancelled
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            results = self._isolated(batch)
+            loop.call_soon_threadsafe(self._deliver, batch, results)
 
     def _isolated(self, batch: list[Job]) -> list[Any]:
         """`process(batch)`; should it raise, each job runs alone, so that only the job that
@@ -247,20 +278,3 @@ class DynamicBatcher:
         if len(results) != len(batch):
             raise RuntimeError(f"process returned {len(results)} results for {len(batch)}")
         return results
-
-    async def _execute(self, batch: list[Job]) -> None:
-        assert self._slots is not None
-        self.running_jobs += len(batch)
-        try:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._executor, self._isolated, batch)
-            for job, result in zip(batch, results, strict=True):
-                if job.future.done():  # the caller gave up (deadline, disconnect)
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
-        finally:
-            self.running_jobs -= len(batch)
-            self._slots.release()

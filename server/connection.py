@@ -3,6 +3,9 @@ refused before its body was read is not read (its connection closes).
 
     connection ─ first byte of a request ─ header complete within client_timeout_s?
                │                          └ no: 408 + Connection: close (slow-header clients)
+               ├ (httptools) the bytes read are one whole plain POST and the admission door
+               │   refuses it: its 429 written from those bytes, never parsed into a request
+               │   (`whole_post`: the cheapest refusal there is, for overload)
                ├ header complete, the admission door refuses (httptools): 429 written here
                │   before any ASGI task exists
                └ request ─ app answers before the body is all in (401, 413, 429, 408 ...)
@@ -22,21 +25,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
 from splitexit_server.limits import ASGIApp, Message, Receive, Scope, Send
 
 DRAIN_BYTES = 64 * 1024  # the most of an unread body uvicorn reads and drops (keep-alive)
+Door = Callable[[str], "bytes | None"]  # the whole response refusing a POST to this path, or None
+
+# what `whole_post` leaves to the real parser: control bytes (a bare CR or LF, a folded line
+# are counted), headers that change how the request is framed or answered
+_CONTROL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_FRAMING = re.compile(rb"\r\n(?:transfer-encoding|connection|expect|upgrade)")
+_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,9})[ \t]*\r\n")
 
 
 class _HeaderDeadline(asyncio.Protocol):
     """Mixed into a uvicorn HTTP protocol (h11 or httptools: both keep `cycle`, `loop` and
-    `transport`): a deadline for each request's header."""
+    `transport`): a deadline for each request's header; with httptools, the door's refusals
+    written without an ASGI task, or without parsing at all."""
 
     header_timeout_s = 5.0
-    door: Callable[[Scope], bytes | None] | None = None  # a refusal to write, or None
+    door: Door | None = None
+    whole_requests = False  # refuse whole POSTs from their bytes (httptools)
     _header_timer: asyncio.TimerHandle | None = None
+    _between = True  # the parser is between two requests (httptools)
+    _refused_at = 0.0  # loop time of the last refusal written from a request's bytes
     cycle: Any
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
@@ -48,7 +63,10 @@ class _HeaderDeadline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
-        if cycle is None or cycle.response_complete:  # these bytes begin a request's header
+        idle = cycle is None or cycle.response_complete
+        if idle and self.whole_requests and self._between and self._refuse_whole(data):
+            return
+        if idle:  # these bytes begin a request's header
             self._arm()
         super().data_received(data)
         if self.cycle is not cycle:  # the header is complete: the app's deadlines take over
@@ -58,19 +76,64 @@ class _HeaderDeadline(asyncio.Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def on_message_begin(self) -> None:
+        self._between = False
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        self._between = True
+        super().on_message_complete()  # type: ignore[misc]
+
+    def _refuse_whole(self, data: bytes) -> bool:
+        """Answer `data` with the door's 429 if it is one whole plain POST the door refuses
+        (nothing parsed, nothing built: what the parser would do for it is already done);
+        False leaves it to the parser. The connection stays open for the next request."""
+        assert self.door is not None
+        path = whole_post(data)
+        if path is None or self.pipeline:  # type: ignore[attr-defined]
+            return False
+        refusal = self.door(path)
+        if refusal is None:
+            return False
+        self._disarm()
+        self.transport.write(refusal)
+        self.server_state.total_requests += 1  # type: ignore[attr-defined]
+        self._refused_at = self.loop.time()
+        if self.timeout_keep_alive_task is None:  # type: ignore[attr-defined]
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive,  # type: ignore[attr-defined]
+                self.timeout_keep_alive_handler,
+            )
+        return True
+
+    def timeout_keep_alive_handler(self) -> None:
+        """uvicorn's keep-alive timeout, counted from the last refusal written from bytes
+        when that came later than the last answer (those do not re-arm the timer)."""
+        idle = self.loop.time() - self._refused_at
+        left = self.timeout_keep_alive - idle  # type: ignore[attr-defined]
+        if left > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                left, self.timeout_keep_alive_handler
+            )
+            return
+        super().timeout_keep_alive_handler()  # type: ignore[misc]
+
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        """httptools: a request the door refuses is answered here, with no ASGI task at all
-        (the cheapest refusal there is); the rest of its body is then dropped by the parser's
-        callbacks, as after any complete response."""
-        refusal = self.door(cycle.scope) if self.door is not None else None
+        """httptools: a request the door refuses is answered here, with no ASGI task at all;
+        the rest of its body is then dropped by the parser's callbacks, as after any complete
+        response (the connection closes when that rest is too big to drop)."""
+        scope = cycle.scope
+        door = self.door if scope["method"] == "POST" else None
+        refusal = door(scope["path"]) if door is not None else None
         if refusal is None:
             super()._start_asgi_task(cycle, app)  # type: ignore[misc]
             return
         cycle.response_complete = True
-        self.transport.write(refusal)
-        if not cycle.keep_alive or b"\r\nconnection: close\r\n" in refusal:
+        if close_unread(scope, 0) or not cycle.keep_alive:
+            self.transport.write(refusal.replace(b"\r\n", b"\r\nconnection: close\r\n", 1))
             self.transport.close()
             return
+        self.transport.write(refusal)
         self.on_response_complete()  # type: ignore[attr-defined]
 
     def _arm(self) -> None:
@@ -105,13 +168,14 @@ class _HeaderDeadline(asyncio.Protocol):
 def guarded_protocol(
     header_timeout_s: float,
     parser: str = "auto",
-    door: Callable[[Scope], bytes | None] | None = None,
+    door: Door | None = None,
 ) -> type[asyncio.Protocol]:
     """The uvicorn `http` protocol class that answers 408 to a header slower than this.
 
     `parser`: "httptools" (C, the `server` extra), "h11" (pure Python), or "auto": httptools
     when installed, else h11. `door` (httptools only: h11 starts its task itself) gives the
-    response refusing a request before its ASGI task starts (`AdmissionDoor.refusal`).
+    response refusing a POST before it is parsed or its ASGI task starts
+    (`AdmissionDoor.refusal`).
     """
     base: type[asyncio.Protocol]
     if parser not in ("auto", "h11", "httptools"):
@@ -125,8 +189,43 @@ def guarded_protocol(
             raise
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     name = f"HeaderDeadline{base.__name__}"
-    attrs = {"header_timeout_s": header_timeout_s, "door": door}
+    whole = door is not None and base.__name__ == "HttpToolsProtocol"
+    attrs = {"header_timeout_s": header_timeout_s, "door": door, "whole_requests": whole}
     return type(name, (_HeaderDeadline, base), attrs)
+
+
+def whole_post(data: bytes) -> str | None:
+    """The path of the request in `data` if `data` is exactly one whole, plain HTTP/1.1 POST
+    (a path without query or escapes, a Content-Length body all there, no header that
+    changes its framing or answer, nothing unusual for a parser to judge), else None.
+
+    A device's request usually arrives in one read; this is what lets the door refuse it
+    without parsing it into a request. Anything else goes to the parser, as always.
+    """
+    if not data.startswith(b"POST /"):
+        return None
+    line_end = data.find(b"\r\n")
+    head_end = data.find(b"\r\n\r\n")
+    if line_end < 0 or head_end < 0:
+        return None
+    parts = data[5:line_end].split(b" ")
+    if len(parts) != 2 or parts[1] != b"HTTP/1.1" or not parts[0].isascii():
+        return None
+    path, raw = parts[0], data[: head_end + 2]
+    if b"%" in path or b"?" in path or b"#" in path:
+        return None
+    lines = raw.count(b"\r\n")
+    if raw.count(b"\r") != lines or raw.count(b"\n") != lines or b"\n " in raw or b"\n\t" in raw:
+        return None  # a bare CR or LF, a folded header line
+    if len(raw.translate(None, _CONTROL)) != len(raw):
+        return None
+    head = raw[line_end:].lower()  # \r\nname: value ... \r\n
+    if _FRAMING.search(head) or head.count(b"\r\ncontent-length") != 1:
+        return None
+    length = _LENGTH.search(head)
+    if length is None or len(data) != head_end + 4 + int(length.group(1)):
+        return None
+    return path.decode("ascii")
 
 
 class CloseUnreadBodies:

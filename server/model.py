@@ -17,6 +17,7 @@ and quantizer a device uses. Head and tail run on the runtime the settings choos
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import queue
@@ -361,6 +362,13 @@ class ServedModel:
                 for r in self.run(batch):
                     if isinstance(r, Exception):
                         raise RuntimeError(f"warm-up of model {self.name!r} failed: {r}") from r
+        # What is alive now (the models, the runtimes, the app) lives as long as the server:
+        # kept out of the collector's full passes, which would otherwise scan it all again
+        # and again under load, stopping the event loop for tens of milliseconds each time.
+        # (Unfrozen first: what an earlier freeze kept and is garbage now is collected.)
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         self.ready = True
         log.info(
             "model ready",

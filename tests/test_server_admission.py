@@ -15,7 +15,7 @@ from server_fixtures import LiveServer, settings, tiny_bundle
 from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request
 from splitexit.runtime.tail import TailRunner
 from splitexit_device.client import server_timings
-from splitexit_server.admission import Admission
+from splitexit_server.admission import RATE_WINDOW_S, Admission
 from splitexit_server.errors import DeadlineExceeded, Overloaded
 
 TARGET_MS = 100.0
@@ -41,6 +41,35 @@ def test_a_timeout_shorter_than_one_batch_is_504_and_one_shorter_than_the_queue_
     assert isinstance(adm.within("m", ahead=0, running=False, left_s=0.005), DeadlineExceeded)
     assert isinstance(adm.within("m", ahead=5, running=True, left_s=0.03), Overloaded)
     assert adm.within("m", ahead=1, running=False, left_s=0.03) is None
+
+
+def test_the_predicted_wait_counts_the_answer_rate_when_the_server_is_busy():
+    """The batch time alone misses the event loop's share of each request (its HTTP, its
+    answer): the answer rate measured while the server was never idle counts both."""
+    adm = Admission(0.05, max_batch_size=8)
+    adm.record_batch(0.001)  # the model alone would take 40 requests in 5 ms
+    for _ in range(12):
+        adm.enter()
+    time.sleep(RATE_WINDOW_S * 1.5)
+    for _ in range(3):
+        adm.leave()  # 3 answers in one busy window: a few dozen per second
+    assert 0 < adm.answer_rate < 3 / RATE_WINDOW_S
+    assert adm.inflight == 9
+    refused = adm.at_door("m", running=True)
+    assert isinstance(refused, Overloaded) and "queue_delay_target_ms" in refused.message
+    while adm.inflight >= adm.max_batch_size // 2:
+        adm.leave()
+    assert adm.at_door("m", running=True) is None  # half a batch is always let in
+
+
+def test_an_idle_moment_gives_no_answer_rate():
+    adm = Admission(0.05, max_batch_size=8)
+    adm.enter()
+    time.sleep(RATE_WINDOW_S * 1.5)
+    adm.leave()  # nothing was left in flight: the window shows the load, not the rate
+    adm.enter()
+    adm.leave()
+    assert adm.answer_rate == 0.0
 
 
 def test_the_batch_time_follows_the_measured_batches():
@@ -163,3 +192,122 @@ def test_a_request_refused_at_the_door_keeps_its_connection_for_the_next(a, pars
                 assert b"connection: close" not in header.lower()
                 answers.append(int(header.split()[1]))
         assert answers == [429, 200, 429, 200]
+
+
+WHOLE = (
+    b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Length: 5\r\n\r\nhello"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        (WHOLE, "/v2/models/m/infer"),
+        (WHOLE.replace(b"Content-Length", b"content-length"), "/v2/models/m/infer"),
+        (WHOLE[:-1], None),  # the body is not all there
+        (WHOLE + b"GET /v2 HTTP/1.1\r\n\r\n", None),  # a second request follows
+        (WHOLE.replace(b"Host: x", b"Transfer-Encoding: chunked"), None),
+        (WHOLE.replace(b"Host: x", b"Connection: close"), None),
+        (WHOLE.replace(b"Host: x", b"Expect: 100-continue"), None),
+        (WHOLE.replace(b"Host: x", b"Content-Length: 5"), None),  # two lengths
+        (WHOLE.replace(b"Host: x", b"Host: x\r\n folded"), None),
+        (WHOLE.replace(b"Host: x\r\n", b"Host: x\n"), None),  # a bare LF
+        (WHOLE.replace(b"Host: x", b"Host: \x00"), None),
+        (WHOLE.replace(b"/infer", b"/infer?x=1"), None),
+        (WHOLE.replace(b"/m/", b"/%6d/"), None),
+        (WHOLE.replace(b"HTTP/1.1", b"HTTP/1.0"), None),
+        (WHOLE.replace(b"POST", b"PUT"), None),
+    ],
+)
+def test_only_one_whole_plain_post_is_refused_from_its_bytes(data, path):
+    """Anything a parser would have to judge goes to the parser (which refuses it at the
+    door all the same when it is an inference request)."""
+    from splitexit_server.connection import whole_post
+
+    assert whole_post(data) == path
+
+
+def _raw_request(a, body: bytes, headers: dict) -> bytes:
+    head = [f"POST /v2/models/{a.name}/infer HTTP/1.1", "Host: x"]
+    head += [f"{k}: {v}" for k, v in {**headers, "Content-Length": len(body)}.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _read_response(f) -> tuple[int, bytes, bytes]:
+    """One response from the socket file `f`: status, lowercased header, body."""
+    status = f.readline()
+    if not status:
+        raise ConnectionError("closed")
+    lines = []
+    while (line := f.readline()) not in (b"\r\n", b""):
+        lines.append(line.lower())
+    header = b"".join(lines)
+    length = int(
+        next(v for k, _, v in (x.partition(b":") for x in lines) if k == b"content-length")
+    )
+    return int(status.split()[1]), header, f.read(length)
+
+
+@pytest.mark.parametrize("parser", _parsers())
+def test_pipelined_requests_refused_at_the_door_are_answered_in_order(a, parser):
+    import socket
+
+    s = settings(a, warmup=False, http_parser=parser, queue_delay_target_ms=TARGET_MS)
+    with LiveServer(s, [a]) as live:
+        live.state.models[a.name].admission.target_s = -1.0  # every request waits too long
+        body, headers = build_binary_request("frame", [a.frame(a.inputs(1, 0), 4, 8)])
+        request = _raw_request(a, body, headers)
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            f = sock.makefile("rb")
+            sock.sendall(request * 3)  # one read holds three requests: the parser's case
+            for _ in range(3):
+                status, header, rest = _read_response(f)
+                assert status == 429 and b"retry-after: 1" in header
+                assert "queue_delay_target_ms" in json.loads(rest)["error"]
+            sock.sendall(request[:40])  # a request in two reads: the parser's case too
+            time.sleep(0.05)
+            sock.sendall(request[40:])
+            assert _read_response(f)[0] == 429
+            live.state.models[a.name].admission.target_s = TARGET_MS / 1e3
+            sock.sendall(request)
+            assert _read_response(f)[0] == 200
+
+
+def test_a_connection_only_refused_from_its_bytes_still_times_out_when_idle(a):
+    """Refusals written from a request's bytes bypass uvicorn's keep-alive bookkeeping: the
+    connection stays open while they come, and closes once it idles as long as uvicorn's
+    keep-alive timeout (5 s)."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("httptools") is None:
+        pytest.skip("httptools (server extra) absent")
+    s = settings(a, warmup=False, http_parser="httptools", queue_delay_target_ms=TARGET_MS)
+    with LiveServer(s, [a]) as live:
+        live.state.models[a.name].admission.target_s = -1.0
+        body, headers = build_binary_request("frame", [a.frame(a.inputs(1, 0), 4, 8)])
+        request = _raw_request(a, body, headers)
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=15) as sock:
+            f = sock.makefile("rb")
+            for _ in range(7):  # 7 s of refusals, one a second: longer than the timeout
+                sock.sendall(request)
+                assert _read_response(f)[0] == 429
+                time.sleep(1.0)
+            start = time.monotonic()
+            assert f.read(1) == b""  # closed by the server, once idle
+            assert time.monotonic() - start < 10
+
+
+def test_after_warm_up_what_is_alive_is_kept_out_of_the_collector(a):
+    """The collector's full passes would scan the models and the app again and again under
+    load, stopping the event loop each time: warm-up freezes them."""
+    import gc
+
+    gc.unfreeze()
+    with LiveServer(settings(a), [a]) as live:
+        assert live.state.models[a.name].ready
+        assert gc.get_freeze_count() > 0
+    gc.unfreeze()

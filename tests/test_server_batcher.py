@@ -210,3 +210,23 @@ def test_the_event_loop_stays_responsive_while_a_batch_runs():
 
     ticks, elapsed = run(main())
     assert elapsed >= 0.25 and ticks >= 10
+
+
+def test_a_worker_takes_its_next_batch_without_waiting_for_the_event_loop():
+    """Under overload the event loop is busy refusing requests: the model must not idle
+    until the loop comes round to hand it the next batch."""
+    rec = Recorder(delay=0.02)
+
+    async def main():
+        b = DynamicBatcher(rec, max_batch_size=1, max_queue_delay_s=0.0)
+        await b.start()
+        jobs = [b.submit(i) for i in range(4)]
+        time.sleep(0.5)  # the event loop is stuck; the worker is not
+        ran_while_blocked = len(rec.batches)
+        results = await asyncio.gather(*(j.future for j in jobs))
+        await b.stop()
+        return ran_while_blocked, results
+
+    ran_while_blocked, results = run(main())
+    assert ran_while_blocked == 4
+    assert results == [0, 2, 4, 6]
