@@ -51,7 +51,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     cmd = [
         "taskset", "-c", str(args.server_cpu),
         sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(args.bundle),
-        "--host", LOOPBACK, "--port", str(port), "--no-images", "--torch-threads", "1",
+        "--host", LOOPBACK, "--port", str(port), "--no-images", "--threads", "1",
         "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", "2",
         "--queue-delay-target-ms", str(args.target_ms), "--log-level", "warning",
     ]  # fmt: skip
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "queue_delay_target_ms": args.target_ms,
             "max_batch_size": args.max_batch_size,
             "max_queue_delay_ms": 2.0,
-            "torch_threads": 1,
+            "threads": 1,
             "deadline_ms": args.deadline_ms,
             "server_cpu": args.server_cpu,
             "load_cpu": args.load_cpu,

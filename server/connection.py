@@ -99,7 +99,7 @@ class _HeaderDeadline(asyncio.Protocol):
         self.transport.write(refusal)
         self.server_state.total_requests += 1  # type: ignore[attr-defined]
         self._refused_at = self.loop.time()
-        if self.timeout_keep_alive_task is None:  # type: ignore[attr-defined]
+        if self.timeout_keep_alive_task is None:  # type: ignore[has-type]  # uvicorn sets it untyped
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive,  # type: ignore[attr-defined]
                 self.timeout_keep_alive_handler,
