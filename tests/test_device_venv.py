@@ -16,14 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runtime_fixtures import (
-    REPO,
-    SHIPPED,
-    assert_same_answers,
-    fmnist_folder,
-    parity_tolerance,
-    run_agent_cli,
-)
+from support import REPO, SHIPPED, assert_same_answers, parity_tolerance, run_agent_cli
 
 pytestmark = pytest.mark.slow
 
@@ -130,11 +123,9 @@ def test_splitexit_inspect_works_without_torch_and_names_both_runtimes(venv: Pat
 
 
 def test_torch_free_agent_answers_like_torch_locally_and_through_the_server(
-    venv: Path, tmp_path: Path
+    venv: Path, fmnist_images: Path, tail_server
 ) -> None:
-    from device_fixtures import TailServer
-
-    images = fmnist_folder(tmp_path / "images", 40)
+    images = fmnist_images
     bundle = installed_bundle(venv)
     env = {**_clean_env(), "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     device = {"python": str(venv / "bin" / "python"), "env": env, "cwd": venv}
@@ -148,12 +139,12 @@ def test_torch_free_agent_answers_like_torch_locally_and_through_the_server(
     assert_same_answers(got, want, parity_tolerance(), SERVER_TOL)
 
     fixed = ["--policy", "fixed", "--channels", "12", "--bits", "8"]
-    with TailServer(SHIPPED, runtime="torch") as server:
-        remote = ["--bundle", str(bundle), "--source", str(images), "--server", server.url]
-        got, proc = run_agent_cli([*remote, *fixed], **device)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        remote[1] = str(SHIPPED)
-        want, proc = run_agent_cli([*remote, *fixed, "--runtime", "torch"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    server = tail_server(SHIPPED, runtime="torch")
+    remote = ["--bundle", str(bundle), "--source", str(images), "--server", server.url]
+    got, proc = run_agent_cli([*remote, *fixed], **device)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote[1] = str(SHIPPED)
+    want, proc = run_agent_cli([*remote, *fixed, "--runtime", "torch"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum(r["decided_by"] == "server" for r in got) > 0
     assert_same_answers(got, want, parity_tolerance(), SERVER_TOL)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_fixtures import LiveServer, tiny_bundle
-from server_fixtures import settings as server_settings
+from support import server_settings
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -15,10 +14,10 @@ EXAMPLES = 150  # bounded: about 10 s on two shared cores
 
 
 @pytest.fixture(scope="module")
-def live():
-    a = tiny_bundle("tiny-a", 0)
-    with LiveServer(server_settings(a, max_body_bytes=256 * 1024), [a]) as server:
-        yield server
+def live(tiny_bundle, module_live_server):
+    a = tiny_bundle
+    server = module_live_server(server_settings(a, max_body_bytes=256 * 1024), [a])
+    yield server
 
 
 def test_openapi_documents_the_inference_protocol(live):
