@@ -4,6 +4,8 @@ does is a fixture in `tests/fixtures/`, requested by name).
 * server: `OPERATING_POINTS`, `server_settings(*bundles, **changes)`.
 * device: `ListWriter` (a record writer that keeps them), `run_agent`, `stream_agent`,
   `expected_decisions`, `grid_accuracy`, `quiet`.
+* models: `tiny_split_net(exits)`, a five-stage split network on 1x16x16 inputs.
+* training: `TINY_EXPERIMENT`, `experiment(out, **changes)`, `write_toml`.
 * runtime: `run_agent_cli` (the agent CLI in a subprocess), `interrupt_agent` (Ctrl-C
   while inputs are in flight), `imported_blocked`,
   `parity_tolerance`, `assert_same_answers`, `SHIPPED` (the zoo's default bundle).
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from fixtures.device import DeviceBundle
     from fixtures.server import TinyBundle
 
+    from splitexit.splitnet import SplitExitNet
     from splitexit_device.agent import Agent, AgentConfig
     from splitexit_device.stream import StreamClient, StreamConfig
     from splitexit_server.settings import Settings
@@ -60,6 +63,51 @@ def server_settings(*bundles: TinyBundle, **changes: Any) -> Settings:
     }
     base.update(changes)
     return Settings(**base)
+
+
+# ------------------------------------------------------------------------------------ models
+
+_TINY_CHANNELS = {"stem": 8, "layer1": 16, "bottleneck": 4}
+
+
+def tiny_split_net(
+    exits: Mapping[str, Mapping[str, Any]], seed: int = 0, bn_stats: bool = True
+) -> SplitExitNet:
+    """stem [8,16,16] ─ layer1 [16,8,8] ─ bottleneck code [4,4,4] (bits 4/8) ─ layer2 ─
+    classifier [10], in eval mode; `exits` names where branches go ("stem", "layer1",
+    "bottleneck") with their ExitBranch options; `bn_stats`: non-trivial batch-norm
+    statistics."""
+    from collections import OrderedDict
+
+    import torch
+    from torch import nn
+
+    from splitexit.bottleneck import Bottleneck
+    from splitexit.exits import ExitBranch
+    from splitexit.splitnet import SplitExitNet
+
+    def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        )
+
+    torch.manual_seed(seed)
+    head = nn.Sequential(OrderedDict(stem=conv(1, 8), layer1=conv(8, 16, 2)))
+    tail = nn.Sequential(
+        OrderedDict(
+            layer2=conv(16, 16, 2),
+            classifier=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 10)),
+        )
+    )
+    bottleneck = Bottleneck((16, 8, 8), channels=4, hidden=8, downsample=1, bits=(4, 8))
+    branches = {at: ExitBranch(_TINY_CHANNELS[at], 10, **kw) for at, kw in exits.items()}
+    net = SplitExitNet(head, bottleneck, tail, branches)
+    if bn_stats:
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
 
 
 # ------------------------------------------------------------------------------------ device
@@ -248,3 +296,60 @@ def assert_same_answers(
         ), (ra, rb)
         limit = server_tol if ra["decided_by"] == "server" else tol
         assert abs(ra["confidence"] - rb["confidence"]) <= limit + 1e-6, (ra, rb)
+
+
+# ---------------------------------------------------------------------------------- training
+
+#: A tiny experiment on Fashion-MNIST subsets (small_resnet, width 8): seconds per stage.
+TINY_EXPERIMENT: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 3,
+    "data": {"train_subset": 256, "test_subset": 128, "calibration": 128},
+    "teacher": {
+        "model": "small_resnet",
+        "kwargs": {"width": 8},
+        "optim": {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "batch_size": 64},
+    },
+    "split": {"point": "layer1", "channels": 4, "hidden": 8, "downsample": 2},
+    "stage1": {"optim": {"epochs": 1, "batch_size": 64}},
+    "stage2": {"optim": {"epochs": 1, "batch_size": 64}},
+    "exits": {"optim": {"epochs": 1, "batch_size": 64}},
+}
+
+
+def experiment(out: Path, **changes: Any) -> dict[str, Any]:
+    """`TINY_EXPERIMENT` writing to `out`, with dotted-key changes ("exits.optim.epochs": 2;
+    a key without a dot replaces that whole entry)."""
+    table = json.loads(json.dumps(TINY_EXPERIMENT))
+    table["output"] = str(out)
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        node = table
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return table
+
+
+def write_toml(table: dict[str, Any], path: Path) -> Path:
+    """`table` (a config: top-level values, then one table per section) as TOML at `path`."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines += [
+        f"[{k}]\n" + "\n".join(f"{a} = {value(b)}" for a, b in v.items())
+        for k, v in table.items()
+        if isinstance(v, dict)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
