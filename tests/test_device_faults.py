@@ -61,10 +61,7 @@ def test_server_killed_mid_run_then_restarted_offloading_resumes(
             time.sleep(0.01)
             yield item
 
-    try:
-        summary = run_agent(agent, Source(source))
-    finally:
-        srv.stop()
+    summary = run_agent(agent, Source(source))
     one_each(out, len(items))
     by_index = [out.by_id()[item.id] for item in items]
     before, during, after = by_index[:35], by_index[45:80], by_index[-30:]

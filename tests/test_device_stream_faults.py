@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixtures.device import TailServer
 from support import interrupt_agent, run_agent, stream_agent
 
 from splitexit_device.agent import AgentConfig
@@ -104,10 +103,7 @@ def test_server_killed_mid_run_then_restarted_the_stream_reconnects(
         srv.url, tb, config, FAST_PING, timeout_s=1.0, retries=1, backoff_s=0.01
     )
     items = list(folder_source(tb.folder))[:150]
-    try:
-        summary = run_agent(agent, paced(items, {40: srv.stop, 80: srv.start}))
-    finally:
-        srv.stop()
+    summary = run_agent(agent, paced(items, {40: srv.stop, 80: srv.start}))
     one_each(out.records, len(items))
     by_index = [out.by_id()[item.id] for item in items]
     before, during, after = by_index[:35], by_index[45:80], by_index[-30:]
@@ -219,22 +215,16 @@ def test_a_server_swapped_for_another_bundle_stops_offloading_at_the_reconnect(
 ) -> None:
     tb = device_bundle
     srv = tail_server(tb.path)
-    swapped: list[TailServer] = []
 
     def swap() -> None:
         srv.stop()
-        swapped.append(tail_server(other_bundle, port=srv.port))
+        tail_server(other_bundle, port=srv.port)
 
     messages: list[str] = []
     config = AgentConfig(policy="fixed", thresholds=NO_EXITS, breaker_failures=100)
     agent, out, _ = stream_agent(srv.url, tb, config, FAST_PING, log=messages.append)
     items = list(folder_source(tb.folder))[:60]
-    try:
-        summary = run_agent(agent, paced(items, {20: swap}))
-    finally:
-        srv.stop()
-        for s in swapped:
-            s.stop()
+    summary = run_agent(agent, paced(items, {20: swap}))
     one_each(out.records, len(items))
     assert summary.to_dict()["offloading_stopped"] == "fingerprint"
     assert out.by_id()[items[-1].id].reason == "fingerprint"

@@ -41,6 +41,19 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
 
 
+def in_venv(venv: Path, code: str) -> str:
+    """What `code` prints, run by the venv's python outside this checkout."""
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=venv,
+        check=True,
+    )
+    return out.stdout
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.getbasetemp() / "device-venv"
@@ -67,15 +80,7 @@ def test_device_install_has_no_torch_and_no_fastapi(venv: Path) -> None:
         "('torch', 'fastapi', 'uvicorn', 'onnxruntime', 'splitexit_device', 'splitexit_server',"
         " 'device', 'server', 'splitexit')}))"
     )
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", code],
-        capture_output=True,
-        text=True,
-        env=_clean_env(),
-        cwd=venv,
-        check=True,
-    )
-    found = json.loads(out.stdout)
+    found = json.loads(in_venv(venv, code))
     assert found == {
         "torch": False,
         "fastapi": False,
@@ -92,15 +97,7 @@ def test_device_install_has_no_torch_and_no_fastapi(venv: Path) -> None:
 def installed_bundle(venv: Path) -> Path:
     """The shipped bundle as the venv installed it (package data, ONNX graphs included)."""
     code = "from splitexit.zoo import default_bundle_path; print(default_bundle_path())"
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", code],
-        capture_output=True,
-        text=True,
-        env=_clean_env(),
-        cwd=venv,
-        check=True,
-    )
-    path = Path(out.stdout.strip())
+    path = Path(in_venv(venv, code).strip())
     assert path.is_relative_to(venv), f"the venv imported splitexit from {path}"
     return path
 

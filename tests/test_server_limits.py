@@ -149,35 +149,31 @@ def test_loading_in_the_background_then_ready(a, live_server):
 
 def test_graceful_shutdown_finishes_in_flight_and_refuses_new_requests(a, live_server):
     live = live_server(server_settings(a, drain_s=0.6, warmup=False, max_batch_size=1), [a])
-    try:
-        slow_down(live, 0.3)
-        body, headers = request_for(a)
-        path = f"/v2/models/{a.name}/infer"
+    slow_down(live, 0.3)
+    body, headers = request_for(a)
+    path = f"/v2/models/{a.name}/infer"
 
-        async def main():
-            async with httpx.AsyncClient(base_url=live.url, timeout=20) as c:
-                in_flight = [
-                    asyncio.create_task(c.post(path, content=body, headers=headers))
-                    for _ in range(3)
-                ]
-                await asyncio.sleep(0.1)  # all three accepted; one runs, two queue
-                live.server.handle_exit(signal.SIGTERM, None)
-                await asyncio.sleep(0.05)
-                late = await c.post(path, content=body, headers=headers)
-                ready = await c.get("/v2/health/ready")
-                alive = await c.get("/v2/health/live")
-                return await asyncio.gather(*in_flight), late, ready, alive
+    async def main():
+        async with httpx.AsyncClient(base_url=live.url, timeout=20) as c:
+            in_flight = [
+                asyncio.create_task(c.post(path, content=body, headers=headers)) for _ in range(3)
+            ]
+            await asyncio.sleep(0.1)  # all three accepted; one runs, two queue
+            live.server.handle_exit(signal.SIGTERM, None)
+            await asyncio.sleep(0.05)
+            late = await c.post(path, content=body, headers=headers)
+            ready = await c.get("/v2/health/ready")
+            alive = await c.get("/v2/health/live")
+            return await asyncio.gather(*in_flight), late, ready, alive
 
-        done, late, ready, alive = asyncio.run(main())
-        assert [r.status_code for r in done] == [200, 200, 200]
-        assert late.status_code == 503 and "shutting down" in late.json()["error"]
-        assert late.headers["retry-after"] == "1"
-        assert ready.status_code == 503 and alive.status_code == 200
-        live._thread.join(15)
-        assert not live._thread.is_alive()
-        assert live.state.phase == "stopped"
-    finally:
-        live.stop()
+    done, late, ready, alive = asyncio.run(main())
+    assert [r.status_code for r in done] == [200, 200, 200]
+    assert late.status_code == 503 and "shutting down" in late.json()["error"]
+    assert late.headers["retry-after"] == "1"
+    assert ready.status_code == 503 and alive.status_code == 200
+    live._thread.join(15)
+    assert not live._thread.is_alive()
+    assert live.state.phase == "stopped"
 
 
 def test_binary_request_header_length_is_validated_before_reading_frames(a, live_server):

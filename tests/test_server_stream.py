@@ -367,34 +367,31 @@ def test_random_messages_get_only_the_streams_errors_and_the_server_lives_on(a, 
 def test_sigterm_answers_messages_in_flight_then_closes_4503(a, live_server):
     live = live_server(server_settings(a, max_queue_delay_ms=300.0, max_batch_size=8), [a])
     session = session_of(a)
-    try:
 
-        async def go() -> tuple[list[Any], Any, int | None, float]:
-            ws, _ = await opened(live, session)
-            for i, f in enumerate(frames(a, 3)):
-                await ws.send(message_from_frame(f, i, session))
-            await asyncio.sleep(0.05)  # in the batcher, waiting for the batch to fill
-            start = time.monotonic()
-            live.server.handle_exit(signal.SIGTERM, None)
-            answers = [await ws.recv() for _ in range(3)]
-            with pytest.raises(ConnectionClosed):
-                await ws.recv()
-            late = None
-            try:
-                await opened(live, session)
-            except (ConnectionClosed, OSError, InvalidStatus, StreamError) as e:
-                late = e
-            return answers, late, ws.close_code, time.monotonic() - start
+    async def go() -> tuple[list[Any], Any, int | None, float]:
+        ws, _ = await opened(live, session)
+        for i, f in enumerate(frames(a, 3)):
+            await ws.send(message_from_frame(f, i, session))
+        await asyncio.sleep(0.05)  # in the batcher, waiting for the batch to fill
+        start = time.monotonic()
+        live.server.handle_exit(signal.SIGTERM, None)
+        answers = [await ws.recv() for _ in range(3)]
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        late = None
+        try:
+            await opened(live, session)
+        except (ConnectionClosed, OSError, InvalidStatus, StreamError) as e:
+            late = e
+        return answers, late, ws.close_code, time.monotonic() - start
 
-        answers, late, code, seconds = run(go())
-        assert all(isinstance(x, bytes) for x in answers)  # in flight: answered
-        assert code == CLOSE_DRAINING
-        assert late is not None  # draining or gone: no new stream
-        live._thread.join(15)
-        assert not live._thread.is_alive() and live.state.phase == "stopped"
-        assert seconds < 5
-    finally:
-        live.stop()
+    answers, late, code, seconds = run(go())
+    assert all(isinstance(x, bytes) for x in answers)  # in flight: answered
+    assert code == CLOSE_DRAINING
+    assert late is not None  # draining or gone: no new stream
+    live._thread.join(15)
+    assert not live._thread.is_alive() and live.state.phase == "stopped"
+    assert seconds < 5
 
 
 def test_stream_metrics_count_connections_and_outcomes(a, live_server):
