@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -73,30 +72,13 @@ def teardown() -> None:
         sh("ip", "netns", "del", ns, check=False)
 
 
-def exchange_ms(host: str, port: int, up: int, down: int, n: int) -> float:
-    """Mean ms of n exchanges (after 3 warm-ups) with the responder, one connection."""
-    from suite.link_check import _read
-
-    message = (up - 4).to_bytes(4, "big") + b"q" * (up - 4)
-    times = []
-    with socket.create_connection((host, port), timeout=30) as conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(n + 3):
-            time.sleep(GAP_S)
-            start = time.perf_counter()
-            conn.sendall(message)
-            if len(_read(conn, down)) != down:
-                raise ConnectionError("the responder closed the connection")
-            if i >= 3:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.mean(times)
-
-
 def in_dev(up: int, down: int, n: int) -> float:
-    """`exchange_ms` run inside the device namespace."""
+    """Mean ms of n exchanges with the responder (`suite.link_check.exchanges_ms`), run
+    inside the device namespace."""
     code = (
         "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import kernel_link as k; "
-        "print(k.exchange_ms(k.SRV_IP, k.PORT, *map(int, sys.argv[3:])))"
+        "from suite.link_check import exchanges_ms; "
+        "print(exchanges_ms(k.SRV_IP, k.PORT, *map(int, sys.argv[3:]), k.GAP_S))"
     )
     out = sh(
         "ip", "netns", "exec", NS_DEV, sys.executable, "-c", code,
@@ -107,18 +89,13 @@ def in_dev(up: int, down: int, n: int) -> float:
 
 def serve(down: int) -> None:
     """The responder, bound in the server namespace (runs until killed)."""
-    from suite.link_check import _read
+    from suite.link_check import answer_messages
 
     listener = socket.create_server((SRV_IP, PORT))
     answer = b"a" * down
     while True:
         conn, _ = listener.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            while head := _read(conn, 4):
-                if not _read(conn, int.from_bytes(head, "big")):
-                    break
-                conn.sendall(answer)
+        answer_messages(conn, answer)
 
 
 def measure(rates: list[float], sizes: list[tuple[int, int]], n: int) -> list[dict[str, Any]]:
@@ -126,16 +103,14 @@ def measure(rates: list[float], sizes: list[tuple[int, int]], n: int) -> list[di
 
     from splitexit.cost import Link
     from splitexit.link import LinkSpec
+    from splitexit.processes import server_process
 
     rows = []
     for up, down in sizes:
         env = {**os.environ, "PYTHONPATH": f"{HERE}:{HERE.parent}"}
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", NS_SRV, sys.executable, str(Path(__file__)), "--serve",
-             str(down)],
-            env=env,
-        )  # fmt: skip
-        try:
+        serve = ["ip", "netns", "exec", NS_SRV, sys.executable, str(Path(__file__)), "--serve",
+                 str(down)]  # fmt: skip
+        with server_process(serve, env=env, stop_timeout_s=5.0):
             time.sleep(1.0)
             shape(None, False)
             direct = in_dev(up, down, n)
@@ -160,9 +135,6 @@ def measure(rates: list[float], sizes: list[tuple[int, int]], n: int) -> list[di
                     }
                 )
                 print(rows[-1], flush=True)
-        finally:
-            server.kill()
-            server.wait()
     return rows
 
 

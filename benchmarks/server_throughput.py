@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from splitexit.demo import free_port
+from splitexit.processes import server_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -123,45 +125,17 @@ def make_frames(bundle_path: Path, n: int = FRAMES) -> tuple[str, list[bytes], t
 # ---------------------------------------------------------------------------- servers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
-def wait_http(
-    port: int, path: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"server exited with {proc.returncode}: {tail}")
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=1) as s:
-                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server on port {port} not ready after {timeout} s")
-
-
 @contextlib.contextmanager
 def running(cmd: list[str], port: int, ready_path: str, log: Path) -> Iterator[None]:
-    """The server `cmd` ready on `port` while the block runs. It runs in its own process
-    group, which is stopped and waited for however the block ends (Ctrl-C, an error): LitServe
-    forks workers that outlive a signal to their parent alone."""
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
-        )
-    try:
-        wait_http(port, ready_path, proc, log)
+    """The server `cmd` ready on `port` while the block runs, in its own process group, which
+    is stopped and waited for however the block ends (Ctrl-C, an error): LitServe forks
+    workers that outlive a signal to their parent alone."""
+    with (
+        log.open("wb") as err,
+        server_process(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err) as proc,
+    ):
+        wait_ready(f"http://{LOOPBACK}:{port}{ready_path}", proc, log)
         yield
-    finally:
-        stop(proc)
 
 
 def start_splitexit(
@@ -185,38 +159,6 @@ def start_litserve(
         "--torch-threads", str(threads),
     ]  # fmt: skip
     return running(cmd, port, "/health", log)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM the process group `proc` leads and wait for it; SIGKILL what of the group is
-    left after `timeout` (+ 5 s for the workers); wait (bounded) until none of it is left."""
-    group = proc.pid  # start_new_session: the server leads its own group
-    _signal_group(group, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-    if not _group_gone(group, 5.0):  # the leader hung, or its workers did
-        _signal_group(group, signal.SIGKILL)
-        proc.wait()
-        if not _group_gone(group, 5.0):
-            print(f"warning: processes of group {group} outlived SIGKILL", file=sys.stderr)
-
-
-def _signal_group(group: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, sig)
-
-
-def _group_gone(group: int, timeout: float) -> bool:
-    """True once no process is left in `group` (within `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
 
 
 try:  # optional: only the LitServe rows need it

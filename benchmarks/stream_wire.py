@@ -42,8 +42,9 @@ from suite.report import machine, machine_line
 
 from splitexit.bundle import Bundle, load_bundle
 from splitexit.data import load_fashion_mnist
-from splitexit.demo import _stop, _wait_ready, free_port
+from splitexit.demo import free_port
 from splitexit.link import LinkEmulator
+from splitexit.processes import server_process, wait_ready
 from splitexit.protocol.stream import MESSAGE_HEADER_SIZE
 from splitexit.runtime import HeadRunner
 from splitexit.zoo import default_bundle_path
@@ -74,14 +75,13 @@ def serve(bundle: Path, stack: str, log: Path) -> Iterator[str]:
     http, loop = STACKS[stack]
     cmd = [sys.executable, "-W", "ignore", "-c", _SERVE, str(bundle), str(port), http, loop]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITEXIT_SERVER_")}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_ready(url, proc, log)
-            yield url
-        finally:
-            _stop(proc)
+    url = f"http://127.0.0.1:{port}"
+    with (
+        log.open("w") as out,
+        server_process(cmd, stdout=out, stderr=subprocess.STDOUT, env=env) as proc,
+    ):
+        wait_ready(f"{url}/v2/health/ready", proc, log)
+        yield url
 
 
 def frames_for(bundle: Bundle, n: int) -> dict[tuple[int, int], list[bytes]]:

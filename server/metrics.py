@@ -184,22 +184,14 @@ class ServerMetrics:
         self.pending = Gauge(
             "splitexit_pending_requests", "inference requests queued or running", m, registry=r
         )  # fmt: skip
-        self.queue_duration = Histogram(
-            "splitexit_queue_duration_seconds", "time a request waited for its batch", m,
-            registry=r,
-        )  # fmt: skip
-        self.decode_duration = Histogram(
-            "splitexit_decode_duration_seconds", "frame / image decoding time per batch", m,
-            registry=r,
-        )  # fmt: skip
-        self.compute_duration = Histogram(
-            "splitexit_compute_duration_seconds", "model time per batch (head for images, tail)", m,
-            registry=r,
-        )  # fmt: skip
-        self.request_duration = Histogram(
-            "splitexit_request_duration_seconds", "inference request time, body read to answer", m,
-            registry=r,
-        )  # fmt: skip
+
+        def duration(what: str, help: str) -> Histogram:  # splitexit_<what>_duration_seconds
+            return Histogram(f"splitexit_{what}_duration_seconds", help, m, registry=r)
+
+        self.queue_duration = duration("queue", "time a request waited for its batch")
+        self.decode_duration = duration("decode", "frame / image decoding time per batch")
+        self.compute_duration = duration("compute", "model time per batch (head for images, tail)")
+        self.request_duration = duration("request", "inference request time, body read to answer")
         self.received_bytes = Counter(
             "splitexit_received_bytes_total", "request body bytes received by model", m, registry=r
         )  # fmt: skip

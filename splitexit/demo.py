@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import SplitexitError
+from .processes import server_process, wait_ready
 
 if TYPE_CHECKING:
     from .bundle.manifest import Manifest
@@ -87,7 +86,8 @@ def mean_file_bytes(root: Path) -> float:
 
 @contextlib.contextmanager
 def tail_server(bundle: Path, port: int, log: Path, *, max_batch: int = 16) -> Iterator[str]:
-    """Run `splitexit-server` on a loopback port until the block ends; yield its URL."""
+    """Run `splitexit-server` on a loopback port until the block ends (in its own process
+    group, stopped whole); yield its URL once ready."""
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable,
@@ -104,43 +104,12 @@ def tail_server(bundle: Path, port: int, log: Path, *, max_batch: int = 16) -> I
         "--threads",
         "1",
     ]
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            _wait_ready(url, proc, log)
-            yield url
-        finally:
-            _stop(proc)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = log.read_text()[-2000:]
-                raise SplitexitError(
-                    f"the tail server exited with status {proc.returncode}:\n{tail}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{url}/v2/health/ready").status_code == 200:
-                    return
-            time.sleep(0.2)
-    raise SplitexitError(f"the tail server was not ready after {READY_TIMEOUT_S:.0f} s; see {log}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (graceful: in-flight requests finish), then SIGKILL if it hangs."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+    with (
+        log.open("w") as log_file,
+        server_process(cmd, stdout=log_file, stderr=subprocess.STDOUT) as proc,
+    ):
+        wait_ready(f"{url}/v2/health/ready", proc, log, READY_TIMEOUT_S)
+        yield url
 
 
 def run_agent(

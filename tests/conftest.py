@@ -1,10 +1,10 @@
 """What the whole suite shares.
 
-Fixtures here are found by name. The helper modules beside this file (`device_fixtures`,
-`server_fixtures`, `stream_fixtures`, `runtime_fixtures`) build bundles and real servers
-for their groups of tests, and are imported by name (pytest puts this folder on
-`sys.path`); `benchmarks/` is on pytest's `pythonpath` (pyproject) for the suite's modules.
-A free loopback port is `splitexit.demo.free_port()`.
+Fixtures are found by name: the ones here, and those of `tests/fixtures/` (bundles and
+real servers, by group), registered below. Constants and pure helpers (no set-up, no
+tear-down) are imported from `tests/support.py` (pytest puts this folder on `sys.path`);
+`benchmarks/` is on pytest's `pythonpath` (pyproject) for the suite's modules. A free
+loopback port is `splitexit.demo.free_port()`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
+pytest_plugins = ["fixtures.server", "fixtures.device", "fixtures.stream", "fixtures.runtime"]
 
 
 @pytest.fixture(scope="module")

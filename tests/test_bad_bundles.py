@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_fixtures import tiny_bundle
 
 from splitexit.bundle.manifest import MANIFEST_FILE, Manifest, sha256_file
 from splitexit.preprocess import encode_image
@@ -119,11 +118,17 @@ def png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def damaged(tmp_path: Path, damage: Callable[[Path], Path]) -> Path:
-    root = tmp_path / "b"
-    shutil.copytree(tiny_bundle("tiny-a", 0).path, root)
-    assert (root / "head" / "segment_0.pt").is_file()
-    return damage(root)
+@pytest.fixture
+def damaged(tiny_bundle, tmp_path: Path) -> Callable[[Callable[[Path], Path]], Path]:
+    """`damaged(damage)`: a copy of the tiny bundle, then `damage(copy)`."""
+
+    def make(damage: Callable[[Path], Path]) -> Path:
+        root = tmp_path / "b"
+        shutil.copytree(tiny_bundle.path, root)
+        assert (root / "head" / "segment_0.pt").is_file()
+        return damage(root)
+
+    return make
 
 
 def one_clear_line(err: str) -> str:
@@ -141,8 +146,8 @@ class Case:
 
 
 @pytest.mark.parametrize("case", [Case(*c) for c in CASES], ids=[c[0] for c in CASES])
-def test_a_bundle_that_cannot_load_is_one_line_and_exit_2(case: Case, tmp_path, png, capsys):
-    path = damaged(tmp_path, case.damage)
+def test_a_bundle_that_cannot_load_is_one_line_and_exit_2(case: Case, damaged, png, capsys):
+    path = damaged(case.damage)
     code = server_main(["--bundle", str(path), "--check", "--log-level", "critical"])
     err = capsys.readouterr().err
     if case.server:
@@ -162,9 +167,9 @@ def test_a_bundle_that_cannot_load_is_one_line_and_exit_2(case: Case, tmp_path, 
         assert code == 0, err
 
 
-def test_a_nan_accuracy_is_refused_at_load_naming_it(tmp_path, capsys):
+def test_a_nan_accuracy_is_refused_at_load_naming_it(damaged, capsys):
     """Served, it made the metadata endpoint answer 500 (NaN is not JSON)."""
-    path = damaged(tmp_path, nan_accuracy)
+    path = damaged(nan_accuracy)
     assert server_main(["--bundle", str(path), "--check", "--log-level", "critical"]) == 2
     line = one_clear_line(capsys.readouterr().err)
     assert "accuracy must be a fraction in [0, 1] or null, got nan" in line, line

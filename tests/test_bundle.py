@@ -8,14 +8,12 @@ import io
 import json
 import shutil
 import tarfile
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from support import tiny_split_net
 
-from splitexit.bottleneck import Bottleneck
 from splitexit.bundle import (
     FORMAT_VERSION,
     NEVER_EXIT,
@@ -29,7 +27,6 @@ from splitexit.bundle import (
     write_thresholds,
 )
 from splitexit.errors import BundleError, BundleHashMismatch
-from splitexit.exits import ExitBranch
 from splitexit.preprocess import Preprocess
 from splitexit.splitnet import SplitExitNet
 
@@ -38,35 +35,10 @@ CLASSES = [f"class_{i}" for i in range(10)]
 PRE = {"size": [16, 16], "mean": [0.5], "std": [0.25], "channels": 1}
 
 
-def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-    )
-
-
 def tiny_net(seed: int = 0) -> SplitExitNet:
-    """stem [8,16,16] ─ layer1 [16,8,8] ─ bottleneck code [4,4,4] ─ layer2 ─ classifier [10];
-    exits after stem, layer1 and on the code."""
-    torch.manual_seed(seed)
-    head = nn.Sequential(OrderedDict(stem=conv(1, 8), layer1=conv(8, 16, 2)))
-    tail = nn.Sequential(
-        OrderedDict(
-            layer2=conv(16, 16, 2),
-            classifier=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 10)),
-        )
-    )
-    bottleneck = Bottleneck((16, 8, 8), channels=4, hidden=8, downsample=1, bits=(4, 8))
-    exits = {
-        "stem": ExitBranch(8, 10),
-        "layer1": ExitBranch(16, 10, conv=True),
-        "bottleneck": ExitBranch(4, 10, hidden=8),
-    }
-    net = SplitExitNet(head, bottleneck, tail, exits)
-    for m in net.modules():  # non-trivial batch-norm statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+    """Exits after stem, layer1 (a conv branch) and on the code (`support.tiny_split_net`)."""
+    exits = {"stem": {}, "layer1": {"conv": True}, "bottleneck": {"hidden": 8}}
+    return tiny_split_net(exits, seed)
 
 
 def export(net: SplitExitNet, path: Path, **kwargs) -> Manifest:

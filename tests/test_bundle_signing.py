@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_fixtures import tiny_bundle
 
 from splitexit.bundle import load_bundle
 from splitexit.bundle.manifest import MANIFEST_FILE, Manifest, sha256_file
@@ -57,9 +56,9 @@ def keypair(root: Path, name: str) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def bundle(tmp_path: Path) -> Path:
+def bundle(tmp_path: Path, tiny_bundle) -> Path:
     root = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle("tiny-a", 0).path, root)
+    shutil.copytree(tiny_bundle.path, root)
     return root
 
 

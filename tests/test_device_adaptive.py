@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from device_fixtures import ListWriter, TailServer, device_bundle, run_agent
+from support import ListWriter, run_agent
 
 from splitexit.link import LinkEmulator
 from splitexit_device.agent import Agent, AgentConfig
@@ -18,10 +18,13 @@ NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}  # every input goes to the policy
 PHASES = [("unlimited:0ms", 40), ("32kbit:20ms", 80), ("unlimited:0ms", 160)]
 
 
-def test_slow_link_moves_the_policy_local_and_back_when_it_recovers() -> None:
-    tb = device_bundle()
+def test_slow_link_moves_the_policy_local_and_back_when_it_recovers(
+    device_bundle, tail_server
+) -> None:
+    tb = device_bundle
     items = list(folder_source(tb.folder))
-    with TailServer(tb.path) as srv, LinkEmulator(("127.0.0.1", srv.port)) as link:
+    srv = tail_server(tb.path)
+    with LinkEmulator(("127.0.0.1", srv.port)) as link:
         config = AgentConfig(
             deadline_s=0.3, window=2, probe_interval_s=0.2, thresholds=NO_EXITS, images=False
         )

@@ -12,14 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from device_fixtures import (
-    FaultServer,
-    ListWriter,
-    TailServer,
-    device_bundle,
-    expected_decisions,
-    run_agent,
-)
+from fixtures.device import DeviceBundle, TailServer
+from support import ListWriter, expected_decisions, run_agent
 
 from splitexit.link import LinkEmulator
 from splitexit_device.agent import Agent, AgentConfig
@@ -31,23 +25,24 @@ NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[TailServer]:
-    with TailServer(device_bundle().path) as srv:
-        yield srv
+def server(device_bundle, module_tail_server) -> Iterator[TailServer]:
+    srv = module_tail_server(device_bundle.path)
+    yield srv
 
 
-def agent_for(url: str | None, config: AgentConfig, **client: object) -> tuple[Agent, ListWriter]:
-    tb = device_bundle()
+def agent_for(
+    tb: DeviceBundle, url: str | None, config: AgentConfig, **client: object
+) -> tuple[Agent, ListWriter]:
     writer = ListWriter()
     c = None if url is None else OffloadClient(url, tb.name, ClientConfig(**client))  # type: ignore[arg-type]
     return Agent(tb.load(), config, c, writer=writer), writer  # type: ignore[arg-type]
 
 
 def test_every_input_gets_the_answer_head_and_tail_give_in_one_process(
-    server: TailServer,
+    server: TailServer, device_bundle
 ) -> None:
-    tb = device_bundle()
-    agent, out = agent_for(server.url, AgentConfig(policy="fixed"))
+    tb = device_bundle
+    agent, out = agent_for(device_bundle, server.url, AgentConfig(policy="fixed"))
     summary = run_agent(agent, folder_source(tb.folder))
 
     got = out.by_id()
@@ -81,11 +76,11 @@ def test_every_input_gets_the_answer_head_and_tail_give_in_one_process(
 
 @pytest.mark.parametrize(("k", "bits"), [(2, 4), (4, 2)])
 def test_a_fixed_operating_point_is_what_the_server_decodes(
-    server: TailServer, k: int, bits: int
+    server: TailServer, k: int, bits: int, device_bundle
 ) -> None:
-    tb = device_bundle()
+    tb = device_bundle
     config = AgentConfig(policy="fixed", channels=k, bits=bits, thresholds=NO_EXITS)
-    agent, out = agent_for(server.url, config)
+    agent, out = agent_for(device_bundle, server.url, config)
     run_agent(agent, limit(folder_source(tb.folder), 30))
     index = {tb.image_id(i): i for i in range(len(tb.images))}
     x = tb.bundle.preprocess(tb.images)
@@ -98,9 +93,9 @@ def test_a_fixed_operating_point_is_what_the_server_decodes(
     assert {(r.channels, r.bits) for r in out.records} == {(k, bits)}
 
 
-def test_local_only_needs_no_server_and_answers_at_the_best_exit() -> None:
-    tb = device_bundle()
-    agent, out = agent_for(None, AgentConfig(local_only=True))
+def test_local_only_needs_no_server_and_answers_at_the_best_exit(device_bundle) -> None:
+    tb = device_bundle
+    agent, out = agent_for(device_bundle, None, AgentConfig(local_only=True))
     summary = run_agent(agent, limit(folder_source(tb.folder), 60))
     assert len(out.by_id()) == 60
     fallbacks = [r for r in out.records if r.decided_by == "fallback"]
@@ -109,10 +104,12 @@ def test_local_only_needs_no_server_and_answers_at_the_best_exit() -> None:
     assert summary.to_dict()["bytes_sent"]["total"] == 0
 
 
-def test_bytes_on_the_wire_are_what_the_link_carried(server: TailServer) -> None:
-    tb = device_bundle()
+def test_bytes_on_the_wire_are_what_the_link_carried(server: TailServer, device_bundle) -> None:
+    tb = device_bundle
     with LinkEmulator(("127.0.0.1", server.port)) as link:
-        agent, out = agent_for(link.url, AgentConfig(policy="fixed", probe_interval_s=0))
+        agent, out = agent_for(
+            device_bundle, link.url, AgentConfig(policy="fixed", probe_interval_s=0)
+        )
         client = agent.client
         run_agent(agent, limit(folder_source(tb.folder), 60))
         time.sleep(0.2)  # let the proxy finish counting
@@ -128,8 +125,10 @@ def test_bytes_on_the_wire_are_what_the_link_carried(server: TailServer) -> None
     assert 0 < client.received_bytes - infer_down < 3000
 
 
-def test_records_are_json_lines_with_the_documented_fields(server: TailServer) -> None:
-    tb = device_bundle()
+def test_records_are_json_lines_with_the_documented_fields(
+    server: TailServer, device_bundle
+) -> None:
+    tb = device_bundle
     stream = io.StringIO()
     agent = Agent(
         tb.load(),
@@ -175,14 +174,14 @@ def test_records_are_json_lines_with_the_documented_fields(server: TailServer) -
 
 
 def test_an_unreadable_input_gets_an_error_record_and_the_run_goes_on(
-    server: TailServer, tmp_path: object
+    server: TailServer, tmp_path: object, device_bundle
 ) -> None:
-    tb = device_bundle()
+    tb = device_bundle
     bad = tmp_path / "broken.png"  # type: ignore[operator]
     bad.write_bytes(b"not a png")
     good = sorted(tb.folder.rglob("*.png"))[:3]
     lines = [str(good[0]), str(bad), str(good[1]), "", str(good[0])]
-    agent, out = agent_for(server.url, AgentConfig())
+    agent, out = agent_for(device_bundle, server.url, AgentConfig())
     run_agent(agent, paths_source(lines))
     ids = [r.id for r in out.records]
     assert sorted(ids) == sorted([str(good[0]), str(bad), str(good[1]), f"{good[0]}#1"])
@@ -191,19 +190,21 @@ def test_an_unreadable_input_gets_an_error_record_and_the_run_goes_on(
     assert "cannot read image" in err.error
 
 
-def test_stop_answers_frames_in_flight_locally_and_still_summarises() -> None:
+def test_stop_answers_frames_in_flight_locally_and_still_summarises(
+    device_bundle, fault_server
+) -> None:
     """Ctrl-C: the agent takes no new input; frames waiting on a stalled server get the
     best exit's answer, marked interrupted; nothing is lost or answered twice."""
-    tb = device_bundle()
-    with FaultServer("stall", tb) as srv:
-        config = AgentConfig(thresholds=NO_EXITS, window=4, probe_interval_s=0)
-        agent, out = agent_for(srv.url, config, timeout_s=10.0, budget_s=10.0)
-        timer = threading.Timer(1.0, agent.stop)  # like a signal handler, from elsewhere
-        timer.start()
-        start = time.monotonic()
-        summary = run_agent(agent, folder_source(tb.folder))
-        assert time.monotonic() - start < 3.0
-        timer.join()
+    tb = device_bundle
+    srv = fault_server("stall", tb)
+    config = AgentConfig(thresholds=NO_EXITS, window=4, probe_interval_s=0)
+    agent, out = agent_for(device_bundle, srv.url, config, timeout_s=10.0, budget_s=10.0)
+    timer = threading.Timer(1.0, agent.stop)  # like a signal handler, from elsewhere
+    timer.start()
+    start = time.monotonic()
+    summary = run_agent(agent, folder_source(tb.folder))
+    assert time.monotonic() - start < 3.0
+    timer.join()
     taken = summary.inputs
     assert 5 <= taken < len(tb.images)  # 4 in flight, 1 waiting for a slot
     assert len(out.records) == len(out.by_id()) == taken
@@ -212,9 +213,11 @@ def test_stop_answers_frames_in_flight_locally_and_still_summarises() -> None:
     assert summary.to_dict()["fallback_reasons"] == {"interrupted": taken}
 
 
-def test_cancelling_the_run_still_records_every_input_taken(server: TailServer) -> None:
-    tb = device_bundle()
-    agent, out = agent_for(server.url, AgentConfig(policy="fixed"))
+def test_cancelling_the_run_still_records_every_input_taken(
+    server: TailServer, device_bundle
+) -> None:
+    tb = device_bundle
+    agent, out = agent_for(device_bundle, server.url, AgentConfig(policy="fixed"))
 
     async def go() -> None:
         await agent.start()

@@ -6,13 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from device_fixtures import FaultServer, TailServer, device_bundle, free_port
+from fixtures.device import DeviceBundle
+from support import interrupt_agent
 
+from splitexit.demo import free_port
 from splitexit_device.cli import EXIT_OK, EXIT_SERVER, main
 
 
-def run(*args: str) -> int:
-    return main(["run", "--bundle", str(device_bundle().path), "--no-progress", *args])
+def run(tb: DeviceBundle, *args: str) -> int:
+    return main(["run", "--bundle", str(tb.path), "--no-progress", *args])
 
 
 def test_help_explains_sources_and_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,11 +27,11 @@ def test_help_explains_sources_and_exit_status(capsys: pytest.CaptureFixture[str
 
 
 def test_local_only_writes_records_and_summary(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device_bundle
 ) -> None:
-    tb = device_bundle()
+    tb = device_bundle
     out, summary = tmp_path / "out" / "records.jsonl", tmp_path / "summary.json"
-    code = run(
+    code = run(device_bundle,
         "--local-only", "--source", str(tb.folder), "--limit", "25",
         "--out", str(out), "--summary-json", str(summary),
     )  # fmt: skip
@@ -42,16 +44,16 @@ def test_local_only_writes_records_and_summary(
 
 
 def test_offloads_through_an_emulated_link(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], device_bundle, tail_server
 ) -> None:
-    tb = device_bundle()
+    tb = device_bundle
     out = tmp_path / "r.jsonl"
-    with TailServer(tb.path) as srv:
-        code = run(
-            "--server", srv.url, "--source", str(tb.folder), "--limit", "30",
-            "--link", "20mbit:2ms", "--policy", "fixed", "--channels", "4", "--bits", "4",
-            "--out", str(out),
-        )  # fmt: skip
+    srv = tail_server(tb.path)
+    code = run(device_bundle,
+        "--server", srv.url, "--source", str(tb.folder), "--limit", "30",
+        "--link", "20mbit:2ms", "--policy", "fixed", "--channels", "4", "--bits", "4",
+        "--out", str(out),
+    )  # fmt: skip
     assert code == EXIT_OK
     records = [json.loads(line) for line in out.read_text().splitlines()]
     offloaded = [r for r in records if r["decided_by"] == "server"]
@@ -60,19 +62,24 @@ def test_offloads_through_an_emulated_link(
 
 
 def test_a_server_with_another_bundle_exits_3_with_a_clear_message(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], device_bundle, fault_server
 ) -> None:
-    tb = device_bundle()
-    with FaultServer("ok", tb, fingerprint="ab" * 32) as srv:
-        assert run("--server", srv.url, "--source", str(tb.folder)) == EXIT_SERVER
+    tb = device_bundle
+    srv = fault_server("ok", tb, fingerprint="ab" * 32)
+    assert run(device_bundle, "--server", srv.url, "--source", str(tb.folder)) == EXIT_SERVER
     err = capsys.readouterr().err
     assert "fingerprint abababababababab" in err and "--local-only" in err
 
 
-def test_no_server_exits_3_and_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
-    tb = device_bundle()
+def test_no_server_exits_3_and_says_what_to_do(
+    capsys: pytest.CaptureFixture[str], device_bundle
+) -> None:
+    tb = device_bundle
     url = f"http://127.0.0.1:{free_port()}"
-    assert run("--server", url, "--source", str(tb.folder), "--retries", "0") == EXIT_SERVER
+    assert (
+        run(device_bundle, "--server", url, "--source", str(tb.folder), "--retries", "0")
+        == EXIT_SERVER
+    )
     assert "start the tail server" in capsys.readouterr().err
 
 
@@ -87,50 +94,32 @@ def test_no_server_exits_3_and_says_what_to_do(capsys: pytest.CaptureFixture[str
         ["--server", "http://tail:99999", "--source", "x"],
     ],
 )
-def test_bad_usage_exits_2(args: list[str]) -> None:
+def test_bad_usage_exits_2(args: list[str], device_bundle) -> None:
     with pytest.raises(SystemExit) as e:
-        run(*args)
+        run(device_bundle, *args)
     assert e.value.code == 2
 
 
-def test_a_missing_source_is_an_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run("--local-only", "--source", "/nonexistent/images") == 1
+def test_a_missing_source_is_an_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], device_bundle
+) -> None:
+    assert run(device_bundle, "--local-only", "--source", "/nonexistent/images") == 1
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_ctrl_c_answers_what_was_taken_prints_the_summary_and_exits_130(tmp_path: Path) -> None:
+def test_ctrl_c_answers_what_was_taken_prints_the_summary_and_exits_130(
+    tmp_path: Path, device_bundle, fault_server
+) -> None:
     """A real process and a real SIGINT, while frames wait on a stalled server."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    tb = device_bundle()
-    out = tmp_path / "records.jsonl"
-    with FaultServer("stall", tb) as srv:
-        cmd = [
-            sys.executable, "-m", "splitexit_device.cli", "run", "--bundle", str(tb.path),
-            "--server", srv.url, "--source", str(tb.folder), "--out", str(out),
-            "--timeout-ms", "20000", "--budget-ms", "20000", "--no-progress",
-            "--policy", "fixed",
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            deadline = time.monotonic() + 60
-            while not srv.attempts:  # wait until frames are in flight
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 130
+    tb = device_bundle
+    srv = fault_server("stall", tb)
+    args = [
+        "--bundle", str(tb.path), "--server", srv.url, "--source", str(tb.folder),
+        "--timeout-ms", "20000", "--budget-ms", "20000", "--no-progress", "--policy", "fixed",
+    ]  # fmt: skip
+    code, err, records = interrupt_agent(args, tmp_path / "records.jsonl", lambda: srv.attempts)
+    assert code == 130
     assert "stopping" in err and "summary" in err
-    records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records and len({r["id"] for r in records}) == len(records)
     assert any(r["reason"] == "interrupted" for r in records)
     assert len(records) < len(tb.images)

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from device_fixtures import LOOPBACK, FaultServer, device_bundle, free_port
+from fixtures.device import DeviceBundle
+from support import LOOPBACK
 
+from splitexit.demo import free_port
 from splitexit.protocol.kserve import (
     ProtocolError,
     RequestedOutput,
@@ -41,16 +43,16 @@ FRAME = b"SX" + bytes(range(50))
 
 
 @pytest.fixture(scope="module")
-def frame() -> bytes:
-    tb = device_bundle()
+def frame(device_bundle) -> bytes:
+    tb = device_bundle
     x = tb.bundle.preprocess(tb.images[:1])
     z = tb.head.run(x, exits=False).z
     return tb.head.frame(z, 8, 8)
 
 
-def infer(url: str, frame: bytes, config: ClientConfig, **kw: object) -> object:
+def infer(tb: DeviceBundle, url: str, frame: bytes, config: ClientConfig, **kw: object) -> object:
     async def go() -> object:
-        async with OffloadClient(url, device_bundle().name, config, rng=random.Random(0)) as c:
+        async with OffloadClient(url, tb.name, config, rng=random.Random(0)) as c:
             return await c.infer(frame, "req-1", **kw)  # type: ignore[arg-type]
 
     return asyncio.run(go())
@@ -172,32 +174,38 @@ def test_config_refuses_nonsense() -> None:
 # ---------------------------------------------------------------------------------- timeouts
 
 
-def test_each_attempt_is_cut_at_timeout_s_and_retried_with_the_same_id(frame: bytes) -> None:
+def test_each_attempt_is_cut_at_timeout_s_and_retried_with_the_same_id(
+    frame: bytes, device_bundle, fault_server
+) -> None:
     cfg = ClientConfig(timeout_s=0.3, retries=1, backoff_s=0.01, budget_s=10)
-    with FaultServer("stall", device_bundle()) as srv:
-        err, seconds = timed(infer, srv.url, frame, cfg)
-        assert isinstance(err, OffloadTimeout) and err.reason == "timeout"
-        assert err.attempts == 2
-        assert srv.attempts == {"req-1": 2}
-        assert 0.6 <= seconds < 0.6 + 0.5
-        assert err.frame_bytes == 2 * len(frame)  # both attempts sent the frame
+    srv = fault_server("stall", device_bundle)
+    err, seconds = timed(infer, device_bundle, srv.url, frame, cfg)
+    assert isinstance(err, OffloadTimeout) and err.reason == "timeout"
+    assert err.attempts == 2
+    assert srv.attempts == {"req-1": 2}
+    assert 0.6 <= seconds < 0.6 + 0.5
+    assert err.frame_bytes == 2 * len(frame)  # both attempts sent the frame
 
 
-def test_the_deadline_bounds_all_attempts_and_says_so(frame: bytes) -> None:
+def test_the_deadline_bounds_all_attempts_and_says_so(
+    frame: bytes, device_bundle, fault_server
+) -> None:
     cfg = ClientConfig(timeout_s=5.0, retries=3)
-    with FaultServer("stall", device_bundle()) as srv:
-        err, seconds = timed(infer, srv.url, frame, cfg, deadline=time.monotonic() + 0.4)
-        assert isinstance(err, OffloadTimeout) and err.reason == "deadline"
-        assert 0.35 <= seconds < 0.4 + 0.4
-        assert err.attempts == 1
+    srv = fault_server("stall", device_bundle)
+    err, seconds = timed(infer, device_bundle, srv.url, frame, cfg, deadline=time.monotonic() + 0.4)
+    assert isinstance(err, OffloadTimeout) and err.reason == "deadline"
+    assert 0.35 <= seconds < 0.4 + 0.4
+    assert err.attempts == 1
 
 
-def test_budget_bounds_a_request_without_deadline(frame: bytes) -> None:
+def test_budget_bounds_a_request_without_deadline(
+    frame: bytes, device_bundle, fault_server
+) -> None:
     cfg = ClientConfig(timeout_s=5.0, budget_s=0.4, retries=3)
-    with FaultServer("stall", device_bundle()) as srv:
-        err, seconds = timed(infer, srv.url, frame, cfg)
-        assert isinstance(err, OffloadTimeout)
-        assert 0.35 <= seconds < 0.4 + 0.4
+    srv = fault_server("stall", device_bundle)
+    err, seconds = timed(infer, device_bundle, srv.url, frame, cfg)
+    assert isinstance(err, OffloadTimeout)
+    assert 0.35 <= seconds < 0.4 + 0.4
 
 
 @pytest.fixture
@@ -220,9 +228,9 @@ def full_backlog() -> Iterator[int]:
     srv.close()
 
 
-def test_connecting_is_cut_at_connect_timeout_s(full_backlog: int) -> None:
+def test_connecting_is_cut_at_connect_timeout_s(full_backlog: int, device_bundle) -> None:
     cfg = ClientConfig(timeout_s=5.0, connect_timeout_s=0.25, retries=0)
-    err, seconds = timed(infer, f"http://{LOOPBACK}:{full_backlog}", FRAME, cfg)
+    err, seconds = timed(infer, device_bundle, f"http://{LOOPBACK}:{full_backlog}", FRAME, cfg)
     assert isinstance(err, OffloadTimeout)
     assert "connecting" in str(err)
     assert 0.2 <= seconds < 0.25 + 0.4
@@ -232,48 +240,56 @@ def test_connecting_is_cut_at_connect_timeout_s(full_backlog: int) -> None:
 # ----------------------------------------------------------------------------------- retries
 
 
-def test_a_failed_first_attempt_is_retried_after_a_jittered_backoff(frame: bytes) -> None:
+def test_a_failed_first_attempt_is_retried_after_a_jittered_backoff(
+    frame: bytes, device_bundle, fault_server
+) -> None:
     cfg = ClientConfig(retries=2, backoff_s=0.1, backoff_max_s=1.0)
-    tb = device_bundle()
-    with FaultServer("flaky", tb) as srv:
-        res = infer(srv.url, frame, cfg)
-        assert res.attempts == 2  # type: ignore[attr-defined]
-        assert srv.attempts == {"req-1": 2}
-        gap = srv.times["req-1"][1] - srv.times["req-1"][0]
-        assert gap < 0.1 + 0.15  # the first backoff is at most backoff_s (plus the request)
-        want = int(tb.tail.run_frames([frame])[0].prediction[0])
-        assert res.answer.prediction == want  # type: ignore[attr-defined]
+    tb = device_bundle
+    srv = fault_server("flaky", tb)
+    res = infer(device_bundle, srv.url, frame, cfg)
+    assert res.attempts == 2  # type: ignore[attr-defined]
+    assert srv.attempts == {"req-1": 2}
+    gap = srv.times["req-1"][1] - srv.times["req-1"][0]
+    assert gap < 0.1 + 0.15  # the first backoff is at most backoff_s (plus the request)
+    want = int(tb.tail.run_frames([frame])[0].prediction[0])
+    assert res.answer.prediction == want  # type: ignore[attr-defined]
 
 
-def test_5xx_is_retried_then_reported_with_every_attempt_counted(frame: bytes) -> None:
+def test_5xx_is_retried_then_reported_with_every_attempt_counted(
+    frame: bytes, device_bundle, fault_server
+) -> None:
     cfg = ClientConfig(retries=3, backoff_s=0.05, backoff_max_s=0.08)
-    with FaultServer("error500", device_bundle()) as srv:
-        err, _ = timed(infer, srv.url, frame, cfg)
-        assert isinstance(err, ServerFailed) and err.status == 500
-        assert err.attempts == 4 and srv.attempts == {"req-1": 4}
-        gaps = np.diff(srv.times["req-1"])
-        assert all(g < 0.08 + 0.15 for g in gaps)  # backoff capped at backoff_max_s
-        assert err.request_bytes > 4 * len(frame)
+    srv = fault_server("error500", device_bundle)
+    err, _ = timed(infer, device_bundle, srv.url, frame, cfg)
+    assert isinstance(err, ServerFailed) and err.status == 500
+    assert err.attempts == 4 and srv.attempts == {"req-1": 4}
+    gaps = np.diff(srv.times["req-1"])
+    assert all(g < 0.08 + 0.15 for g in gaps)  # backoff capped at backoff_max_s
+    assert err.request_bytes > 4 * len(frame)
 
 
-def test_garbage_answers_are_retried_then_reported(frame: bytes) -> None:
-    with FaultServer("garbage", device_bundle()) as srv:
-        err, _ = timed(infer, srv.url, frame, ClientConfig(retries=1, backoff_s=0.01))
-        assert isinstance(err, ServerFailed) and "bad answer" in str(err)
-        assert err.attempts == 2
+def test_garbage_answers_are_retried_then_reported(
+    frame: bytes, device_bundle, fault_server
+) -> None:
+    srv = fault_server("garbage", device_bundle)
+    err, _ = timed(infer, device_bundle, srv.url, frame, ClientConfig(retries=1, backoff_s=0.01))
+    assert isinstance(err, ServerFailed) and "bad answer" in str(err)
+    assert err.attempts == 2
 
 
-def test_429_is_not_retried_and_carries_retry_after(frame: bytes) -> None:
-    with FaultServer("busy", device_bundle(), retry_after=3) as srv:
-        err, _ = timed(infer, srv.url, frame, ClientConfig(retries=3))
-        assert isinstance(err, ServerBusy) and err.reason == "busy"
-        assert err.retry_after_s == 3.0
-        assert srv.attempts == {"req-1": 1}
+def test_429_is_not_retried_and_carries_retry_after(
+    frame: bytes, device_bundle, fault_server
+) -> None:
+    srv = fault_server("busy", device_bundle, retry_after=3)
+    err, _ = timed(infer, device_bundle, srv.url, frame, ClientConfig(retries=3))
+    assert isinstance(err, ServerBusy) and err.reason == "busy"
+    assert err.retry_after_s == 3.0
+    assert srv.attempts == {"req-1": 1}
 
 
-def test_no_server_is_retried_then_unreachable() -> None:
+def test_no_server_is_retried_then_unreachable(device_bundle) -> None:
     cfg = ClientConfig(retries=2, backoff_s=0.01)
-    err, seconds = timed(infer, f"http://{LOOPBACK}:{free_port()}", FRAME, cfg)
+    err, seconds = timed(infer, device_bundle, f"http://{LOOPBACK}:{free_port()}", FRAME, cfg)
     assert isinstance(err, ServerUnreachable) and err.attempts == 3
     assert seconds < 1.0
 
@@ -281,44 +297,45 @@ def test_no_server_is_retried_then_unreachable() -> None:
 # ------------------------------------------------------------------------------- fingerprint
 
 
-def check(url: str, fingerprint: str) -> object:
+def check(tb: DeviceBundle, url: str, fingerprint: str) -> object:
     async def go() -> object:
-        async with OffloadClient(url, device_bundle().name) as c:
+        async with OffloadClient(url, tb.name) as c:
             return await c.check_fingerprint(fingerprint)
 
     return asyncio.run(go())
 
 
-def test_a_server_with_another_fingerprint_is_refused_naming_both() -> None:
-    tb = device_bundle()
+def test_a_server_with_another_fingerprint_is_refused_naming_both(
+    device_bundle, fault_server
+) -> None:
+    tb = device_bundle
     other = "0123456789abcdef" * 4
-    with FaultServer("ok", tb, fingerprint=other) as srv:
-        with pytest.raises(FingerprintRejected, match="0123456789abcdef") as e:
-            check(srv.url, tb.bundle.fingerprint)
-        assert tb.bundle.fingerprint[:16] in str(e.value)
-        assert "--local-only" in str(e.value)
-        assert isinstance(check(srv.url, other), dict)
+    srv = fault_server("ok", tb, fingerprint=other)
+    with pytest.raises(FingerprintRejected, match="0123456789abcdef") as e:
+        check(device_bundle, srv.url, tb.bundle.fingerprint)
+    assert tb.bundle.fingerprint[:16] in str(e.value)
+    assert "--local-only" in str(e.value)
+    assert isinstance(check(device_bundle, srv.url, other), dict)
 
 
-def test_an_unknown_model_is_refused() -> None:
-    from device_fixtures import TailServer
+def test_an_unknown_model_is_refused(device_bundle, tail_server) -> None:
 
-    tb = device_bundle()
-    with TailServer(tb.path) as srv:
+    tb = device_bundle
+    srv = tail_server(tb.path)
 
-        async def go() -> None:
-            async with OffloadClient(srv.url, "no-such-model") as c:
-                await c.metadata()
+    async def go() -> None:
+        async with OffloadClient(srv.url, "no-such-model") as c:
+            await c.metadata()
 
-        with pytest.raises(OffloadRefused, match="--model"):
-            asyncio.run(go())
+    with pytest.raises(OffloadRefused, match="--model"):
+        asyncio.run(go())
 
 
-def test_probes_and_metadata_are_cut_at_timeout_s_too() -> None:
+def test_probes_and_metadata_are_cut_at_timeout_s_too(device_bundle, fault_server) -> None:
     async def go(url: str) -> list[float]:
         cfg = ClientConfig(timeout_s=0.3)
         seconds = []
-        async with OffloadClient(url, device_bundle().name, cfg) as c:
+        async with OffloadClient(url, device_bundle.name, cfg) as c:
             for call in (c.probe, lambda: c.probe(large=True), c.metadata):
                 start = time.monotonic()
                 with pytest.raises(OffloadTimeout):
@@ -326,5 +343,5 @@ def test_probes_and_metadata_are_cut_at_timeout_s_too() -> None:
                 seconds.append(time.monotonic() - start)
         return seconds
 
-    with FaultServer("stall_all", device_bundle()) as srv:
-        assert all(0.3 <= s < 0.3 + 0.4 for s in asyncio.run(go(srv.url)))
+    srv = fault_server("stall_all", device_bundle)
+    assert all(0.3 <= s < 0.3 + 0.4 for s in asyncio.run(go(srv.url)))

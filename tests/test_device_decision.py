@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
-from device_fixtures import ListWriter, TailServer, device_bundle, quiet, run_agent
+from fixtures.device import DeviceBundle, TailServer
+from support import ListWriter, quiet, run_agent
 
 from splitexit.bundle import load_bundle
 from splitexit.link import LinkEmulator
@@ -37,15 +39,21 @@ class SlowHead(HeadRunner):
 
 
 def run(
-    link_spec: str, config: AgentConfig, n: int = 24, summaries: list | None = None, **patch: Any
+    tb: DeviceBundle,
+    tail_server: Callable[..., TailServer],
+    link_spec: str,
+    config: AgentConfig,
+    n: int = 24,
+    summaries: list | None = None,
+    **patch: Any,
 ) -> list[Record]:
     """Run an agent holding the bundle's tail over `link_spec`; `patch` replaces agent parts
     (a callable gets the agent)."""
-    tb = device_bundle()
     # the device holds the tail too; one input at a time, so that what the agent measures of
     # an action is that action's cost, not the wait behind its own inputs in flight
     config = dataclasses.replace(config, tail_here=True, window=1)
-    with TailServer(tb.path) as srv, LinkEmulator(("127.0.0.1", srv.port), link_spec) as link:
+    srv = tail_server(tb.path)
+    with LinkEmulator(("127.0.0.1", srv.port), link_spec) as link:
         bundle = quiet(load_bundle, tb.path)
         out = ListWriter()
         agent = Agent(bundle, config, OffloadClient(link.url, tb.name), writer=out)
@@ -58,10 +66,12 @@ def run(
     return out.records
 
 
-def test_a_device_holding_the_tail_finishes_inputs_here_when_the_link_is_slow() -> None:
+def test_a_device_holding_the_tail_finishes_inputs_here_when_the_link_is_slow(
+    device_bundle, tail_server
+) -> None:
     config = AgentConfig(accuracy_floor=0.5, thresholds=NO_EXITS, images=False)
     summaries: list = []
-    records = run("32kbit:20ms", config, summaries=summaries)
+    records = run(device_bundle, tail_server, "32kbit:20ms", config, summaries=summaries)
     here = [r for r in records if r.action == "tail"]
     assert summaries[0]["tail_here"] == len(here)  # counted apart from exits and offloads
     assert len(here) >= 0.8 * len(records), [(r.decided_by, r.action) for r in records]
@@ -70,7 +80,7 @@ def test_a_device_holding_the_tail_finishes_inputs_here_when_the_link_is_slow() 
         assert r.expected_ms is not None and r.expected_ms < r.timings_ms["total"] + 50
 
 
-def test_a_slow_device_tail_loses_to_the_offload_on_a_fast_link() -> None:
+def test_a_slow_device_tail_loses_to_the_offload_on_a_fast_link(device_bundle, tail_server) -> None:
     config = AgentConfig(accuracy_floor=0.5, thresholds=NO_EXITS, images=False)
 
     def slow_tail(agent: Agent) -> Any:
@@ -84,18 +94,20 @@ def test_a_slow_device_tail_loses_to_the_offload_on_a_fast_link() -> None:
         tail.run_code = slow
         return tail
 
-    records = run("unlimited:2ms", config, tail=slow_tail)
+    records = run(device_bundle, tail_server, "unlimited:2ms", config, tail=slow_tail)
     sent = [r for r in records if r.action == "offload" and r.decided_by == "server"]
     assert len(sent) >= 0.7 * len(records), [(r.decided_by, r.action) for r in records]
 
 
-def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead() -> None:
+def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead(
+    device_bundle, tail_server
+) -> None:
     config = AgentConfig(accuracy_floor=0.5)
 
     def slow_head(agent: Agent) -> HeadRunner:
         return SlowHead(agent.bundle, delay_s=0.02)
 
-    records = run("unlimited:2ms", config, head=slow_head)
+    records = run(device_bundle, tail_server, "unlimited:2ms", config, head=slow_head)
     images = [r for r in records if r.action == "image"]
     assert len(images) >= 0.8 * len(records), [(r.decided_by, r.action) for r in records]
     for r in images:
@@ -104,8 +116,10 @@ def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead() -> Non
         assert r.timings_ms["head"] is None  # the head never ran
 
 
-def test_a_fast_head_keeps_the_image_on_the_device_when_the_round_trip_costs_more() -> None:
-    records = run("10mbit:20ms", AgentConfig(accuracy_floor=0.5))
+def test_a_fast_head_keeps_the_image_on_the_device_when_the_round_trip_costs_more(
+    device_bundle, tail_server
+) -> None:
+    records = run(device_bundle, tail_server, "10mbit:20ms", AgentConfig(accuracy_floor=0.5))
     assert not [r for r in records if r.action == "image"]
 
 

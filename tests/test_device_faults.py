@@ -9,14 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from device_fixtures import (
-    FaultServer,
-    ListWriter,
-    TailServer,
-    device_bundle,
-    other_bundle,
-    run_agent,
-)
+from fixtures.device import DeviceBundle
+from support import ListWriter, run_agent
 
 from splitexit_device.agent import Agent, AgentConfig
 from splitexit_device.client import ClientConfig, FingerprintRejected, OffloadClient
@@ -25,8 +19,9 @@ from splitexit_device.sources import Input, Source, folder_source, limit
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
 
 
-def make_agent(url: str, config: AgentConfig, **client: object) -> tuple[Agent, ListWriter]:
-    tb = device_bundle()
+def make_agent(
+    tb: DeviceBundle, url: str, config: AgentConfig, **client: object
+) -> tuple[Agent, ListWriter]:
     writer = ListWriter()
     c = OffloadClient(url, tb.name, ClientConfig(**client))  # type: ignore[arg-type]
     return Agent(tb.load(), config, c, writer=writer), writer
@@ -37,9 +32,11 @@ def one_each(writer: ListWriter, n: int) -> None:
     assert len(ids) == len(set(ids)) == n
 
 
-def test_server_killed_mid_run_then_restarted_offloading_resumes() -> None:
-    tb = device_bundle()
-    srv = TailServer(tb.path).start()
+def test_server_killed_mid_run_then_restarted_offloading_resumes(
+    device_bundle, tail_server
+) -> None:
+    tb = device_bundle
+    srv = tail_server(tb.path)
     config = AgentConfig(
         policy="fixed",
         thresholds=NO_EXITS,
@@ -47,7 +44,9 @@ def test_server_killed_mid_run_then_restarted_offloading_resumes() -> None:
         breaker_reset_s=0.1,
         breaker_max_reset_s=0.4,
     )
-    agent, out = make_agent(srv.url, config, timeout_s=1.0, retries=1, backoff_s=0.01)
+    agent, out = make_agent(
+        device_bundle, srv.url, config, timeout_s=1.0, retries=1, backoff_s=0.01
+    )
     items = list(folder_source(tb.folder))[:150]
     phase: dict[str, int] = {}
 
@@ -62,10 +61,7 @@ def test_server_killed_mid_run_then_restarted_offloading_resumes() -> None:
             time.sleep(0.01)
             yield item
 
-    try:
-        summary = run_agent(agent, Source(source))
-    finally:
-        srv.stop()
+    summary = run_agent(agent, Source(source))
     one_each(out, len(items))
     by_index = [out.by_id()[item.id] for item in items]
     before, during, after = by_index[:35], by_index[45:80], by_index[-30:]
@@ -78,14 +74,16 @@ def test_server_killed_mid_run_then_restarted_offloading_resumes() -> None:
     assert d["offloaded"] + d["fallbacks"] == len(items)
 
 
-def test_a_stalled_server_times_out_and_every_input_is_answered_locally() -> None:
-    tb = device_bundle()
-    with FaultServer("stall", tb) as srv:
-        config = AgentConfig(thresholds=NO_EXITS, window=4, breaker_failures=3)
-        agent, out = make_agent(srv.url, config, timeout_s=0.3, retries=0)
-        start = time.monotonic()
-        summary = run_agent(agent, limit(folder_source(tb.folder), 40))
-        seconds = time.monotonic() - start
+def test_a_stalled_server_times_out_and_every_input_is_answered_locally(
+    device_bundle, fault_server
+) -> None:
+    tb = device_bundle
+    srv = fault_server("stall", tb)
+    config = AgentConfig(thresholds=NO_EXITS, window=4, breaker_failures=3)
+    agent, out = make_agent(device_bundle, srv.url, config, timeout_s=0.3, retries=0)
+    start = time.monotonic()
+    summary = run_agent(agent, limit(folder_source(tb.folder), 40))
+    seconds = time.monotonic() - start
     one_each(out, 40)
     assert all(r.decided_by == "fallback" and r.exit for r in out.records)
     reasons = summary.to_dict()["fallback_reasons"]
@@ -98,13 +96,15 @@ def test_a_stalled_server_times_out_and_every_input_is_answered_locally() -> Non
     ("mode", "reason"),
     [("error500", "server_error"), ("garbage", "server_error"), ("impossible", "server_error")],
 )
-def test_failing_servers_get_retried_then_answered_locally(mode: str, reason: str) -> None:
-    tb = device_bundle()
-    with FaultServer(mode, tb) as srv:
-        config = AgentConfig(thresholds=NO_EXITS, breaker_failures=4)
-        agent, out = make_agent(srv.url, config, retries=1, backoff_s=0.01)
-        summary = run_agent(agent, limit(folder_source(tb.folder), 30))
-        attempts = dict(srv.attempts)
+def test_failing_servers_get_retried_then_answered_locally(
+    mode: str, reason: str, device_bundle, fault_server
+) -> None:
+    tb = device_bundle
+    srv = fault_server(mode, tb)
+    config = AgentConfig(thresholds=NO_EXITS, breaker_failures=4)
+    agent, out = make_agent(device_bundle, srv.url, config, retries=1, backoff_s=0.01)
+    summary = run_agent(agent, limit(folder_source(tb.folder), 30))
+    attempts = dict(srv.attempts)
     one_each(out, 30)
     assert all(r.decided_by == "fallback" for r in out.records)
     failed = [r for r in out.records if r.reason == reason]
@@ -113,44 +113,50 @@ def test_failing_servers_get_retried_then_answered_locally(mode: str, reason: st
     assert summary.to_dict()["retries"] == len(failed)
 
 
-def test_429_pauses_offloading_for_retry_after_without_tripping_the_breaker() -> None:
-    tb = device_bundle()
-    with FaultServer("busy", tb, retry_after=30) as srv:
-        agent, out = make_agent(srv.url, AgentConfig(thresholds=NO_EXITS, window=1))
-        summary = run_agent(agent, limit(folder_source(tb.folder), 20))
-        asked = sum(srv.attempts.values())
+def test_429_pauses_offloading_for_retry_after_without_tripping_the_breaker(
+    device_bundle, fault_server
+) -> None:
+    tb = device_bundle
+    srv = fault_server("busy", tb, retry_after=30)
+    agent, out = make_agent(device_bundle, srv.url, AgentConfig(thresholds=NO_EXITS, window=1))
+    summary = run_agent(agent, limit(folder_source(tb.folder), 20))
+    asked = sum(srv.attempts.values())
     one_each(out, 20)
     assert asked == 1  # the server said "not for 30 s": no more requests
     assert all(r.reason == "busy" for r in out.records)
     assert summary.to_dict()["breaker_opened"] == 0
 
 
-def test_a_server_with_another_bundle_is_refused_at_start() -> None:
-    tb = device_bundle()
-    with TailServer(other_bundle()) as srv:
-        agent, _ = make_agent(srv.url, AgentConfig())
-        with pytest.raises(FingerprintRejected, match="deploy the same bundle"):
-            run_agent(agent, limit(folder_source(tb.folder), 5))
+def test_a_server_with_another_bundle_is_refused_at_start(
+    device_bundle, other_bundle, tail_server
+) -> None:
+    tb = device_bundle
+    srv = tail_server(other_bundle)
+    agent, _ = make_agent(device_bundle, srv.url, AgentConfig())
+    with pytest.raises(FingerprintRejected, match="deploy the same bundle"):
+        run_agent(agent, limit(folder_source(tb.folder), 5))
 
 
-def test_409_mid_run_stops_offloading_with_one_clear_message() -> None:
+def test_409_mid_run_stops_offloading_with_one_clear_message(
+    device_bundle, other_bundle, tail_server
+) -> None:
     """A server swapped for one with another bundle while the device runs."""
-    tb = device_bundle()
+    tb = device_bundle
     messages: list[str] = []
-    with TailServer(other_bundle()) as srv:
-        client = OffloadClient(srv.url, tb.name)
-        out = ListWriter()
-        agent = Agent(
-            tb.load(), AgentConfig(thresholds=NO_EXITS), client, writer=out, log=messages.append
-        )
+    srv = tail_server(other_bundle)
+    client = OffloadClient(srv.url, tb.name)
+    out = ListWriter()
+    agent = Agent(
+        tb.load(), AgentConfig(thresholds=NO_EXITS), client, writer=out, log=messages.append
+    )
 
-        async def go() -> None:  # no start(): the check at start would refuse already
-            try:
-                await agent.run(limit(folder_source(tb.folder), 30))
-            finally:
-                await client.aclose()
+    async def go() -> None:  # no start(): the check at start would refuse already
+        try:
+            await agent.run(limit(folder_source(tb.folder), 30))
+        finally:
+            await client.aclose()
 
-        asyncio.run(go())
+    asyncio.run(go())
     one_each(out, 30)
     assert all(r.decided_by == "fallback" for r in out.records)
     assert {r.reason for r in out.records} == {"fingerprint"}

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
-from device_fixtures import LOOPBACK, TailServer, device_bundle, free_port
+from support import LOOPBACK
 
+from splitexit.demo import free_port
 from splitexit.link import LinkEmulator
 from splitexit_device.client import OffloadClient, request_wire_bytes
 from splitexit_device.http import fetch, http_transport, timeouts
@@ -91,8 +92,10 @@ def answer_each(*responses: bytes) -> Handler:
 # ------------------------------------------------------------------------------- keep-alive
 
 
-def test_one_connection_carries_every_request_to_the_tail_server() -> None:
-    tb = device_bundle()
+def test_one_connection_carries_every_request_to_the_tail_server(
+    device_bundle, tail_server
+) -> None:
+    tb = device_bundle
 
     async def go(url: str) -> tuple[int, int]:
         async with OffloadClient(url, tb.name) as client:
@@ -101,7 +104,8 @@ def test_one_connection_carries_every_request_to_the_tail_server() -> None:
                 await client.probe(large=True)
             return client.sent_bytes, client.received_bytes
 
-    with TailServer(tb.path) as srv, LinkEmulator(("127.0.0.1", srv.port)) as link:
+    srv = tail_server(tb.path)
+    with LinkEmulator(("127.0.0.1", srv.port)) as link:
         sent, received = asyncio.run(go(link.url))
         assert link.connections == 1
         assert (link.up.bytes, link.down.bytes) == (sent, received)  # counted: what crossed TCP

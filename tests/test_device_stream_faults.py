@@ -5,18 +5,13 @@ mid-message, pushing back, refusing the fingerprint, draining on SIGTERM, Ctrl-C
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from device_fixtures import FaultServer, TailServer, device_bundle, other_bundle, run_agent
-from stream_fixtures import FaultStreamServer, ProcessServer, stream_agent
+from support import interrupt_agent, run_agent, stream_agent
 
 from splitexit_device.agent import AgentConfig
 from splitexit_device.client import FingerprintRejected, OffloadRefused
@@ -45,19 +40,19 @@ def paced(items: list[Input], actions: dict[int, object], pause_s: float = 0.01)
     return Source(source)
 
 
-def test_answers_over_the_stream_match_http_and_cost_a_few_bytes() -> None:
-    tb = device_bundle()
+def test_answers_over_the_stream_match_http_and_cost_a_few_bytes(
+    device_bundle, tail_server
+) -> None:
+    tb = device_bundle
     config = AgentConfig(policy="fixed", channels=8, bits=8, thresholds=NO_EXITS)
     items = limit(folder_source(tb.folder), 30)
-    with TailServer(tb.path) as srv:
-        agent, out, client = stream_agent(srv.url, tb, config)
-        summary = run_agent(agent, items)
-        assert client.transport == "stream" and summary.to_dict()["transport"] == "stream"
-        http_agent, http_out, http = stream_agent(
-            srv.url, tb, config, StreamConfig(transport="http")
-        )
-        run_agent(http_agent, limit(folder_source(tb.folder), 30))
-        assert http.transport == "http"
+    srv = tail_server(tb.path)
+    agent, out, client = stream_agent(srv.url, tb, config)
+    summary = run_agent(agent, items)
+    assert client.transport == "stream" and summary.to_dict()["transport"] == "stream"
+    http_agent, http_out, http = stream_agent(srv.url, tb, config, StreamConfig(transport="http"))
+    run_agent(http_agent, limit(folder_source(tb.folder), 30))
+    assert http.transport == "http"
     one_each(out.records, 30)
     want = {r.id: r.prediction for r in http_out.records}
     assert all(r.decided_by == "server" and r.prediction == want[r.id] for r in out.records)
@@ -65,35 +60,41 @@ def test_answers_over_the_stream_match_http_and_cost_a_few_bytes() -> None:
         assert r.overhead_bytes == 2 + 8 and r.response_bytes == 2 + 4
 
 
-def test_a_session_asking_for_timing_gives_records_the_servers_and_the_tails_time() -> None:
-    tb = device_bundle()
+def test_a_session_asking_for_timing_gives_records_the_servers_and_the_tails_time(
+    device_bundle, tail_server
+) -> None:
+    tb = device_bundle
     config = AgentConfig(policy="fixed", thresholds=NO_EXITS)
-    with TailServer(tb.path) as srv:
-        agent, out, _ = stream_agent(srv.url, tb, config, timing=True)
-        run_agent(agent, limit(folder_source(tb.folder), 10))
+    srv = tail_server(tb.path)
+    agent, out, _ = stream_agent(srv.url, tb, config, timing=True)
+    run_agent(agent, limit(folder_source(tb.folder), 10))
     for r in out.records:
         ms = r.timings_ms
         assert r.response_bytes == 2 + 4 + 4
         assert 0 < ms["tail"] <= ms["server"] < ms["network"] + ms["server"] < ms["total"]
 
 
-def test_a_server_without_a_stream_is_used_over_http_and_stream_only_refuses_it() -> None:
-    tb = device_bundle()
-    with FaultServer("ok", tb) as srv:
-        agent, out, client = stream_agent(srv.url, tb, AgentConfig(thresholds=NO_EXITS))
-        run_agent(agent, limit(folder_source(tb.folder), 10))
-        assert client.transport == "http"
-        assert all(r.decided_by == "server" for r in out.records if r.reason is None)
-        agent, _, _ = stream_agent(
-            srv.url, tb, AgentConfig(thresholds=NO_EXITS), StreamConfig(transport="stream")
-        )
-        with pytest.raises(OffloadRefused, match="offers no stream"):
-            run_agent(agent, limit(folder_source(tb.folder), 3))
+def test_a_server_without_a_stream_is_used_over_http_and_stream_only_refuses_it(
+    device_bundle, fault_server
+) -> None:
+    tb = device_bundle
+    srv = fault_server("ok", tb)
+    agent, out, client = stream_agent(srv.url, tb, AgentConfig(thresholds=NO_EXITS))
+    run_agent(agent, limit(folder_source(tb.folder), 10))
+    assert client.transport == "http"
+    assert all(r.decided_by == "server" for r in out.records if r.reason is None)
+    agent, _, _ = stream_agent(
+        srv.url, tb, AgentConfig(thresholds=NO_EXITS), StreamConfig(transport="stream")
+    )
+    with pytest.raises(OffloadRefused, match="offers no stream"):
+        run_agent(agent, limit(folder_source(tb.folder), 3))
 
 
-def test_server_killed_mid_run_then_restarted_the_stream_reconnects() -> None:
-    tb = device_bundle()
-    srv = TailServer(tb.path).start()
+def test_server_killed_mid_run_then_restarted_the_stream_reconnects(
+    device_bundle, tail_server
+) -> None:
+    tb = device_bundle
+    srv = tail_server(tb.path)
     config = AgentConfig(
         policy="fixed", thresholds=NO_EXITS, breaker_failures=2, breaker_reset_s=0.1,
         breaker_max_reset_s=0.4,
@@ -102,10 +103,7 @@ def test_server_killed_mid_run_then_restarted_the_stream_reconnects() -> None:
         srv.url, tb, config, FAST_PING, timeout_s=1.0, retries=1, backoff_s=0.01
     )
     items = list(folder_source(tb.folder))[:150]
-    try:
-        summary = run_agent(agent, paced(items, {40: srv.stop, 80: srv.start}))
-    finally:
-        srv.stop()
+    summary = run_agent(agent, paced(items, {40: srv.stop, 80: srv.start}))
     one_each(out.records, len(items))
     by_index = [out.by_id()[item.id] for item in items]
     before, during, after = by_index[:35], by_index[45:80], by_index[-30:]
@@ -126,19 +124,21 @@ def test_server_killed_mid_run_then_restarted_the_stream_reconnects() -> None:
     assert summary.to_dict()["breaker_opened"] >= 1
 
 
-def test_a_stopped_server_is_noticed_by_ping_long_before_the_timeout() -> None:
+def test_a_stopped_server_is_noticed_by_ping_long_before_the_timeout(
+    device_bundle, process_server
+) -> None:
     """SIGSTOP: the connection stays up, nothing answers; the 10 s attempt timeout never
     matters, the 0.2 s ping does."""
-    tb = device_bundle()
-    with ProcessServer(tb.path, "--no-warmup", "--max-queue-delay-ms", "1") as srv:
-        config = AgentConfig(policy="fixed", thresholds=NO_EXITS, breaker_failures=2)
-        agent, out, _ = stream_agent(
-            srv.url, tb, config, FAST_PING, timeout_s=10.0, retries=0, connect_timeout_s=0.3
-        )
-        items = list(folder_source(tb.folder))[:60]
-        start = time.monotonic()
-        run_agent(agent, paced(items, {20: lambda: srv.signal(signal.SIGSTOP)}))
-        seconds = time.monotonic() - start
+    tb = device_bundle
+    srv = process_server(tb.path, "--no-warmup", "--max-queue-delay-ms", "1")
+    config = AgentConfig(policy="fixed", thresholds=NO_EXITS, breaker_failures=2)
+    agent, out, _ = stream_agent(
+        srv.url, tb, config, FAST_PING, timeout_s=10.0, retries=0, connect_timeout_s=0.3
+    )
+    items = list(folder_source(tb.folder))[:60]
+    start = time.monotonic()
+    run_agent(agent, paced(items, {20: lambda: srv.signal(signal.SIGSTOP)}))
+    seconds = time.monotonic() - start
     one_each(out.records, len(items))
     late = [out.by_id()[item.id] for item in items[25:]]
     assert all(r.decided_by == "fallback" for r in late)
@@ -150,14 +150,14 @@ def test_a_stopped_server_is_noticed_by_ping_long_before_the_timeout() -> None:
 
 @pytest.mark.parametrize(("mode", "reason"), [("garbage", "server_error"), ("flaky", None)])
 def test_garbage_answers_and_closes_mid_message_are_retried_on_a_new_connection(
-    mode: str, reason: str | None
+    mode: str, reason: str | None, device_bundle, fault_stream_server
 ) -> None:
-    tb = device_bundle()
-    with FaultStreamServer(mode, tb) as srv:
-        config = AgentConfig(policy="fixed", thresholds=NO_EXITS, window=1, breaker_failures=50)
-        agent, out, client = stream_agent(srv.url, tb, config, retries=1, backoff_s=0.01)
-        run_agent(agent, limit(folder_source(tb.folder), 20))
-        messages, connections = srv.messages, srv.connections
+    tb = device_bundle
+    srv = fault_stream_server(mode, tb)
+    config = AgentConfig(policy="fixed", thresholds=NO_EXITS, window=1, breaker_failures=50)
+    agent, out, client = stream_agent(srv.url, tb, config, retries=1, backoff_s=0.01)
+    run_agent(agent, limit(folder_source(tb.folder), 20))
+    messages, connections = srv.messages, srv.connections
     one_each(out.records, 20)
     offloaded = [r for r in out.records if r.channels is not None]
     assert offloaded and all(r.attempts == 2 for r in offloaded)
@@ -171,72 +171,76 @@ def test_garbage_answers_and_closes_mid_message_are_retried_on_a_new_connection(
     assert client.reconnects == connections - 1
 
 
-def test_a_stream_that_does_not_open_at_start_is_opened_by_the_first_offloads() -> None:
-    tb = device_bundle()
+def test_a_stream_that_does_not_open_at_start_is_opened_by_the_first_offloads(
+    device_bundle, fault_stream_server
+) -> None:
+    tb = device_bundle
     messages: list[str] = []
-    with FaultStreamServer("mute_once", tb) as srv:
-        config = AgentConfig(policy="fixed", thresholds=NO_EXITS, window=1)
-        agent, out, client = stream_agent(srv.url, tb, config, log=messages.append, timeout_s=0.3)
-        run_agent(agent, limit(folder_source(tb.folder), 10))
-        connections = srv.connections
+    srv = fault_stream_server("mute_once", tb)
+    config = AgentConfig(policy="fixed", thresholds=NO_EXITS, window=1)
+    agent, out, client = stream_agent(srv.url, tb, config, log=messages.append, timeout_s=0.3)
+    run_agent(agent, limit(folder_source(tb.folder), 10))
+    connections = srv.connections
     assert any("did not open" in m for m in messages)
     assert client.transport == "stream" and connections == 2
     assert all(r.decided_by == "server" for r in out.records)
 
 
-def test_busy_pauses_offloading_for_retry_after_without_tripping_the_breaker() -> None:
-    tb = device_bundle()
-    with FaultStreamServer("busy", tb, retry_after=30) as srv:
-        agent, out, _ = stream_agent(srv.url, tb, AgentConfig(thresholds=NO_EXITS, window=1))
-        summary = run_agent(agent, limit(folder_source(tb.folder), 20))
-        asked = srv.messages
+def test_busy_pauses_offloading_for_retry_after_without_tripping_the_breaker(
+    device_bundle, fault_stream_server
+) -> None:
+    tb = device_bundle
+    srv = fault_stream_server("busy", tb, retry_after=30)
+    agent, out, _ = stream_agent(srv.url, tb, AgentConfig(thresholds=NO_EXITS, window=1))
+    summary = run_agent(agent, limit(folder_source(tb.folder), 20))
+    asked = srv.messages
     one_each(out.records, 20)
     assert asked == 1
     assert all(r.reason == "busy" for r in out.records if r.decided_by == "fallback")
     assert summary.to_dict()["breaker_opened"] == 0
 
 
-def test_a_fingerprint_refused_at_the_handshake_stops_before_the_run() -> None:
-    tb = device_bundle()
-    with FaultStreamServer("refuse", tb) as srv:
-        agent, _, _ = stream_agent(srv.url, tb, AgentConfig())
-        with pytest.raises(FingerprintRejected, match="deploy the same bundle"):
-            run_agent(agent, limit(folder_source(tb.folder), 5))
+def test_a_fingerprint_refused_at_the_handshake_stops_before_the_run(
+    device_bundle, fault_stream_server
+) -> None:
+    tb = device_bundle
+    srv = fault_stream_server("refuse", tb)
+    agent, _, _ = stream_agent(srv.url, tb, AgentConfig())
+    with pytest.raises(FingerprintRejected, match="deploy the same bundle"):
+        run_agent(agent, limit(folder_source(tb.folder), 5))
 
 
-def test_a_server_swapped_for_another_bundle_stops_offloading_at_the_reconnect() -> None:
-    tb = device_bundle()
-    srv = TailServer(tb.path).start()
-    swapped: list[TailServer] = []
+def test_a_server_swapped_for_another_bundle_stops_offloading_at_the_reconnect(
+    device_bundle, other_bundle, tail_server
+) -> None:
+    tb = device_bundle
+    srv = tail_server(tb.path)
 
     def swap() -> None:
         srv.stop()
-        swapped.append(TailServer(other_bundle(), port=srv.port).start())
+        tail_server(other_bundle, port=srv.port)
 
     messages: list[str] = []
     config = AgentConfig(policy="fixed", thresholds=NO_EXITS, breaker_failures=100)
     agent, out, _ = stream_agent(srv.url, tb, config, FAST_PING, log=messages.append)
     items = list(folder_source(tb.folder))[:60]
-    try:
-        summary = run_agent(agent, paced(items, {20: swap}))
-    finally:
-        srv.stop()
-        for s in swapped:
-            s.stop()
+    summary = run_agent(agent, paced(items, {20: swap}))
     one_each(out.records, len(items))
     assert summary.to_dict()["offloading_stopped"] == "fingerprint"
     assert out.by_id()[items[-1].id].reason == "fingerprint"
     assert sum("offloading stopped" in m for m in messages) == 1
 
 
-def test_sigterm_drains_the_stream_and_every_input_is_answered_once() -> None:
-    tb = device_bundle()
-    with ProcessServer(tb.path, "--no-warmup", "--max-queue-delay-ms", "1") as srv:
-        config = AgentConfig(policy="fixed", thresholds=NO_EXITS, breaker_failures=2)
-        agent, out, _ = stream_agent(srv.url, tb, config, FAST_PING, retries=1)
-        items = list(folder_source(tb.folder))[:60]
-        run_agent(agent, paced(items, {20: lambda: srv.signal(signal.SIGTERM)}))
-        code = srv.proc.wait(20)
+def test_sigterm_drains_the_stream_and_every_input_is_answered_once(
+    device_bundle, process_server
+) -> None:
+    tb = device_bundle
+    srv = process_server(tb.path, "--no-warmup", "--max-queue-delay-ms", "1")
+    config = AgentConfig(policy="fixed", thresholds=NO_EXITS, breaker_failures=2)
+    agent, out, _ = stream_agent(srv.url, tb, config, FAST_PING, retries=1)
+    items = list(folder_source(tb.folder))[:60]
+    run_agent(agent, paced(items, {20: lambda: srv.signal(signal.SIGTERM)}))
+    code = srv.proc.wait(20)
     assert code in (0, -signal.SIGTERM)  # drained and exited by itself (uvicorn re-raises)
     one_each(out.records, len(items))
     assert all(out.by_id()[item.id].decided_by == "server" for item in items[:15])
@@ -244,50 +248,35 @@ def test_sigterm_drains_the_stream_and_every_input_is_answered_once() -> None:
     assert reasons <= {"unreachable", "busy", "circuit_open", "timeout", "deadline"}
 
 
-def test_ctrl_c_over_the_stream_answers_what_was_taken_and_exits_130(tmp_path: Path) -> None:
-    tb = device_bundle()
-    out = tmp_path / "records.jsonl"
-    with FaultStreamServer("stall", tb) as srv:
-        cmd = [
-            sys.executable, "-m", "splitexit_device.cli", "run", "--bundle", str(tb.path),
-            "--server", srv.url, "--source", str(tb.folder), "--out", str(out),
-            "--transport", "stream", "--timeout-ms", "20000", "--budget-ms", "20000",
-            "--no-progress", "--policy", "fixed",  # offload, never the tail here
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            deadline = time.monotonic() + 60
-            while not srv.messages:  # wait until messages are in flight
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == 130, err
+def test_ctrl_c_over_the_stream_answers_what_was_taken_and_exits_130(
+    tmp_path: Path, device_bundle, fault_stream_server
+) -> None:
+    tb = device_bundle
+    srv = fault_stream_server("stall", tb)
+    args = [
+        "--bundle", str(tb.path), "--server", srv.url, "--source", str(tb.folder),
+        "--transport", "stream", "--timeout-ms", "20000", "--budget-ms", "20000",
+        "--no-progress", "--policy", "fixed",  # offload, never the tail here
+    ]  # fmt: skip
+    code, err, records = interrupt_agent(args, tmp_path / "records.jsonl", lambda: srv.messages)
+    assert code == 130, err
     assert "over the stream" in err and "summary" in err
-    records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records and len({r["id"] for r in records}) == len(records)
     assert any(r["reason"] == "interrupted" for r in records)
 
 
-def test_the_stream_counts_its_bytes_as_they_cross_tcp() -> None:
+def test_the_stream_counts_its_bytes_as_they_cross_tcp(device_bundle, tail_server) -> None:
     """Through the link emulator (a TCP proxy counting bytes): what the client counts per
     offload is what crossed TCP, pings and the handshake aside."""
     from splitexit.link import LinkEmulator
 
-    tb = device_bundle()
+    tb = device_bundle
     config = AgentConfig(
         policy="fixed", channels=2, bits=4, thresholds=NO_EXITS, probe_interval_s=0
     )
     slow_ping = StreamConfig(ping_interval_s=60, ping_timeout_s=60)
-    with (
-        TailServer(tb.path) as srv,
-        LinkEmulator(("127.0.0.1", srv.port)) as link,
-    ):
+    srv = tail_server(tb.path)
+    with LinkEmulator(("127.0.0.1", srv.port)) as link:
         agent, out, client = stream_agent(link.url, tb, config, slow_ping, retries=0)
 
         async def go() -> tuple[int, int]:
@@ -307,17 +296,17 @@ def test_the_stream_counts_its_bytes_as_they_cross_tcp() -> None:
 
 
 def test_the_cli_refuses_a_bad_ping_and_a_stream_only_run_without_a_stream(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], device_bundle, fault_server
 ) -> None:
     from splitexit_device import cli
 
-    tb = device_bundle()
+    tb = device_bundle
     base = ["run", "--bundle", str(tb.path), "--source", str(tb.folder), "--limit", "3"]
     with pytest.raises(SystemExit) as e:
         cli.main([*base, "--server", "http://127.0.0.1:9", "--ping-ms", "0"])
     assert e.value.code == 2 and "--ping-ms must be > 0" in capsys.readouterr().err
-    with FaultServer("ok", tb) as srv:
-        code = cli.main([*base, "--server", srv.url, "--transport", "stream", "--no-progress"])
+    srv = fault_server("ok", tb)
+    code = cli.main([*base, "--server", srv.url, "--transport", "stream", "--no-progress"])
     assert code == 3 and "offers no stream" in capsys.readouterr().err
 
 

@@ -16,14 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runtime_fixtures import (
-    REPO,
-    SHIPPED,
-    assert_same_answers,
-    fmnist_folder,
-    parity_tolerance,
-    run_agent_cli,
-)
+from support import REPO, SHIPPED, assert_same_answers, parity_tolerance, run_agent_cli
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +39,19 @@ def _pip(python: Path, *args: str, timeout: float) -> subprocess.CompletedProces
 def _clean_env() -> dict[str, str]:
     """The environment without this checkout on PYTHONPATH (the venv runs its own copy)."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
+def in_venv(venv: Path, code: str) -> str:
+    """What `code` prints, run by the venv's python outside this checkout."""
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=venv,
+        check=True,
+    )
+    return out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +80,7 @@ def test_device_install_has_no_torch_and_no_fastapi(venv: Path) -> None:
         "('torch', 'fastapi', 'uvicorn', 'onnxruntime', 'splitexit_device', 'splitexit_server',"
         " 'device', 'server', 'splitexit')}))"
     )
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", code],
-        capture_output=True,
-        text=True,
-        env=_clean_env(),
-        cwd=venv,
-        check=True,
-    )
-    found = json.loads(out.stdout)
+    found = json.loads(in_venv(venv, code))
     assert found == {
         "torch": False,
         "fastapi": False,
@@ -99,15 +97,7 @@ def test_device_install_has_no_torch_and_no_fastapi(venv: Path) -> None:
 def installed_bundle(venv: Path) -> Path:
     """The shipped bundle as the venv installed it (package data, ONNX graphs included)."""
     code = "from splitexit.zoo import default_bundle_path; print(default_bundle_path())"
-    out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", code],
-        capture_output=True,
-        text=True,
-        env=_clean_env(),
-        cwd=venv,
-        check=True,
-    )
-    path = Path(out.stdout.strip())
+    path = Path(in_venv(venv, code).strip())
     assert path.is_relative_to(venv), f"the venv imported splitexit from {path}"
     return path
 
@@ -130,11 +120,9 @@ def test_splitexit_inspect_works_without_torch_and_names_both_runtimes(venv: Pat
 
 
 def test_torch_free_agent_answers_like_torch_locally_and_through_the_server(
-    venv: Path, tmp_path: Path
+    venv: Path, fmnist_images: Path, tail_server
 ) -> None:
-    from device_fixtures import TailServer
-
-    images = fmnist_folder(tmp_path / "images", 40)
+    images = fmnist_images
     bundle = installed_bundle(venv)
     env = {**_clean_env(), "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
     device = {"python": str(venv / "bin" / "python"), "env": env, "cwd": venv}
@@ -148,12 +136,12 @@ def test_torch_free_agent_answers_like_torch_locally_and_through_the_server(
     assert_same_answers(got, want, parity_tolerance(), SERVER_TOL)
 
     fixed = ["--policy", "fixed", "--channels", "12", "--bits", "8"]
-    with TailServer(SHIPPED, runtime="torch") as server:
-        remote = ["--bundle", str(bundle), "--source", str(images), "--server", server.url]
-        got, proc = run_agent_cli([*remote, *fixed], **device)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        remote[1] = str(SHIPPED)
-        want, proc = run_agent_cli([*remote, *fixed, "--runtime", "torch"])
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    server = tail_server(SHIPPED, runtime="torch")
+    remote = ["--bundle", str(bundle), "--source", str(images), "--server", server.url]
+    got, proc = run_agent_cli([*remote, *fixed], **device)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote[1] = str(SHIPPED)
+    want, proc = run_agent_cli([*remote, *fixed, "--runtime", "torch"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum(r["decided_by"] == "server" for r in got) > 0
     assert_same_answers(got, want, parity_tolerance(), SERVER_TOL)

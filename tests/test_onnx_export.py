@@ -4,19 +4,17 @@ exported from a net or from a loaded bundle (TorchScript pieces)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support import tiny_split_net
 from torch import nn
 
-from splitexit.bottleneck import Bottleneck
 from splitexit.bundle import export_bundle, load_bundle
 from splitexit.bundle.load import Bundle
 from splitexit.bundle.onnx import RAW_TAIL_INPUTS, export_onnx
-from splitexit.exits import ExitBranch
 from splitexit.runtime import HeadRunner, TailRunner
 from splitexit.splitnet import SplitExitNet
 
@@ -29,24 +27,9 @@ RAW_ATTRS = ("values", "scale", "zero_point")  # QuantizedTensor fields, in inpu
 
 
 def tiny_net() -> SplitExitNet:
-    """stem ─ layer1 ─ bottleneck (C=4, code 4x4) ─ layer2 ─ classifier (10); two exits."""
-    torch.manual_seed(0)
-
-    def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-        )
-
-    head = nn.Sequential(OrderedDict(stem=conv(1, 8), layer1=conv(8, 16, 2)))
-    tail = nn.Sequential(
-        OrderedDict(
-            layer2=conv(16, 16, 2),
-            classifier=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 10)),
-        )
-    )
-    bottleneck = Bottleneck((16, 8, 8), channels=4, hidden=8, downsample=1, bits=(4, 8))
-    exits = {"stem": ExitBranch(8, 10, conv=True), "bottleneck": ExitBranch(4, 10, hidden=8)}
-    return SplitExitNet(head, bottleneck, tail, exits).eval()
+    """Two exits: a conv branch after stem, one on the code (`support.tiny_split_net`)."""
+    exits = {"stem": {"conv": True}, "bottleneck": {"hidden": 8}}
+    return tiny_split_net(exits, bn_stats=False)
 
 
 @pytest.fixture(scope="module")

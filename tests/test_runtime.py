@@ -4,18 +4,18 @@ one process, exits taken exactly when the thresholds say, and frames batched in 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
+from support import tiny_split_net
 from torch import nn
 
-from splitexit.bottleneck import Bottleneck, quantize
+from splitexit.bottleneck import quantize
 from splitexit.bundle import Bundle, export_bundle, load_bundle, write_thresholds
 from splitexit.codec import encode_frame
 from splitexit.errors import BundleError, FingerprintMismatch, FrameError
-from splitexit.exits import ExitBranch, confidence
+from splitexit.exits import confidence
 from splitexit.runtime import HeadRunner, TailRunner
 from splitexit.splitnet import SplitExitNet
 
@@ -25,34 +25,8 @@ BITS = (4, 8)
 
 
 def tiny_net(seed: int = 0) -> SplitExitNet:
-    """stem ─ layer1 ─ bottleneck (C=4, code 4x4, bits 4/8) ─ layer2 ─ classifier (10);
-    exits after stem, layer1 and on the code."""
-    torch.manual_seed(seed)
-
-    def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
-        )
-
-    head = nn.Sequential(OrderedDict(stem=conv(1, 8), layer1=conv(8, 16, 2)))
-    tail = nn.Sequential(
-        OrderedDict(
-            layer2=conv(16, 16, 2),
-            classifier=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(16, 10)),
-        )
-    )
-    bottleneck = Bottleneck((16, 8, 8), channels=C, hidden=8, downsample=1, bits=BITS)
-    exits = {
-        "stem": ExitBranch(8, 10),
-        "layer1": ExitBranch(16, 10),
-        "bottleneck": ExitBranch(C, 10),
-    }
-    net = SplitExitNet(head, bottleneck, tail, exits)
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
+    """Exits after stem, layer1 and on the code (`support.tiny_split_net`)."""
+    return tiny_split_net({"stem": {}, "layer1": {}, "bottleneck": {}}, seed)
 
 
 def export(net: SplitExitNet, path: Path, **kwargs) -> Path:

@@ -12,14 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runtime_fixtures import (
-    SHIPPED,
-    assert_same_answers,
-    fmnist_folder,
-    imported_blocked,
-    parity_tolerance,
-    run_agent_cli,
-)
+from support import SHIPPED, assert_same_answers, imported_blocked, parity_tolerance, run_agent_cli
 
 from splitexit.bottleneck.quantize import QuantizedTensor, dequantize, quantize
 from splitexit.bundle import load_bundle, verify_files
@@ -34,11 +27,6 @@ ort = pytest.importorskip("onnxruntime")
 
 SHIPPED_FINGERPRINT = "f65bd982ae98eae0fc0c2e183514ffb98e78a0ba11886c5e46b508c287330a1c"
 SERVER_TOL = 5e-3  # a tail answer after one code value rounded the other way
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fmnist_folder(tmp_path_factory.mktemp("fmnist"), 40)
 
 
 def pixels(folder: Path) -> np.ndarray:
@@ -125,12 +113,12 @@ def test_shipped_bundle_carries_onnx_graphs_and_keeps_its_fingerprint() -> None:
     assert min(manifest.onnx["argmax_agreement"].values()) == 1.0
 
 
-def test_onnx_head_answers_like_torch_on_the_shipped_bundle(images: Path) -> None:
+def test_onnx_head_answers_like_torch_on_the_shipped_bundle(fmnist_images: Path) -> None:
     bundle = load_bundle(SHIPPED, parts=())
     torch_head = HeadRunner(bundle, runtime="torch")
     onnx_head = HeadRunner(bundle, runtime="onnxruntime")
     assert onnx_head.backend.name == "onnxruntime"
-    batch = pixels(images)
+    batch = pixels(fmnist_images)
     x_onnx = onnx_head.preprocess(batch)
     assert isinstance(x_onnx, np.ndarray)
     a = torch_head.run(torch_head.preprocess(batch))
@@ -205,11 +193,11 @@ def test_onnx_threads_are_set_per_session() -> None:
     ],
 )
 def test_device_cli_refuses_a_runtime_it_cannot_run_in_one_line(
-    images: Path, flags: list[str], says: str
+    fmnist_images: Path, flags: list[str], says: str
 ) -> None:
     if "TensorrtExecutionProvider" in ort.get_available_providers() and "tensorrt" in flags:
         pytest.skip("this onnxruntime has TensorRT")
-    args = ["--bundle", str(SHIPPED), "--source", str(images), "--local-only", *flags]
+    args = ["--bundle", str(SHIPPED), "--source", str(fmnist_images), "--local-only", *flags]
     records, proc = run_agent_cli(args)
     assert proc.returncode == 2, proc.stderr
     assert records == []
@@ -221,9 +209,9 @@ def test_device_cli_refuses_a_runtime_it_cannot_run_in_one_line(
 
 
 def test_device_agent_runs_with_torch_unimportable_and_answers_like_torch(
-    images: Path,
+    fmnist_images: Path,
 ) -> None:
-    common = ["--bundle", str(SHIPPED), "--source", str(images), "--local-only"]
+    common = ["--bundle", str(SHIPPED), "--source", str(fmnist_images), "--local-only"]
     onnx, proc = run_agent_cli([*common, "--runtime", "onnxruntime"], block_torch=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert imported_blocked(proc) == []
@@ -236,41 +224,40 @@ def test_device_agent_runs_with_torch_unimportable_and_answers_like_torch(
     assert_same_answers(auto, onnx, 0.0, 0.0)
 
 
-def test_torch_runtime_without_torch_says_how_to_get_it(images: Path) -> None:
-    args = ["--bundle", str(SHIPPED), "--source", str(images), "--local-only"]
+def test_torch_runtime_without_torch_says_how_to_get_it(fmnist_images: Path) -> None:
+    args = ["--bundle", str(SHIPPED), "--source", str(fmnist_images), "--local-only"]
     records, proc = run_agent_cli([*args, "--runtime", "torch"], block_torch=True)
     assert proc.returncode == 2 and records == []
     assert "--runtime torch needs torch" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_agent_against_an_onnx_server_answers_like_torch_against_a_torch_server(
-    images: Path,
+    fmnist_images: Path, tail_server
 ) -> None:
-    from device_fixtures import TailServer
 
     fixed = ["--policy", "fixed", "--channels", "12", "--bits", "8"]
     runs = {}
     for runtime in ("onnxruntime", "torch"):
-        with TailServer(SHIPPED, runtime=runtime) as server:
-            args = ["--bundle", str(SHIPPED), "--source", str(images), "--server", server.url]
-            records, proc = run_agent_cli(
-                [*args, *fixed, "--runtime", runtime], block_torch=runtime == "onnxruntime"
-            )
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            runs[runtime] = records
+        server = tail_server(SHIPPED, runtime=runtime)
+        args = ["--bundle", str(SHIPPED), "--source", str(fmnist_images), "--server", server.url]
+        records, proc = run_agent_cli(
+            [*args, *fixed, "--runtime", runtime], block_torch=runtime == "onnxruntime"
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[runtime] = records
     assert any(r["decided_by"] == "server" for r in runs["torch"])
     assert_same_answers(runs["onnxruntime"], runs["torch"], parity_tolerance(), SERVER_TOL)
 
 
 def test_server_image_baseline_runs_through_the_head_runner_on_either_runtime(
-    images: Path,
+    fmnist_images: Path,
 ) -> None:
     from splitexit.preprocess import encode_image
     from splitexit_server.metrics import ServerMetrics
     from splitexit_server.model import ServedModel, Work
     from splitexit_server.settings import Settings
 
-    png = [encode_image(p) for p in pixels(images)[:8]]
+    png = [encode_image(p) for p in pixels(fmnist_images)[:8]]
     answers = {}
     for runtime in ("torch", "onnxruntime"):
         settings = Settings(bundles=(SHIPPED,), runtime=runtime)

@@ -13,7 +13,8 @@ import threading
 import time
 
 import pytest
-from server_fixtures import LiveServer, settings, tiny_bundle
+from fixtures.server import LiveServer
+from support import server_settings
 
 from splitexit.protocol.kserve import build_binary_request
 
@@ -21,8 +22,8 @@ TIMEOUT_S = 0.6  # the server's client_timeout_s in these tests
 
 
 @pytest.fixture(scope="module")
-def a():
-    return tiny_bundle("tiny-a", 0)
+def a(tiny_bundle):
+    return tiny_bundle
 
 
 def _parsers() -> list:
@@ -32,12 +33,12 @@ def _parsers() -> list:
 
 
 @pytest.fixture(scope="module", params=_parsers())
-def live(a, request):
-    s = settings(
+def live(a, request, module_live_server):
+    s = server_settings(
         a, client_timeout_s=TIMEOUT_S, warmup=False, auth_token="t0ken", http_parser=request.param
     )
-    with LiveServer(s, [a]) as server:
-        yield server
+    server = module_live_server(s, [a])
+    yield server
 
 
 def connect(live: LiveServer) -> socket.socket:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_fixtures import LiveServer, settings, tiny_bundle
+from support import server_settings
 
 from splitexit_server.settings import ENV_PREFIX, Settings
 
@@ -26,11 +26,11 @@ SETTING_NAMES = {ENV_PREFIX + f.upper() for f in Settings.__dataclass_fields__}
 
 
 @pytest.fixture(scope="module")
-def routes() -> dict[str, set[str]]:
+def routes(tiny_bundle) -> dict[str, set[str]]:
     from splitexit_server.app import create_app
 
-    a = tiny_bundle("tiny-a", 0)
-    doc = create_app(settings(a), bundles=[a.bundle]).openapi()
+    a = tiny_bundle
+    doc = create_app(server_settings(a), bundles=[a.bundle]).openapi()
     return {path: set(ops) for path, ops in doc["paths"].items()}
 
 
@@ -123,14 +123,14 @@ def test_server_never_imports_the_device():
 @pytest.mark.parametrize(
     ("name", "shipped"), [("tiny-onnx", True), ("tiny-a", False)], ids=["shipped", "exported"]
 )
-def test_triton_export_answers_like_the_server(tmp_path, name, shipped):
+def test_triton_export_answers_like_the_server(tmp_path, name, shipped, make_tiny_bundle):
     """The bundle's shipped Triton model is copied; a bundle without one is exported now."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     from splitexit.codec import decode_frame
     from splitexit_server.triton.export import export_repository
 
-    a = tiny_bundle(name, 0, onnx=shipped)
+    a = make_tiny_bundle(name, 0, onnx=shipped)
     assert (a.path / "onnx").exists() == shipped
     model_dir = export_repository(a.path, tmp_path / "repo", max_batch_size=16)
     config = (model_dir / "config.pbtxt").read_text()
@@ -157,7 +157,7 @@ def test_triton_export_answers_like_the_server(tmp_path, name, shipped):
     reason="opt-in (SPLITEXIT_TEST_RAY=1): Ray starts a local cluster (~20 s, ~1 GB) whose "
     "GCS, raylet and dashboard agent listen on all interfaces, not only loopback",
 )
-def test_ray_serve_entry_point_serves_the_app():  # pragma: no cover - opt-in
+def test_ray_serve_entry_point_serves_the_app(tiny_bundle):  # pragma: no cover - opt-in
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     import socket
@@ -168,7 +168,7 @@ def test_ray_serve_entry_point_serves_the_app():  # pragma: no cover - opt-in
     from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request, decode_infer_response
     from splitexit_server.ray_serve import deployment
 
-    a = tiny_bundle("tiny-a", 0)
+    a = tiny_bundle
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -176,7 +176,7 @@ def test_ray_serve_entry_point_serves_the_app():  # pragma: no cover - opt-in
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         one = {"min_replicas": 1, "max_replicas": 1}
-        serve.run(deployment(settings(a), autoscaling_config=one), route_prefix="/")
+        serve.run(deployment(server_settings(a), autoscaling_config=one), route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             deadline = time.monotonic() + 120
             while c.get("/v2/health/ready").status_code != 200:
@@ -192,7 +192,7 @@ def test_ray_serve_entry_point_serves_the_app():  # pragma: no cover - opt-in
         ray.shutdown()
 
 
-def test_the_batcher_seam_used_by_the_ray_entry_point():
+def test_the_batcher_seam_used_by_the_ray_entry_point(tiny_bundle, live_server):
     """create_app(batcher_factory=...) swaps the batcher; the app answers the same."""
     import httpx
 
@@ -205,11 +205,11 @@ def test_the_batcher_seam_used_by_the_ray_entry_point():
         made.append(kw["name"])
         return DynamicBatcher(process, **kw)
 
-    a = tiny_bundle("tiny-a", 0)
-    with LiveServer(settings(a, warmup=False), [a], batcher_factory=factory) as live:
-        frame = a.frame(a.inputs(1, 6), 4, 4)
-        body, headers = build_binary_request("frame", [frame], outputs=["class"])
-        r = httpx.post(f"{live.url}/v2/models/{a.name}/infer", content=body, headers=headers)
-        got = decode_infer_response(r.content, r.headers.get(HEADER_LENGTH))
-        assert got["class"].tolist() == a.local(frame).prediction.tolist()
+    a = tiny_bundle
+    live = live_server(server_settings(a, warmup=False), [a], batcher_factory=factory)
+    frame = a.frame(a.inputs(1, 6), 4, 4)
+    body, headers = build_binary_request("frame", [frame], outputs=["class"])
+    r = httpx.post(f"{live.url}/v2/models/{a.name}/infer", content=body, headers=headers)
+    got = decode_infer_response(r.content, r.headers.get(HEADER_LENGTH))
+    assert got["class"].tolist() == a.local(frame).prediction.tolist()
     assert made == [a.name]

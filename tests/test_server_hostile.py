@@ -16,8 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_fixtures import LiveServer, tiny_bundle
-from server_fixtures import settings as server_settings
+from support import server_settings
 
 from splitexit.bottleneck.quantize import QuantizedTensor
 from splitexit.codec import encode_frame
@@ -81,15 +80,15 @@ def image_corpus() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def a():
-    return tiny_bundle("tiny-a", 0)
+def a(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")
-def live(a):
+def live(a, module_live_server):
     s = server_settings(a, max_batch_size=64, max_queue_delay_ms=50.0, max_queue_size=512)
-    with LiveServer(s, [a]) as server:
-        yield server
+    server = module_live_server(s, [a])
+    yield server
 
 
 def frame_request(frame: bytes) -> tuple[bytes, dict[str, str]]:

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from server_fixtures import OPERATING_POINTS, LiveServer, settings, tiny_bundles
+from support import OPERATING_POINTS, server_settings
 
 from splitexit.bottleneck.quantize import QuantizedTensor, quantize
 from splitexit.codec import encode_frame
@@ -28,14 +28,14 @@ ATOL = 2e-5  # batching changes float summation order a little; answers differ b
 
 
 @pytest.fixture(scope="module")
-def bundles():
-    return tiny_bundles()
+def bundles(tiny_bundles):
+    return tiny_bundles
 
 
 @pytest.fixture(scope="module")
-def live(bundles):
-    with LiveServer(settings(*bundles, max_queue_delay_ms=20.0), bundles) as server:
-        yield server
+def live(bundles, module_live_server):
+    server = module_live_server(server_settings(*bundles, max_queue_delay_ms=20.0), bundles)
+    yield server
 
 
 @pytest.fixture

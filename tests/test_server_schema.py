@@ -6,19 +6,32 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_fixtures import LiveServer, tiny_bundle
-from server_fixtures import settings as server_settings
+from support import server_settings
 
 schemathesis = pytest.importorskip("schemathesis")
 
 EXAMPLES = 150  # bounded: about 10 s on two shared cores
+#: Each fuzzing test: EXAMPLES cases, no deadline (a loaded machine), no example database.
+fuzzed = settings(
+    max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 @pytest.fixture(scope="module")
-def live():
-    a = tiny_bundle("tiny-a", 0)
-    with LiveServer(server_settings(a, max_body_bytes=256 * 1024), [a]) as server:
-        yield server
+def live(tiny_bundle, module_live_server):
+    a = tiny_bundle
+    server = module_live_server(server_settings(a, max_body_bytes=256 * 1024), [a])
+    yield server
+
+
+def cases(live) -> st.SearchStrategy:
+    """Requests from the server's own schema: valid ones and ones that break it."""
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    return st.one_of(
+        schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE)
+    )
 
 
 def test_openapi_documents_the_inference_protocol(live):
@@ -33,21 +46,10 @@ def test_openapi_documents_the_inference_protocol(live):
 
 
 def test_generated_requests_never_get_a_5xx(live):
-    from schemathesis import GenerationMode
-
-    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
-    cases = st.one_of(
-        schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE)
-    )
     seen: dict[int, int] = {}
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(case=cases)
+    @fuzzed
+    @given(case=cases(live))
     def check(case):
         response = case.call(base_url=live.url, timeout=10)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
@@ -64,23 +66,13 @@ def test_generated_requests_never_get_a_5xx(live):
 def test_every_status_answered_is_documented_and_invalid_requests_are_refused(live):
     """Schemathesis' own checks: each answer's status is one the schema documents for that
     operation, and a request that breaks the schema is never accepted."""
-    from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import negative_data_rejection, status_code_conformance
 
-    schema = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
-    cases = st.one_of(
-        schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE)
-    )
     checks = [not_a_server_error, status_code_conformance, negative_data_rejection]
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(case=cases)
+    @fuzzed
+    @given(case=cases(live))
     def check(case):
         response = case.call(base_url=live.url, timeout=10)
         case.validate_response(response, checks=checks)

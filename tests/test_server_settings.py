@@ -10,7 +10,6 @@ import typing
 from pathlib import Path
 
 import pytest
-from server_fixtures import tiny_bundle
 
 from splitexit.errors import ConfigError
 from splitexit_server import cli, settings
@@ -134,8 +133,8 @@ def test_no_bundle_is_a_usage_error(monkeypatch, capsys):
     assert e.value.code == 2 and "--bundle" in capsys.readouterr().err
 
 
-def test_check_verifies_bundles_and_refuses_tampered_ones(tmp_path, capsys):
-    a = tiny_bundle("tiny-a", 0)
+def test_check_verifies_bundles_and_refuses_tampered_ones(tmp_path, capsys, tiny_bundle):
+    a = tiny_bundle
     assert cli.main(["--bundle", str(a.path), "--check", "--log-level", "warning"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == {"model": a.name, "fingerprint": a.fingerprint}
@@ -151,7 +150,7 @@ def test_check_verifies_bundles_and_refuses_tampered_ones(tmp_path, capsys):
     assert "refusing to start" in err and "tail.pt" in err and "sha256" in err
 
 
-def test_the_command_serves_logs_json_and_drains_on_sigterm(tmp_path):
+def test_the_command_serves_logs_json_and_drains_on_sigterm(tmp_path, tiny_bundle):
     """The real `splitexit-server` process: JSON log lines carrying request ids, and SIGTERM
     turns readiness to 503 during the drain, then the process exits."""
     import os
@@ -163,7 +162,7 @@ def test_the_command_serves_logs_json_and_drains_on_sigterm(tmp_path):
 
     import httpx
 
-    a = tiny_bundle("tiny-a", 0)
+    a = tiny_bundle
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

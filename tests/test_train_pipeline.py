@@ -12,55 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import experiment, write_toml
 
 from splitexit.bundle import load_bundle
 from splitexit.demo import free_port
 from splitexit.train.config import config_from_dict
 from splitexit.train.pipeline import run_experiment
-
-TINY = {
-    "name": "tiny",
-    "seed": 3,
-    "data": {"train_subset": 256, "test_subset": 128, "calibration": 128},
-    "teacher": {
-        "model": "small_resnet",
-        "kwargs": {"width": 8},
-        "optim": {"epochs": 2, "optimizer": "sgd", "lr": 0.05, "batch_size": 64},
-    },
-    "split": {"point": "layer1", "channels": 4, "hidden": 8, "downsample": 2},
-    "stage1": {"optim": {"epochs": 1, "batch_size": 64}},
-    "stage2": {"optim": {"epochs": 1, "batch_size": 64}},
-    "exits": {"optim": {"epochs": 1, "batch_size": 64}},
-}
-
-
-def tiny_config(out: Path, **overrides) -> dict:
-    table = json.loads(json.dumps(TINY))
-    table["output"] = str(out)
-    table.update(overrides)
-    return table
-
-
-def write_toml(table: dict, path: Path) -> Path:
-    def value(v):
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    lines = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
-    lines += [
-        f"[{k}]\n" + "\n".join(f"{a} = {value(b)}" for a, b in v.items())
-        for k, v in table.items()
-        if isinstance(v, dict)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +33,7 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    results = run_experiment(config_from_dict(tiny_config(out)), log=lambda *a: None)
+    results = run_experiment(config_from_dict(experiment(out)), log=lambda *a: None)
     return out, results
 
 
@@ -121,7 +78,7 @@ def test_the_run_exports_a_bundle_that_loads_and_carries_the_measured_grid(tiny_
 def test_same_seed_reproduces_the_same_weights(tiny_run, tmp_path) -> None:
     out, _ = tiny_run
     again = tmp_path / "again"
-    run_experiment(config_from_dict(tiny_config(again)), export=False, log=lambda *a: None)
+    run_experiment(config_from_dict(experiment(again)), export=False, log=lambda *a: None)
     assert_same_state(final_state(out), final_state(again))
 
 
@@ -129,7 +86,7 @@ def test_rerunning_a_finished_run_trains_nothing_more(tiny_run) -> None:
     out, _ = tiny_run
     lines = (out / "metrics.jsonl").read_text()
     before = final_state(out)
-    run_experiment(config_from_dict(tiny_config(out)), export=False, log=lambda *a: None)
+    run_experiment(config_from_dict(experiment(out)), export=False, log=lambda *a: None)
     assert (out / "metrics.jsonl").read_text() == lines
     assert_same_state(before, final_state(out))
 
@@ -144,8 +101,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path) -> None:
 
     Both runs are subprocesses with the same thread count, so float reductions match.
     """
-    whole = write_toml(tiny_config(tmp_path / "whole"), tmp_path / "whole.toml")
-    config = write_toml(tiny_config(tmp_path / "killed"), tmp_path / "killed.toml")
+    whole = write_toml(experiment(tmp_path / "whole"), tmp_path / "whole.toml")
+    config = write_toml(experiment(tmp_path / "killed"), tmp_path / "killed.toml")
     uninterrupted = _cli(
         "train", str(whole), "--no-export", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -170,7 +127,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path) -> None:
 
 
 def test_torchrun_two_cpu_ranks_train_the_same_model(tmp_path) -> None:
-    table = tiny_config(tmp_path / "ddp")
+    table = experiment(tmp_path / "ddp")
     config = write_toml(table, tmp_path / "tiny.toml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [

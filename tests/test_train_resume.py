@@ -10,40 +10,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_pipeline import write_toml
+from support import experiment, write_toml
 
 from splitexit.cli import main
 from splitexit.train.config import config_from_dict
 
 STAGES = ("teacher", "stage1", "stage2", "exits")
 CPU = torch.device("cpu")
-TINY = {
+#: The tiny experiment made smaller still (width 4, two channels, one teacher epoch).
+RESUME = {
     "name": "resume",
     "seed": 1,
     "data": {"train_subset": 128, "test_subset": 64, "calibration": 64},
-    "teacher": {
-        "model": "small_resnet",
-        "kwargs": {"width": 4},
-        "optim": {"epochs": 1, "optimizer": "sgd", "lr": 0.05, "batch_size": 64},
-    },
-    "split": {"point": "layer1", "channels": 2, "hidden": 4, "downsample": 2},
-    "stage1": {"optim": {"epochs": 1, "batch_size": 64}},
-    "stage2": {"optim": {"epochs": 1, "batch_size": 64}},
-    "exits": {"optim": {"epochs": 1, "batch_size": 64}},
+    "teacher.kwargs.width": 4,
+    "teacher.optim.epochs": 1,
+    "split.channels": 2,
+    "split.hidden": 4,
 }
 
 
 def config(out: Path, **changes) -> dict:
-    """The tiny config writing to `out`, with dotted-key changes ("exits.optim.epochs": 2)."""
-    table = json.loads(json.dumps(TINY))
-    table["output"] = str(out)
-    for key, value in changes.items():
-        *parents, last = key.split(".")
-        node = table
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return table
+    """The resume experiment writing to `out`, with dotted-key changes."""
+    return experiment(out, **{**RESUME, **changes})
 
 
 def train(out: Path, *args: str, **changes) -> int:

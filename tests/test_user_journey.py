@@ -12,11 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections import OrderedDict
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,6 +22,7 @@ from torch import nn
 
 from splitexit.demo import free_port
 from splitexit.models import StagedModel
+from splitexit.processes import server_process, wait_ready
 
 BIN = Path(sys.executable).parent
 CLASSES = {0: "tshirt", 1: "trouser", 7: "sneaker", 8: "bag"}  # Fashion-MNIST label -> folder
@@ -211,23 +210,20 @@ def test_the_walkthrough_trains_calibrates_serves_and_answers_as_the_run_did(
     splitexit("inspect", "runs/my-cnn/bundle", cwd=journey)
 
     # serve it, run the agent over the test folder
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "splitexit-server"), "--bundle", "runs/my-cnn/bundle", "--host",
-         "127.0.0.1", "--port", str(port)],
-        cwd=journey, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}", server)
+    port, log = free_port(), journey / "server.log"
+    serve = [str(BIN / "splitexit-server"), "--bundle", "runs/my-cnn/bundle", "--host",
+             "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with (
+        log.open("w") as err,
+        server_process(serve, cwd=journey, stdout=subprocess.DEVNULL, stderr=err) as server,
+    ):
+        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", server, log, timeout_s=60)
         _run(
             [str(BIN / "splitexit-device"), "run", "--bundle", "runs/my-cnn/bundle",
              "--server", f"http://127.0.0.1:{port}", "--source", "images/test",
              "--out", "records.jsonl"],
             journey, True,
         )  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(30)
     records = [json.loads(line) for line in (journey / "records.jsonl").read_text().splitlines()]
     assert len(records) == TEST_PER_CLASS * len(CLASSES)
     assert all(r["label"] is not None and r["error"] is None for r in records)
@@ -291,19 +287,6 @@ def best_point(bundle) -> tuple[int, int]:
         return b.channels, max(b.bits)
     p = max(measured, key=lambda p: (p.accuracy, p.channels, p.bits))
     return p.channels, p.bits
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server did not get ready")
 
 
 # ------------------------------------------------------------------ models, by every form

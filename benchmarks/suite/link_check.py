@@ -46,21 +46,13 @@ def responder(down: int) -> Iterator[int]:
     listener = socket.create_server((LOOPBACK, 0))
     answer = b"a" * down
 
-    def serve(conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            while head := _read(conn, 4):
-                if not _read(conn, int.from_bytes(head, "big")):
-                    return
-                conn.sendall(answer)
-
     def accept() -> None:
         while True:
             try:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=answer_messages, args=(conn, answer), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
     try:
@@ -71,7 +63,19 @@ def responder(down: int) -> Iterator[int]:
         listener.close()
 
 
-def _read(conn: socket.socket, n: int) -> bytes:
+def answer_messages(conn: socket.socket, answer: bytes) -> None:
+    """Answer every message on `conn` (4 bytes saying how many follow, then those) with
+    `answer`, until the peer closes; then close `conn`."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with conn:
+        while head := read_exact(conn, 4):
+            if not read_exact(conn, int.from_bytes(head, "big")):
+                return
+            conn.sendall(answer)
+
+
+def read_exact(conn: socket.socket, n: int) -> bytes:
+    """`n` bytes from `conn`, or b"" if it closes first."""
     data = b""
     while len(data) < n:
         chunk = conn.recv(n - len(data))
@@ -81,17 +85,18 @@ def _read(conn: socket.socket, n: int) -> bytes:
     return data
 
 
-def _exchanges_ms(port: int, up: int, down: int, n: int, gap_s: float) -> float:
-    """Mean ms of n exchanges (after 3 warm-ups) on one connection to `port`."""
+def exchanges_ms(host: str, port: int, up: int, down: int, n: int, gap_s: float) -> float:
+    """Mean ms of n exchanges (after 3 warm-ups) on one connection to `host:port`: `up`
+    bytes out, `down` bytes back, `gap_s` apart."""
     message = (max(up, 4) - 4).to_bytes(4, "big") + b"q" * (max(up, 4) - 4)
     times = []
-    with socket.create_connection((LOOPBACK, port), timeout=30) as conn:
+    with socket.create_connection((host, port), timeout=30) as conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(n + 3):
             time.sleep(gap_s)
             start = time.perf_counter()
             conn.sendall(message)
-            if len(_read(conn, down)) != down:
+            if len(read_exact(conn, down)) != down:
                 raise ConnectionError("the responder closed the connection")
             if i >= 3:
                 times.append((time.perf_counter() - start) * 1e3)
@@ -106,8 +111,8 @@ def link_cost(
     link = spec if isinstance(spec, LinkSpec) else LinkSpec.parse(spec)
     up, down = max(round(up), 4), max(round(down), 1)
     with responder(down) as port:
-        direct = _exchanges_ms(port, up, down, n, gap_s)
+        direct = exchanges_ms(LOOPBACK, port, up, down, n, gap_s)
         with LinkEmulator((LOOPBACK, port), link) as emulator:
-            through = _exchanges_ms(emulator.port, up, down, n, gap_s)
+            through = exchanges_ms(LOOPBACK, emulator.port, up, down, n, gap_s)
     wire = 0.0 if link.rate_bps is None else 1e3 * Link(link.rate_bps, 0.0).transfer_s(up + down)
     return LinkCost(through, direct, wire, link.rtt_s * 1e3)

@@ -93,6 +93,7 @@ from splitexit.codec.frame import (
     assemble_frame,
     read_header,
 )
+from splitexit.confidence import softmax
 from splitexit.errors import FrameError
 from splitexit.protocol.errors import StreamError
 from splitexit.protocol.kserve import Answer
@@ -427,7 +428,7 @@ def encode_answer(
     top = None
     if session.top_k:
         order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-        soft = _softmax(logits)
+        soft = softmax(logits)
         top = (order, np.take_along_axis(soft, order, axis=1))
     for i in range(n):
         rec = np.empty(1 + session.top_k, dtype=pair)
@@ -480,13 +481,6 @@ def decode_answer(data: bytes | bytearray | memoryview, session: Session, classe
         return Reply(view[0], out)
     compute, total = _TIMING.unpack_from(view, offset)
     return Reply(view[0], out, compute / _TICKS_PER_S, total / _TICKS_PER_S)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    p: np.ndarray = e / e.sum(axis=1, keepdims=True)
-    return p
 
 
 def encode_failure(failure: Failure) -> str:

@@ -91,7 +91,27 @@ class HeadDistillObjective(Objective):
         return loss, out["logits"]
 
 
-class FinetuneObjective(Objective):
+class DistillObjective(Objective):
+    """The student `net` against a frozen `teacher`'s logits: α·CE + (1-α)·T²·KL (`kd`)."""
+
+    def __init__(
+        self, net: SplitExitNet, teacher: nn.Module, *, alpha: float, temperature: float
+    ) -> None:
+        super().__init__()
+        self.net, self.teacher = net, teacher
+        self.alpha, self.temperature = alpha, temperature
+        set_trainable(teacher, False)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits: torch.Tensor = self.teacher(x)
+        return logits
+
+    def kd(self, logits: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return kd_loss(logits, teacher, y, alpha=self.alpha, temperature=self.temperature)
+
+
+class FinetuneObjective(DistillObjective):
     """Stage 2: knowledge distillation with quantization (and ordered channels) in the loop."""
 
     def __init__(
@@ -104,10 +124,7 @@ class FinetuneObjective(Objective):
         freeze_encoder: bool,
         freeze_head: bool,
     ) -> None:
-        super().__init__()
-        self.net, self.teacher = net, teacher
-        self.alpha, self.temperature = alpha, temperature
-        set_trainable(teacher, False)
+        super().__init__(net, teacher, alpha=alpha, temperature=temperature)
         set_trainable(net, True)
         set_trainable(net.exits, False)
         self._frozen: list[nn.Module] = [teacher, net.exits]
@@ -128,13 +145,11 @@ class FinetuneObjective(Objective):
         bits: int | torch.Tensor | None = None,
         keep: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            t = self.teacher(x)
         logits = self.net(x, bits, keep)["logits"]
-        return kd_loss(logits, t, y, alpha=self.alpha, temperature=self.temperature), logits
+        return self.kd(logits, self.teacher_logits(x), y), logits
 
 
-class ExitObjective(Objective):
+class ExitObjective(DistillObjective):
     """Exit branches against labels and teacher logits; the backbone frozen or trained jointly."""
 
     def __init__(
@@ -146,11 +161,8 @@ class ExitObjective(Objective):
         temperature: float,
         freeze_backbone: bool,
     ) -> None:
-        super().__init__()
-        self.net, self.teacher = net, teacher
-        self.alpha, self.temperature = alpha, temperature
+        super().__init__(net, teacher, alpha=alpha, temperature=temperature)
         self.freeze_backbone = freeze_backbone
-        set_trainable(teacher, False)
         set_trainable(net, not freeze_backbone)
         set_trainable(net.exits, True)
 
@@ -166,8 +178,7 @@ class ExitObjective(Objective):
         bits: int | torch.Tensor | None = None,
         keep: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            t = self.teacher(x)
+        t = self.teacher_logits(x)
         if self.freeze_backbone:  # the backbone runs once, without autograd
             with torch.no_grad():
                 _, feats = self.net.exit_features(x)
@@ -177,7 +188,7 @@ class ExitObjective(Objective):
         else:
             out = self.net(x, bits, keep)
             exit_logits, logits = out["exits"], out["logits"]
-            loss = kd_loss(logits, t, y, alpha=self.alpha, temperature=self.temperature)
+            loss = self.kd(logits, t, y)
         for e in exit_logits.values():
-            loss = loss + kd_loss(e, t, y, alpha=self.alpha, temperature=self.temperature)
+            loss = loss + self.kd(e, t, y)
         return loss, logits
