@@ -15,6 +15,7 @@ Run: `python benchmarks/frame_sizes.py`; prints the table and writes
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -92,7 +93,8 @@ def markdown(rows: list[list[str]]) -> str:
     return "\n".join([line(COLUMNS), sep, *map(line, rows)])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
     table = markdown(measure())
     print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

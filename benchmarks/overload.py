@@ -24,6 +24,7 @@ Writes benchmarks/results/overload.{md,json}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,13 +34,17 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_throughput import free_port, make_frames, stop, wait_http
+from server_throughput import make_frames
+
+from splitexit.demo import free_port
+from splitexit.processes import server_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -47,7 +52,10 @@ LOOPBACK = "127.0.0.1"  # the only address this benchmark sends to
 DEFAULT_BUNDLE = ROOT / "splitexit" / "zoo" / "fmnist-small"
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
+@contextlib.contextmanager
+def serving(args: argparse.Namespace, port: int, log: Path) -> Iterator[subprocess.Popen]:
+    """The server on its core for the block (its own process group, stopped however the
+    block ends)."""
     cmd = [
         "taskset", "-c", str(args.server_cpu),
         sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(args.bundle),
@@ -57,9 +65,12 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     ]  # fmt: skip
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}  # keep the caller's path too
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-    wait_http(port, "/v2/health/ready", proc)
-    return proc
+    with (
+        log.open("wb") as out,
+        server_process(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out) as proc,
+    ):
+        wait_ready(f"http://{LOOPBACK}:{port}/v2/health/ready", proc, log)
+        yield proc
 
 
 class RSSSampler:
@@ -155,33 +166,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="splitexit-overload-") as tmp:
         body = Path(tmp) / "body.bin"
         body.write_bytes(payload)
-        proc = start_server(args, port)
-        rss = RSSSampler(proc.pid)
-        try:
-            baseline_rss = rss.now()
-            load_before = os.getloadavg()[0]
-            phases = {}
-            print("unloaded ...", flush=True)
-            phases["unloaded"] = h2load(
-                args, url, body, header_length, 1, args.short_s, None, Path(tmp) / "u.log"
-            )
-            print("capacity ...", flush=True)
-            phases["capacity"] = h2load(
-                args, url, body, header_length, 16, args.short_s * 2, None, Path(tmp) / "c.log"
-            )
-            capacity = phases["capacity"]["answers_per_s"]
-            clients = args.clients
-            rps = math.ceil(args.factor * capacity / clients)
-            print(f"overload: {clients} clients x {rps} req/s, {args.duration} s ...", flush=True)
-            rss.reset()
-            phases["overload"] = h2load(
-                args, url, body, header_length, clients, args.duration, rps, Path(tmp) / "o.log"
-            )
-            peak_rss = rss.peak
-            load_after = os.getloadavg()[0]
-        finally:
-            rss.close()
-            stop(proc)
+        with serving(args, port, Path(tmp) / "server.log") as proc:
+            rss = RSSSampler(proc.pid)
+            try:
+                baseline_rss = rss.now()
+                load_before = os.getloadavg()[0]
+                phases = {}
+                print("unloaded ...", flush=True)
+                phases["unloaded"] = h2load(
+                    args, url, body, header_length, 1, args.short_s, None, Path(tmp) / "u.log"
+                )
+                print("capacity ...", flush=True)
+                phases["capacity"] = h2load(
+                    args, url, body, header_length, 16, args.short_s * 2, None, Path(tmp) / "c.log"
+                )
+                capacity = phases["capacity"]["answers_per_s"]
+                clients = args.clients
+                rps = math.ceil(args.factor * capacity / clients)
+                print(
+                    f"overload: {clients} clients x {rps} req/s, {args.duration} s ...", flush=True
+                )
+                rss.reset()
+                phases["overload"] = h2load(
+                    args, url, body, header_length, clients, args.duration, rps, Path(tmp) / "o.log"
+                )
+                peak_rss = rss.peak
+                load_after = os.getloadavg()[0]
+            finally:
+                rss.close()
     o, u = phases["overload"], phases["unloaded"]
     p99_bound = 2 * (u["answer_p99_ms"] or 0.0) + args.target_ms
     goals = {

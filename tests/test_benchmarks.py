@@ -72,3 +72,19 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
     assert bare[None]["link_emulator_ms"] is None and bare[100.0]["link_emulator_ms"] is not None
     for png in ("suite_small_latency.png", "suite_small_accuracy_bytes.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")), ids=str
+)
+def test_every_benchmark_script_imports_and_explains_itself(script: str) -> None:
+    """`--help` of each script: what it imports still exists (a refactor elsewhere must not
+    leave a benchmark broken until someone runs it), and it writes nothing."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr[-2000:]
