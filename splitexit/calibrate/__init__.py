@@ -4,7 +4,7 @@ check the promise on a test split, and write the thresholds into the bundle.
     bundle + split ─ record_table ─► CalibrationTable (.npz) ─ select_thresholds(Goal)
         ─► Selection ─ check_promise(test table) ─► PromiseCheck ─ write_selection ─► bundle
 
-`tabulate` runs a bundle into a `table`; `policy` replays thresholds (accuracy, offload, bytes,
+`tabulate` runs a bundle into a `table`; `replay` replays thresholds (accuracy, offload, bytes,
 latency, priced by `splitexit.cost`); `goals` states what they must achieve; `bounds` holds
 the Clopper-Pearson bounds; `thresholds` searches; `samples` says how many calibration
 samples each exit's figures rest on and how many the goal's margin needs; `promise` checks on
@@ -30,13 +30,13 @@ _EXPORTS = {
     "held_out_splits": "data",
     "GOALS": "goals",
     "Goal": "goals",
-    "NEVER": "policy",
-    "Outcome": "policy",
-    "Replay": "policy",
-    "evaluate_policy": "policy",
-    "check_compute": "policy",
-    "measure_compute": "policy",
-    "median_ms": "policy",
+    "NEVER": "replay",
+    "Outcome": "replay",
+    "Replay": "replay",
+    "evaluate_policy": "replay",
+    "check_compute": "replay",
+    "measure_compute": "replay",
+    "median_ms": "replay",
     "Promise": "promise",
     "PromiseCheck": "promise",
     "check_promise": "promise",
@@ -117,7 +117,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         samples_needed,
     )
     from .goals import GOALS, Goal
-    from .policy import (
+    from .promise import Promise, PromiseCheck, check_promise, promise_sweep
+    from .replay import (
         NEVER,
         Outcome,
         Replay,
@@ -126,7 +127,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         measure_compute,
         median_ms,
     )
-    from .promise import Promise, PromiseCheck, check_promise, promise_sweep
     from .report import (
         format_exit_samples,
         format_outcome,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .goals import TOLERANCE, Goal
-from .policy import Outcome, Replay
+from .replay import Outcome, Replay
 from .table import CalibrationError, CalibrationTable
 from .thresholds import Selection, select_thresholds
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .policy import NEVER, Outcome
 from .promise import PromiseCheck
+from .replay import NEVER, Outcome
 from .table import CalibrationTable
 from .thresholds import Selection
 

@@ -46,7 +46,7 @@ from splitexit.exits import CONFIDENCE_MEASURES
 
 from .bounds import clopper_pearson_lower, clopper_pearson_upper
 from .goals import TOLERANCE, Goal
-from .policy import NEVER, Outcome, Replay
+from .replay import NEVER, Outcome, Replay
 from .samples import ExitSamples, exit_samples
 from .table import CalibrationError, CalibrationTable, Point
 

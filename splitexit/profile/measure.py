@@ -60,7 +60,7 @@ def profile_model(
     """
     import torch
 
-    from splitexit.calibrate.policy import median_ms
+    from splitexit.calibrate.replay import median_ms
     from splitexit.models import valid_split_points
 
     if not device_speed > 0:
@@ -157,7 +157,7 @@ def _measure_point(
     import torch
 
     from splitexit.bottleneck import Bottleneck
-    from splitexit.calibrate.policy import median_ms
+    from splitexit.calibrate.replay import median_ms
     from splitexit.codec import packed_size
     from splitexit.models import cut_model
 
