@@ -67,7 +67,7 @@ from .sources import Input, label_index
 
 _RESPONSE_BYTES_GUESS = 350.0
 _LOCAL_MARGIN_S = 0.002  # time kept back from a deadline to answer locally
-_INLINE_ENCODE_ELEMENTS = 4096  # codes up to this size are framed on the event loop (~0.1 ms)
+_INLINE_ENCODE_ELEMENTS = 4096  # codes up to this size are framed on the event loop
 # Device compute expected to take longer than this runs in the worker thread even where a hop
 # costs more: while the event loop computes it cannot read answers, so every probe and offload
 # in flight would be timed late and the link would read slower than it is.

@@ -14,9 +14,9 @@ degrades and recovers; a new rate applies to the bytes not yet sent (within 5 ms
 
 It runs on plain threads and blocking sockets (an accept thread, then per connection and
 direction a transmit and a deliver thread), not asyncio: a delivery sleeps until shortly
-before its time and spins the rest (`sleep_until`), on time within tens of microseconds,
-where an event loop's timers are late by ~1 ms, which would add 2-4 ms to every
-round trip. Half-closes pass through (EOF one way is delivered, the other way goes on); a
+before its time and spins the rest (`sleep_until`), where an event loop's timers fire
+late, and would add that lateness to every delivery of every round trip. Half-closes pass through
+(EOF one way is delivered, the other way goes on); a
 reset or a failed write closes the connection both ways; a dead target closes the client's.
 
 Use it from tests, the demo and benchmarks::
@@ -115,9 +115,9 @@ class LinkSpec:
 def sleep_until(at: float, wake: threading.Event | None = None) -> bool:
     """Sleep until `time.monotonic()` reaches `at`; True if `wake` was set first.
 
-    A timed wait wakes up 0.1-0.5 ms late on a busy or virtual machine (the CPU halts while
-    idle), so it ends _SPIN_S early and the rest is spun: the caller resumes within tens of
-    microseconds of `at`. Deliveries and the benchmarks' slowed-down device use it.
+    A timed wait wakes up late on a busy or virtual machine (the CPU halts while idle), so
+    it ends _SPIN_S early and the rest is spun: the caller resumes just after `at`. Deliveries
+    and the benchmarks' slowed-down device use it.
     """
     delay = at - _SPIN_S - time.monotonic()
     if delay > 0:
