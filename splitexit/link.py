@@ -15,9 +15,9 @@ degrades and recovers; a new rate applies to the bytes not yet sent (within 5 ms
 It runs on plain threads and blocking sockets (an accept thread, then per connection and
 direction a transmit and a deliver thread), not asyncio: a delivery sleeps until shortly
 before its time and spins the rest (`sleep_until`), where an event loop's timers fire
-late, and would add that lateness to every delivery of every round trip. Half-closes pass through
-(EOF one way is delivered, the other way goes on); a
-reset or a failed write closes the connection both ways; a dead target closes the client's.
+late, and would add that lateness to every delivery of every round trip. Half-closes pass
+through (EOF one way is delivered, the other way goes on); a reset or a failed write closes
+the connection both ways; a dead target closes the client's.
 
 Use it from tests, the demo and benchmarks::
 
