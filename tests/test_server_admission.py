@@ -10,7 +10,8 @@ import time
 
 import httpx
 import pytest
-from server_fixtures import LiveServer, settings, tiny_bundle
+from fixtures.server import LiveServer
+from support import server_settings as settings
 
 from splitexit.protocol.kserve import HEADER_LENGTH, build_binary_request
 from splitexit.runtime.tail import TailRunner
@@ -83,8 +84,8 @@ def test_the_batch_time_follows_the_measured_batches():
 
 
 @pytest.fixture(scope="module")
-def a():
-    return tiny_bundle("tiny-a", 0)
+def a(tiny_bundle):
+    return tiny_bundle
 
 
 def slow_model(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
