@@ -343,13 +343,19 @@ class Agent:
             expected_s=None if work.cost is None else work.cost.exit_s(index),
         )
 
-    def _quick(self, work: _Work) -> bool:
-        """The head (or the image encode the plan chose) is expected to take no longer than
-        the event loop may be kept from reading answers (`_INLINE_MAX_S`)."""
+    def _quick(self, work: _Work, piece: str = "head") -> bool:
+        """The `piece` of this input's device work ("head", which is the image encode when
+        the plan sends the image, or "tail") is expected to take no longer than the event
+        loop may be kept from reading answers (`_INLINE_MAX_S`)."""
         cost = work.cost
         if cost is None:
             return True
-        expected = cost.device.image_encode_s if _is(work.plan, "image") else cost.bottleneck_s()
+        if piece == "tail":
+            expected = cost.tail_here_s()
+        elif work.plan is not None and work.plan.image_format is not None:
+            expected = self.measure.image_encode_s[work.plan.image_format].value
+        else:
+            expected = cost.bottleneck_s()
         return expected <= _INLINE_MAX_S
 
     def _observe_head(self, work: _Work) -> None:
@@ -463,8 +469,7 @@ class Agent:
         assert self.tail is not None and work.result is not None and work.result.z is not None
         z = work.result.z
         start = time.monotonic()
-        quick = self.measure.tail_s.value <= _INLINE_MAX_S
-        if quick and math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:  # a hop costs as much
+        if self._quick(work, "tail") and math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:
             answer = self.tail.run_code(z)
         else:
             answer = await asyncio.get_running_loop().run_in_executor(
