@@ -1,7 +1,7 @@
 """The device's compute, timed per input and piece, and slowed down to model a slower device.
 
     agent ─ TimedPreprocess ─ BenchHead.run (segments, exits) ─ BenchHead.frame (quantize, frame)
-                 │                   │                                 │   timed_tail, timed_image
+                 │                   │                                 │   TimedTail, timed_image
                  └──── DeviceClock: ms per piece per input; sleeps (F - 1) x each piece ────┘
 
 `--device-speed F` is emulated by sleeping: every device-side piece that took t seconds is
@@ -127,10 +127,18 @@ class BenchHead(HeadRunner):
         )
 
 
-def timed_tail(bundle: Bundle, clock: DeviceClock) -> Any:
-    """The bundle's tail on the device (the agent's "finish the tail here"), timed and slowed."""
-    tail = bundle.tail
-    return lambda z: clock.timed("tail", tail, z)
+class TimedTail:
+    """The agent's `TailRunner` ("finish the tail here") with `run_code` timed and slowed."""
+
+    def __init__(self, tail: Any, clock: DeviceClock) -> None:
+        self.tail = tail
+        self.clock = clock
+
+    def run_code(self, z: Any) -> Any:
+        return self.clock.timed("tail", self.tail.run_code, z)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tail, name)
 
 
 def timed_image(clock: DeviceClock, quality: int = 95) -> Any:

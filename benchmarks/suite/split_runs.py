@@ -24,6 +24,7 @@ import torch
 
 from splitexit.bundle import Bundle
 from splitexit.runtime import HeadRunner
+from splitexit.runtime.backends import RuntimeOptions
 from splitexit_device.agent import Agent
 from splitexit_device.client import OffloadClient
 from splitexit_device.config import AgentConfig
@@ -31,7 +32,7 @@ from splitexit_device.records import Record, RecordWriter
 from splitexit_device.sources import Input
 from splitexit_device.stream import StreamClient, StreamConfig, bundle_session
 
-from .device_side import BenchHead, DeviceClock, TimedPreprocess, timed_image, timed_tail
+from .device_side import BenchHead, DeviceClock, TimedPreprocess, TimedTail, timed_image
 from .inputs import Inputs
 from .samples import Sample
 from .strategies import GAP_S, Strategy
@@ -183,6 +184,8 @@ async def run_split(
         bits=None if is_adaptive else bits,
         deadline_s=adaptive.deadline_s if is_adaptive else None,
         accuracy_floor=adaptive.accuracy_floor if is_adaptive else None,
+        tail_here=is_adaptive,  # as `splitexit-device` runs it (unless --no-tail)
+        runtime=RuntimeOptions("torch"),  # as BenchHead and local-only: one runtime for all
     )
     clock = DeviceClock(speed)
     items = list(inputs.agent_inputs())
@@ -193,7 +196,7 @@ async def run_split(
         agent.pre = TimedPreprocess(bundle.preprocess, clock, begins=False)  # time and slow
         agent.head = BenchHead(bundle, clock, exits=strategy.exits, thresholds=config.thresholds)
         if agent.tail is not None:
-            agent.tail = timed_tail(bundle, clock)
+            agent.tail = TimedTail(agent.tail, clock)
         agent.encode_image = timed_image(clock, config.image_quality)
         await agent.start()
         await asyncio.get_running_loop().run_in_executor(None, agent.warm_up, items[0])
