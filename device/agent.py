@@ -87,6 +87,7 @@ class _Work:
     label: int | None = None
     cost: CostModel | None = None  # the cost model when the input was taken
     plan: Decision | None = None  # before the head: "image" or "head" (None: no choice)
+    exits: frozenset[str] | None = None  # the exits the head runs (None: all)
     image: bytes | None = None
     image_s: float = 0.0
 
@@ -131,7 +132,7 @@ class Agent:
             segments=m.segments,
             exit_names=tuple(self.exit_names),
             exit_segments=tuple(e.segment for e in m.exits),
-            leave_prior=exit_rates(bundle),
+            leave_prior=exit_rates(bundle, self.head.thresholds),
             image_formats=tuple(config.image_formats),
         )
         # code z -> logits on this device (the same runtime as the head), or None
@@ -297,17 +298,21 @@ class Agent:
     # ------------------------------------------------------------------------ per input
 
     def _plan(self, work: _Work) -> None:
-        """Event loop, before the head: the cost model now, and whether to send the image."""
+        """Event loop, before the head: the cost model now, whether to send the image, and
+        (adaptive) which exits pay for themselves."""
         work.cost = self.measure.cost(work.t0)
-        if not self.images or self.net is None or self.net.disabled is not None:
+        net = self.net
+        if self.config.policy != "adaptive" or net is None:
             return
+        if net.disabled is not None and self.tail is None:
+            return  # the answer will be the best exit: run them all
+        images = self.measure.images() if self.images and net.disabled is None else {}
         work.plan = start(
-            self._choices(),
-            work.cost,
-            self._rule(work),
-            self.measure.leave_rates(),
-            self.measure.images(),
+            self._choices(), work.cost, self._rule(work), self.measure.leave_rates(), images
         )
+        plan = work.plan.exits
+        if plan is not None:
+            work.exits = frozenset(n for n, on in zip(self.exit_names, plan, strict=True) if on)
 
     def _run_head(self, work: _Work) -> Record | None:
         """Worker thread: load, then encode the image (the plan says so) or preprocess and
@@ -324,7 +329,7 @@ class Agent:
             start = time.monotonic()
             x = self.head.preprocess(pixels[None])
             work.preprocess_s = time.monotonic() - start
-            work.result = self.head.run(x)
+            work.result = self.head.run(x, exits=True if work.exits is None else work.exits)
             work.head_s = time.monotonic() - start
         except Exception as e:  # one bad input must not end the run
             return self._record(work, ERROR, error=f"{type(e).__name__}: {e}")
@@ -355,7 +360,8 @@ class Agent:
         elif work.plan is not None and work.plan.image_format is not None:
             expected = self.measure.image_encode_s[work.plan.image_format].value
         else:
-            expected = cost.bottleneck_s()
+            plan = work.plan.exits if work.plan is not None else None
+            expected = cost.bottleneck_s(True if plan is None else plan)
         return expected <= _INLINE_MAX_S
 
     def _observe_head(self, work: _Work) -> None:
@@ -367,7 +373,10 @@ class Agent:
             return
         self.measure.observe_head(r.timings, work.preprocess_s)
         exited = r.exit_name[0]
-        if exited is not None or all(f"exit_{n}" in r.timings for n in self.exit_names):
+        if work.exits is not None:  # the plan's exits, each run unless the input left first
+            if work.exits:
+                self.measure.observe_leave(exited, work.exits)
+        elif exited is not None or all(f"exit_{n}" in r.timings for n in self.exit_names):
             self.measure.observe_leave(exited)
 
     async def _after_head(

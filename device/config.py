@@ -90,9 +90,24 @@ def float_accuracy(bundle: Bundle) -> float | None:
     return float(acc) if isinstance(acc, (int, float)) else None
 
 
-def exit_rates(bundle: Bundle) -> tuple[float, ...]:
-    """How often calibration saw each exit answer (0 where it did not say)."""
+def exit_rates(
+    bundle: Bundle, thresholds: Mapping[str, float] | None = None, unknown: float = 0.5
+) -> tuple[float, ...]:
+    """How often each exit answers at the `thresholds` in use (default the manifest's): the
+    calibration's rate where it measured these thresholds, 0 for a disabled exit (threshold
+    above 1), else `unknown`, so that an exit the agent knows nothing of is run and learned."""
     m = bundle.manifest
     cal = (m.metrics.get("calibration") or {}).get("calibration") or {}
     rates = cal.get("exit_rates") or {}
-    return tuple(float(rates.get(e.name, 0.0)) for e in m.exits)
+    calibrated = dict(m.thresholds)
+    used = {**calibrated, **(thresholds or {})}
+    out = []
+    for e in m.exits:
+        t = used.get(e.name)
+        if t is not None and t > 1.0:
+            out.append(0.0)
+        elif e.name in rates and t == calibrated.get(e.name):
+            out.append(float(rates[e.name]))
+        else:
+            out.append(unknown)
+    return tuple(out)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,10 +307,12 @@ class Measurements:
             if t is not None:
                 est.observe(t)
 
-    def observe_leave(self, exited: str | None) -> None:
-        """An input ran the head with its exits: it left at `exited` (None: at none)."""
+    def observe_leave(self, exited: str | None, ran: Collection[str] | None = None) -> None:
+        """An input ran the head with the exits `ran` (None: all): it left at `exited` (None:
+        at none). An exit not run learns nothing."""
         for name, est in zip(self.exit_names, self.leave, strict=True):
-            est.observe(float(name == exited))
+            if ran is None or name in ran:
+                est.observe(float(name == exited))
 
     def observe_frame(self, point: tuple[int, int], nbytes: int, encode_s: float) -> None:
         self.encode_s.observe(encode_s)

@@ -20,7 +20,9 @@ Rules (one model, many operating points, one cost model):
   floor nor a deadline: the most accurate (ties to the faster).
 * Before the head, the adaptive rule sends the image when that is expected sooner than the
   head and what follows it (exits taken at their observed rates, the bottleneck's choice for
-  the rest), meets the floor, and fits the deadline.
+  the rest), meets the floor, and fits the deadline. Running the head, it runs only the
+  exits that pay for themselves (`exit_plan`): an exit costs its compute on every input that
+  reaches it and saves what follows on those that leave there.
 
 Accuracies: an offload point's is the manifest's; the tail here runs the float code (the
 bundle's float accuracy, else its best point's); the server answers an image at its most
@@ -70,6 +72,7 @@ class Decision:
     expected_s: float | None
     reason: str
     image_format: str | None = None  # "image": the format to send it in
+    exits: tuple[bool, ...] | None = None  # "head": which exits to run (None: all)
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,12 @@ def start(
     """
     after = at_bottleneck(choices, cost, rule)
     after_s = after.expected_s if after.expected_s is not None else 0.0
-    head_s = cost.head_path_s(leave, after_s)
-    head = Decision("head", None, head_s, f"head, then {after.action} ({after.reason})")
+    plan = None  # all exits: the fixed rule, or a deadline that wants the best exit now
+    if not isinstance(rule, FixedRule) and after.action != "local":
+        plan = exit_plan(cost, leave, after_s)
+    head_s = cost.head_path_s(leave, after_s, plan)
+    why = f"head, then {after.action} ({after.reason})"
+    head = Decision("head", None, head_s, why, exits=plan)
     if isinstance(rule, FixedRule) or not images:
         return head
     fmt = min(images, key=lambda f: cost.image_s(images[f][1], images[f][0]))
@@ -149,6 +156,22 @@ def start(
         why = f"image/{fmt} {image_s:.4f}s < head {head_s:.4f}s"
         return Decision("image", None, image_s, why, image_format=fmt)
     return head
+
+
+def exit_plan(cost: CostModel, leave: Sequence[float], after_s: float) -> tuple[bool, ...]:
+    """Which exits to run: the expected-fastest head path among running the first j exits
+    that inputs leave at (j = 0 .. all; an exit none leave at never runs), `after_s` being
+    what an input that reaches the bottleneck pays. Only a prefix is priced: skipping an
+    earlier exit would change the later exits' leave rates, which are observed with it."""
+    live = [e for e, p in enumerate(leave) if p > 0.0]
+    best: tuple[bool, ...] = tuple(False for _ in leave)
+    best_s = cost.head_path_s(leave, after_s, best)
+    for j in range(1, len(live) + 1):
+        on = tuple(e in live[:j] for e in range(len(leave)))
+        s = cost.head_path_s(leave, after_s, on)
+        if s < best_s:
+            best, best_s = on, s
+    return best
 
 
 def _offload_s(p: OperatingPoint, cost: CostModel) -> float:

@@ -2,7 +2,8 @@
 
     before the head ── send the image: image encode ─ link(image) ─ server: whole model
     head: preprocess ─ segment 0 ─ exit a ─ ... ─ segment n ─ exit b ─ bottleneck
-          after exit e ── answer here (nothing more to pay)
+          after exit e ── answer here (nothing more to pay); an exit may be skipped (its
+          cost saved, its inputs carried on)
           at the bottleneck ─┬─ offload (k, bits): encode ─ link(frame) ─ server: tail
                              └─ finish the tail here: device tail
 
@@ -127,14 +128,22 @@ class CostModel:
     server: Compute
     exit_segments: tuple[int, ...] = ()
 
-    def exit_s(self, e: int) -> float:
-        """From the start to exit e's answer: preprocess, segments up to e's, exits up to e."""
+    def exit_s(self, e: int, run: Sequence[bool] | None = None) -> float:
+        """From the start to exit e's answer: preprocess, segments up to e's, the exits up to
+        e (those `run` marks, default all)."""
         seg = self.device.segment_s[: self.exit_segments[e] + 1]
-        return self.device.preprocess_s + sum(seg) + sum(self.device.exit_s[: e + 1])
+        exits = self.device.exit_s[: e + 1]
+        if run is not None:
+            exits = tuple(t for t, r in zip(exits, run, strict=False) if r)
+        return self.device.preprocess_s + sum(seg) + sum(exits)
 
-    def bottleneck_s(self, exits: bool = True) -> float:
-        """From the start to the code z: the whole head (and every exit, unless not run)."""
-        return self.device.head_s + (sum(self.device.exit_s) if exits else 0.0)
+    def bottleneck_s(self, exits: bool | Sequence[bool] = True) -> float:
+        """From the start to the code z: the whole head and every exit run (True: all,
+        False: none, or a flag per exit)."""
+        if isinstance(exits, bool):
+            return self.device.head_s + (sum(self.device.exit_s) if exits else 0.0)
+        ran = (t for t, r in zip(self.device.exit_s, exits, strict=False) if r)
+        return self.device.head_s + sum(ran)
 
     def offload_s(self, frame_bytes: Any) -> Any:
         """From z to the server's answer for a frame of `frame_bytes`."""
@@ -154,9 +163,14 @@ class CostModel:
         """The whole model on the device, no exits."""
         return self.device.head_s + self.device.tail_s
 
-    def head_path_s(self, leave: Sequence[float], after_s: float) -> float:
+    def head_path_s(
+        self, leave: Sequence[float], after_s: float, run: Sequence[bool] | None = None
+    ) -> float:
         """Expected seconds running the head, where `leave[e]` is the chance an input leaves
-        at exit e and `after_s` what one that reaches the bottleneck then pays."""
-        stay = 1.0 - sum(leave)
-        out = sum(p * self.exit_s(e) for e, p in enumerate(leave))
-        return out + max(0.0, stay) * (self.bottleneck_s() + after_s)
+        at exit e, `after_s` what one that reaches the bottleneck then pays, and `run` marks
+        the exits run (default all; a skipped exit's inputs are taken to leave at none)."""
+        on = [True] * len(leave) if run is None else list(run)
+        taken = [p if r else 0.0 for p, r in zip(leave, on, strict=False)]
+        stay = 1.0 - sum(taken)
+        out = sum(p * self.exit_s(e, on) for e, p in enumerate(taken) if p)
+        return out + max(0.0, stay) * (self.bottleneck_s(on) + after_s)

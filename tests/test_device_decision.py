@@ -66,6 +66,23 @@ def run(
     return out.records
 
 
+def _slow_tail(delay_s: float) -> Callable[[Agent], Any]:
+    """A patch for `run`: the agent's tail here, `delay_s` slower."""
+
+    def patch(agent: Agent) -> Any:
+        tail = agent.tail
+        run_code = tail.run_code
+
+        def slow(z: Any) -> Any:
+            time.sleep(delay_s)
+            return run_code(z)
+
+        tail.run_code = slow
+        return tail
+
+    return patch
+
+
 def test_a_device_holding_the_tail_finishes_inputs_here_when_the_link_is_slow(
     device_bundle, tail_server
 ) -> None:
@@ -83,20 +100,42 @@ def test_a_device_holding_the_tail_finishes_inputs_here_when_the_link_is_slow(
 def test_a_slow_device_tail_loses_to_the_offload_on_a_fast_link(device_bundle, tail_server) -> None:
     config = AgentConfig(accuracy_floor=0.5, thresholds=NO_EXITS, images=False)
 
-    def slow_tail(agent: Agent) -> Any:
-        tail = agent.tail
-        run_code = tail.run_code
-
-        def slow(z: Any) -> Any:
-            time.sleep(0.05)
-            return run_code(z)
-
-        tail.run_code = slow
-        return tail
-
-    records = run(device_bundle, tail_server, "unlimited:2ms", config, tail=slow_tail)
+    records = run(device_bundle, tail_server, "unlimited:2ms", config, tail=_slow_tail(0.05))
     sent = [r for r in records if r.action == "offload" and r.decided_by == "server"]
     assert len(sent) >= 0.7 * len(records), [(r.decided_by, r.action) for r in records]
+
+
+class SlowExits(HeadRunner):
+    """A head whose exit branches take `delay_s` longer each (the segments run as they do)."""
+
+    def __init__(self, *args: Any, delay_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay_s = delay_s
+
+    def _timed(self, result: HeadResult, key: str, call: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = call(*args)
+        if key.startswith("exit_"):
+            time.sleep(self.delay_s)
+        result.timings[key] = time.perf_counter() - start
+        return out
+
+
+def test_exits_that_cost_more_than_what_they_save_are_not_run(device_bundle, tail_server) -> None:
+    every = {"layer1": 0.0, "bottleneck": 0.0}  # an exit that runs answers every input
+    config = AgentConfig(accuracy_floor=0.5, thresholds=every, images=False)
+
+    def slow_exits(agent: Agent) -> HeadRunner:
+        return SlowExits(agent.bundle, thresholds=every, delay_s=0.03)
+
+    # a slow link: the tail here follows the head; each exit costs far more than that tail
+    records = run(device_bundle, tail_server, "32kbit:20ms", config, n=16, head=slow_exits)
+    late = records[4:]  # the first inputs learn the exits' costs
+    assert all(r.action == "tail" for r in late), [(r.decided_by, r.action) for r in records]
+    # the same exits at their real cost, before an expensive offload: they pay, and answer
+    slow_tail = {"tail": _slow_tail(0.05)}
+    records = run(device_bundle, tail_server, "32kbit:20ms", config, n=16, **slow_tail)
+    assert all(r.action == "exit" for r in records[4:]), [(r.decided_by, r.action) for r in records]
 
 
 def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead(

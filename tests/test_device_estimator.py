@@ -110,6 +110,9 @@ def test_measurements_turn_answers_and_compute_into_one_cost_model() -> None:
     assert m.mean_frame_bytes((8, 8)) == pytest.approx(800)
     assert m.leave_rates() == (0.25,)
     for _ in range(50):
+        m.observe_leave("a", ran=())  # the exit did not run: nothing learned
+    assert m.leave_rates() == (0.25,)
+    for _ in range(50):
         m.observe_leave("a")
     assert m.leave_rates()[0] > 0.25
     assert m.snapshot()["samples"] == 1

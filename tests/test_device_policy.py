@@ -17,6 +17,7 @@ from splitexit_device.policy import (
     FixedRule,
     at_bottleneck,
     best_point,
+    exit_plan,
     find_point,
     pareto,
     start,
@@ -232,6 +233,57 @@ def test_exits_that_answer_more_often_make_the_head_path_cheaper() -> None:
     often = cost.head_path_s([0.9], after_s=0.05)
     assert often < rarely
     assert cost.head_path_s([1.0], after_s=0.05) == pytest.approx(cost.exit_s(0))
+
+
+TWO_EXITS = Compute(segment_s=(0.004, 0.004), exit_s=(0.002, 0.001), tail_s=0.0005)
+
+
+def two_exits(device: Compute = TWO_EXITS) -> CostModel:
+    return CostModel(Link(1e6, 0.02, 400), device, SERVER, (0, 1))
+
+
+def test_skipping_exits_saves_their_compute_and_carries_their_inputs_on() -> None:
+    cost = two_exits()
+    leave = (0.3, 0.5)
+    after = 0.010
+    everything = cost.head_path_s(leave, after)
+    assert cost.head_path_s(leave, after, (True, True)) == pytest.approx(everything)
+    none = cost.head_path_s(leave, after, (False, False))
+    assert none == pytest.approx(cost.bottleneck_s(False) + after)
+    first = cost.head_path_s(leave, after, (True, False))
+    want = 0.3 * (0.004 + 0.002) + 0.7 * (0.008 + 0.002 + after)
+    assert first == pytest.approx(want)
+    assert cost.bottleneck_s((True, False)) == pytest.approx(0.010)
+    assert cost.exit_s(1, (False, True)) == pytest.approx(0.009)
+
+
+def test_an_exit_runs_only_where_it_pays_for_itself() -> None:
+    cost = two_exits()
+    # a cheap tail here: neither exit saves what it costs
+    assert exit_plan(cost, (0.3, 0.5), after_s=0.0005) == (False, False)
+    # an expensive offload after the head: both exits save it
+    assert exit_plan(cost, (0.3, 0.5), after_s=0.050) == (True, True)
+    # an exit nobody leaves at never runs; the later one still may
+    assert exit_plan(cost, (0.0, 0.9), after_s=0.050) == (False, True)
+    # the plan is never slower than running every exit, nor than running none
+    for after in (0.0, 0.001, 0.003, 0.01, 0.1):
+        for leave in ((0.0, 0.0), (0.1, 0.1), (0.5, 0.4), (0.9, 0.05)):
+            plan = exit_plan(cost, leave, after)
+            best = cost.head_path_s(leave, after, plan)
+            assert best <= cost.head_path_s(leave, after) + 1e-12
+            assert best <= cost.head_path_s(leave, after, (False, False)) + 1e-12
+
+
+def test_start_plans_the_exits_for_the_adaptive_rule_only() -> None:
+    choices = Choices(GRID, tail_here=True, tail_accuracy=0.92)
+    cost = two_exits()
+    head = start(choices, cost, AdaptiveRule(), (0.3, 0.5), {})
+    assert head.action == "head" and head.exits == (False, False)  # the tail here is cheap
+    assert head.expected_s == pytest.approx(cost.head_path_s((0.3, 0.5), 0.0005, head.exits))
+    assert start(choices, cost, FixedRule(8, 8), (0.3, 0.5), {}).exits is None
+    # a deadline nothing meets answers with the best exit now: every exit runs
+    late = start(choices, cost, AdaptiveRule(deadline_s=0.0001), (0.3, 0.5), {})
+    assert late.exits is None
 
 
 def test_only_points_nothing_beats_at_once_are_left_to_choose_from() -> None:

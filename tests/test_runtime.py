@@ -165,6 +165,17 @@ def test_in_a_batch_each_sample_decides_alone_and_only_pending_ones_are_carried(
     assert list(result.exit_logits[order[0]]) == ["stem", "layer1", "bottleneck"]
 
 
+def test_only_the_exits_named_run_and_the_others_cannot_take_an_input(
+    head: HeadRunner, x: torch.Tensor
+) -> None:
+    always = {"stem": 0.0, "layer1": 0.0, "bottleneck": 0.0}
+    result = head.run(x, thresholds=always, exits=frozenset({"layer1"}))
+    assert result.exit_name == ["layer1"] * len(x)
+    assert "exit_stem" not in result.timings and "exit_layer1" in result.timings
+    none = head.run(x, thresholds=always, exits=frozenset())
+    assert none.exit_name == [None] * len(x) and none.z is not None
+
+
 def test_manifest_thresholds_are_the_default(
     net: SplitExitNet, bundle_dir: Path, tmp_path: Path, x: torch.Tensor
 ) -> None:
@@ -184,8 +195,9 @@ def test_fallback_answers_with_the_most_confident_exit(
     with torch.no_grad():
         exits = net(x)["exits"]
     conf = torch.stack([confidence(exits[n]) for n in ("stem", "layer1", "bottleneck")])
-    for skip in (False, True):  # exits computed during run, or only when falling back
-        result = head.run(x, exits=not skip)
+    # exits computed during run, only when falling back, or some of each
+    for run in (True, False, frozenset({"layer1"})):
+        result = head.run(x, exits=run)
         answers = head.fallback(result)
         for i, a in enumerate(answers):
             best = ["stem", "layer1", "bottleneck"][int(conf[:, i].argmax())]

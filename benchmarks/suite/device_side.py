@@ -15,7 +15,7 @@ projections scale the analytic model instead.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -98,9 +98,9 @@ class BenchHead(HeadRunner):
         x: torch.Tensor,
         *,
         thresholds: Mapping[str, float] | None = None,
-        exits: bool = True,
+        exits: bool | Collection[str] = True,
     ) -> HeadResult:
-        return super().run(x, thresholds=thresholds, exits=exits and self.use_exits)
+        return super().run(x, thresholds=thresholds, exits=exits if self.use_exits else False)
 
     def _timed(self, result: HeadResult, key: str, call: Any, *args: Any) -> Any:
         start = time.perf_counter()

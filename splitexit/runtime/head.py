@@ -17,7 +17,7 @@ the bottleneck's own `quantize` (torch or its numpy twin).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -62,7 +62,7 @@ class HeadResult:
     z: Any  # torch.Tensor | np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
     features: dict[str, Any] = field(default_factory=dict, repr=False)
-    """Exit inputs kept when exits were skipped (`run(exits=False)`), for `fallback`."""
+    """Exit inputs kept for the exits `run` skipped, for `fallback`."""
 
     @property
     def batch_size(self) -> int:
@@ -121,12 +121,13 @@ class HeadRunner:
         x: Any,
         *,
         thresholds: Mapping[str, float] | None = None,
-        exits: bool = True,
+        exits: bool | Collection[str] = True,
     ) -> HeadResult:
         """Run the head on preprocessed input [N, ...]; exit samples whose exit is confident.
 
         `thresholds` overrides this runner's for one call. `exits=False` skips the exit
-        branches (always offload); `fallback` computes them later if the tail is unreachable.
+        branches (always offload), a collection of exit names runs only those; `fallback`
+        computes a skipped exit later if the tail is unreachable.
         """
         thr = self._thresholds(thresholds, self.thresholds) if thresholds else self.thresholds
         n = int(x.shape[0])
@@ -147,7 +148,7 @@ class HeadRunner:
             name = self.exit_at.get(i)
             if name is None:
                 continue
-            if not exits:
+            if not (exits is True or (exits is not False and name in exits)):
                 result.features[name] = f
                 continue
             logits = self._timed(result, f"exit_{name}", be.exit, name, f)
