@@ -30,7 +30,6 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import torch
@@ -39,7 +38,7 @@ import torch
 from suite import analysis, plots, report
 from suite.inputs import Inputs, load_inputs
 from suite.link_check import LinkCost, link_cost
-from suite.services import tail_server
+from suite.services import link_process, tail_server
 from suite.split_runs import (
     AdaptiveSettings,
     BareRequests,
@@ -53,7 +52,6 @@ from suite.wire import measure_wire
 from splitexit.bundle import Bundle, load_bundle
 from splitexit.commands.calibrate import parse_point
 from splitexit.errors import SplitexitError
-from splitexit.link import LinkEmulator
 from splitexit.runtime import HeadRunner
 from splitexit_device.config import operating_points
 
@@ -268,27 +266,27 @@ def measure(
         cells.append(analysis.Cell("local", None, run_local(bundle, inputs, args.device_speed)))
         say(_line(cells[-1]))
     logs = Path(tempfile.mkdtemp(prefix=f"splitexit-bench-{track}-"))
-    spec = f"{args.rates[0]:g}mbit:{args.rtt_ms:g}ms"
-    with tail_server(path, logs / "server.log") as url, LinkEmulator(_target(url), spec) as link:
-        say(f"tail server at {url}, link emulator at {link.url} (server log {logs})")
+    with tail_server(path, logs / "server.log") as url:
+        say(f"tail server at {url} (server log {logs})")
         bare_run = functools.partial(run_bare_requests, transport=args.transport)
         direct = asyncio.run(asyncio.wait_for(bare_run(bundle, inputs, url, point), 60))
         say(f"bare requests  direct (no link)  mean {direct.mean_ms:7.2f} ms")
         for rate in args.rates:
-            link.set(f"{rate:g}mbit:{args.rtt_ms:g}ms")
-            run = bare_run(bundle, inputs, link.url, point)
-            bare[rate] = asyncio.run(asyncio.wait_for(run, 60))
-            say(f"bare requests   {rate:>5g} Mbit/s  mean {bare[rate].mean_ms:7.2f} ms")
-            b = bare[rate]
-            emulator[rate] = link_cost(link.spec, b.request_bytes, b.response_bytes)
-            say(f"link emulator   {rate:>5g} Mbit/s  own {emulator[rate].excess_ms:7.2f} ms")
-            for key in args.keys:
-                if key != "local":
-                    cell = _run_cell(
-                        bundle, inputs, link.url, key, rate, point, args, adaptive, notes
-                    )
-                    cells.append(asyncio.run(cell))
-                    say(_line(cells[-1]))
+            spec = f"{rate:g}mbit:{args.rtt_ms:g}ms"
+            with link_process(url.split("//", 1)[1], spec, logs / "link.log") as link_url:
+                run = bare_run(bundle, inputs, link_url, point)
+                bare[rate] = asyncio.run(asyncio.wait_for(run, 60))
+                say(f"bare requests   {rate:>5g} Mbit/s  mean {bare[rate].mean_ms:7.2f} ms")
+                b = bare[rate]
+                emulator[rate] = link_cost(spec, b.request_bytes, b.response_bytes)
+                say(f"link emulator   {rate:>5g} Mbit/s  own {emulator[rate].excess_ms:7.2f} ms")
+                for key in args.keys:
+                    if key != "local":
+                        cell = _run_cell(
+                            bundle, inputs, link_url, key, rate, point, args, adaptive, notes
+                        )
+                        cells.append(asyncio.run(cell))
+                        say(_line(cells[-1]))
     return cells, bare, direct, emulator
 
 
@@ -363,12 +361,6 @@ def _frame_overhead(cells: list[analysis.Cell]) -> float | None:
         if s.offloaded
     ]
     return sum(sent) / len(sent) if sent else None
-
-
-def _target(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    assert parts.hostname == "127.0.0.1" and parts.port is not None
-    return parts.hostname, parts.port
 
 
 def _line(c: analysis.Cell) -> str:

@@ -1,6 +1,6 @@
 """What the link emulator itself adds: the instrument's share of the "network" gap.
 
-    raw TCP client ─ LinkEmulator(RATE:RTT) ─► Responder (reads `up` bytes, answers `down`)
+    raw TCP client ─ link_process(RATE:RTT) ─► Responder (reads `up` bytes, answers `down`)
     raw TCP client ──────────────────────────► Responder                  (no emulator)
 
 Both exchanges move exactly a request's and a response's bytes with no HTTP, no server and
@@ -15,13 +15,17 @@ from __future__ import annotations
 import contextlib
 import socket
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from splitexit.cost import Link
-from splitexit.link import LOOPBACK, LinkEmulator, LinkSpec
+from splitexit.link import LOOPBACK, LinkSpec
+
+from .services import link_process
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,9 @@ def link_cost(
     up, down = max(round(up), 4), max(round(down), 1)
     with responder(down) as port:
         direct = exchanges_ms(LOOPBACK, port, up, down, n, gap_s)
-        with LinkEmulator((LOOPBACK, port), link) as emulator:
-            through = exchanges_ms(LOOPBACK, emulator.port, up, down, n, gap_s)
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "link.log"
+            with link_process(f"{LOOPBACK}:{port}", str(link), log) as url:
+                through = exchanges_ms(LOOPBACK, int(url.rsplit(":", 1)[1]), up, down, n, gap_s)
     wire = 0.0 if link.rate_bps is None else 1e3 * Link(link.rate_bps, 0.0).transfer_s(up + down)
     return LinkCost(through, direct, wire, link.rtt_s * 1e3)

@@ -23,8 +23,8 @@ PIECE_LABELS = {
     "tail": "tail",
 }
 LINK_NOTE = (
-    "`splitexit.link.LinkEmulator`, a user-space TCP shaping proxy on 127.0.0.1 (one token "
-    "bucket per direction at the link rate, RTT/2 of delay each way, delivered by threads "
+    "`splitexit.link.LinkEmulator`, a user-space TCP shaping proxy on 127.0.0.1 in its own "
+    "process, one per rate (one token bucket per direction at the link rate, RTT/2 of delay each way, delivered by threads "
     "that sleep and then spin to the due time; no loss, no jitter, no kernel queues; its "
     "own cost per round trip is measured beside the results, section 2). Not `tc "
     "netem`: the kernel of the machines this suite was built on has no `sch_netem`."

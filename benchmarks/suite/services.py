@@ -2,7 +2,11 @@
 
     run_all ─ tail_server(bundle) ─ splitexit.demo.tail_server ─ `splitexit_server.cli` :port
                                         ▲
-    strategies ─ LinkEmulator(127.0.0.1:port, "RATE:20ms").url ─┘   (one per track, re-set per rate)
+    strategies ─ link_process(127.0.0.1:port, "RATE:20ms") ─────┘   (one process per rate)
+
+The link emulator runs as its own process (`python -m splitexit.link`), one per link setting:
+in the agent's process its delivery threads, which spin to the due time holding the GIL, would
+slow the agent down, and a real device shares its process with no network.
 
 The server is started as a user would start it, with settings suited to measuring latency
 one input at a time: no batching wait (a lone request never gains from it), one torch
@@ -13,11 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from splitexit.demo import free_port
 from splitexit.demo import tail_server as demo_tail_server
+from splitexit.errors import SplitexitError
+from splitexit.link import LOOPBACK
+from splitexit.processes import server_process
 
 SERVER_ENV = {
     "SPLITEXIT_SERVER_MAX_QUEUE_DELAY_MS": "0",
@@ -49,3 +60,21 @@ def tail_server(bundle: Path, log: Path) -> Iterator[str]:
         with environ(SERVER_ENV):  # read by the server process when it starts
             url = stack.enter_context(demo_tail_server(bundle, free_port(), log))
         yield url
+
+
+@contextlib.contextmanager
+def link_process(target: str, spec: str, log: Path, timeout_s: float = 30.0) -> Iterator[str]:
+    """`python -m splitexit.link spec --target target` as its own process on a free loopback
+    port; yields its URL once it accepts connections, stops it when the block ends."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "splitexit.link", spec, "--target", target, "--port", str(port)]
+    with log.open("ab") as out, server_process(cmd, stdout=out, stderr=subprocess.STDOUT) as proc:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1.0):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise SplitexitError(f"the link emulator did not start ({spec}): {tail}")
+            time.sleep(0.05)
+        yield f"http://{LOOPBACK}:{port}"
