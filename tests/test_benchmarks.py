@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from suite.link_check import link_cost  # benchmarks/ is on pytest's pythonpath (pyproject)
-from suite.split_pays import price
+from suite.split_pays import ModelInputs, price, where_split_pays, why
 
 from splitexit.cost import Compute, CostModel, Link
 
@@ -50,6 +50,24 @@ def test_split_pays_where_the_model_prices_split_plus_exit_30_percent_below_both
     fast = price(_slow_device_model(100.0), leave, 400.0, images)
     assert fast["best_baseline"] == "offload-png"
     assert fast["split_ms"] > fast["baselines_ms"]["offload-png"] and not fast["pays"]
+
+
+def test_the_line_under_the_goals_names_the_cells_where_split_pays_and_only_those() -> None:
+    slow = _slow_device_model(1.0)
+    inputs = ModelInputs(
+        slow.device,
+        slow.server,
+        slow.exit_segments,
+        (0.5, 0.0),
+        {"http": 400.0},
+        {"offload-png": (0.001, 20_000.0)},
+        ("early", "bottleneck"),
+    )
+    rows = where_split_pays(inputs, [0.1, 100.0], rtt_ms=20.0, speed=1.0)
+    assert [(r["rate_mbit"], r["pays"]) for r in rows] == [(0.1, True), (100.0, False)]
+    line = why(inputs, rows, speed=1.0)
+    assert "in: 0.1 Mbit/s (http)." in line and "100 Mbit/s (http)" not in line
+    assert "early: 50% after" in line  # where the exits answer
 
 
 def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> None:

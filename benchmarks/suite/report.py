@@ -311,6 +311,14 @@ def _wire(doc: dict[str, Any]) -> list[str]:
             ],
             rows,
         ),
+        *_per_transport(per_transport),
+    ]
+
+
+def _per_transport(rows: Sequence[Sequence[str]]) -> list[str]:
+    if not rows:
+        return []
+    return [
         "",
         "Bytes per offloaded input by transport, as they crossed the link (split-only's "
         "offloads over every rate): the frame, the request and the response, and what the "
@@ -319,7 +327,7 @@ def _wire(doc: dict[str, Any]) -> list[str]:
         "",
         *_table(
             ["transport", "offloads", "frame B", "B up", "B down", "protocol B (up + down)"],
-            per_transport,
+            rows,
         ),
     ]
 

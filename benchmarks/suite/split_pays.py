@@ -196,8 +196,9 @@ def why(inputs: ModelInputs, rows: Sequence[Mapping[str, Any]], speed: float) ->
     line = (
         f"Splitting is meant to pay (the cost model's split + exit plan at least "
         f"{100 * PAYS_BELOW:.0f}% below the better of local-only and full offload) in: "
-        f"{where or 'no cell of this run'}. The head is {100 * head / local:.0f}% of the "
-        f"model's device compute ({1e3 * head:.1f} of {1e3 * local:.1f} ms at F = {speed:g}) "
+        f"{where or 'no cell of this run'}. Preprocessing and the head are "
+        f"{100 * head / local:.0f}% of the model's device compute ({1e3 * head:.1f} of "
+        f"{1e3 * local:.1f} ms at F = {speed:g}) "
         f"and calibration's exits answer {100 * sum(inputs.leave):.0f}% of inputs"
         f"{_exits(inputs, cost)}, so on the device alone the plan is "
         f"{_vs(on_device / local)} local-only"
@@ -218,9 +219,9 @@ def why(inputs: ModelInputs, rows: Sequence[Mapping[str, Any]], speed: float) ->
     vs = [r["vs_best_baseline_pct"] for r in rows]
     lo, hi = f"{min(vs):+.0f}%", f"{max(vs):+.0f}%"
     return (
-        line + f"; with the offload too, the plan is {lo if lo == hi else f'{lo} to {hi}'} "
-        f"against the better baseline over these rates: short of {100 * PAYS_BELOW:.0f}% "
-        "below everywhere."
+        line + f"; over these rates the plan (offload or tail here) is "
+        f"{lo if lo == hi else f'{lo} to {hi}'} against the better baseline: short of "
+        f"{100 * PAYS_BELOW:.0f}% below everywhere."
     )
 
 
