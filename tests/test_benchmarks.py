@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from suite.analysis import Cell
 from suite.link_check import link_cost  # benchmarks/ is on pytest's pythonpath (pyproject)
-from suite.split_pays import ModelInputs, price, where_split_pays, why
+from suite.samples import Sample
+from suite.split_pays import ModelInputs, model_inputs, price, where_split_pays, why
 
 from splitexit.cost import Compute, CostModel, Link
 
@@ -68,6 +70,36 @@ def test_the_line_under_the_goals_names_the_cells_where_split_pays_and_only_thos
     line = why(inputs, rows, speed=1.0)
     assert "in: 0.1 Mbit/s (http)." in line and "100 Mbit/s (http)" not in line
     assert "early: 50% after" in line  # where the exits answer
+
+
+def test_the_models_inputs_are_the_runs_compute_at_local_onlys_pace_and_its_bytes() -> None:
+    local = Cell("local", None, [Sample("a", 7.0, True, "device", device_ms=_ms(1, 4, tail=2))])
+    reached = Sample(  # ran every exit, then offloaded: 500 B up, 300 B down
+        "b",
+        40.0,
+        True,
+        "server",
+        request_bytes=500,
+        response_bytes=300,
+        tail_ms=3.0,
+        device_ms=_ms(2, 8, exits=2, quantize=0.5, frame=0.5),
+    )
+    exited = Sample("c", 9.0, True, "bottleneck", device_ms=_ms(2, 8, exits=1))
+    split = Cell("split-exit", 1.0, [reached, exited], transport="stream")
+    profile = Compute(segment_s=(0.001, 0.003), exit_s=(0.003, 0.001))
+    inputs = model_inputs([local, split], profile, (0.0, 0.5), (0, 1), 9.9)
+    assert inputs is not None
+    d = inputs.device
+    assert d.segment_s == pytest.approx((0.001, 0.003))  # local-only's 4 ms head, as profiled
+    # the exits cost a quarter of the head where every exit ran: 1 ms at local-only's pace
+    assert d.exit_s == pytest.approx((0.00075, 0.00025))
+    assert (d.preprocess_s, d.tail_s, d.encode_s) == pytest.approx((0.001, 0.002, 0.001))
+    assert inputs.server.tail_s == pytest.approx(0.003)  # as the server reported it
+    assert inputs.frame_bytes == {"stream": 800.0} and inputs.images == {}
+
+
+def _ms(preprocess: float, head: float, **rest: float) -> dict[str, float]:
+    return {"preprocess": preprocess, "head": head, **rest}
 
 
 def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> None:

@@ -108,8 +108,9 @@ def model_inputs(
     """The model's inputs from the run's cells (`analysis.Cell`): preprocess, head and tail
     as local-only measured them (the same compute on both sides of the comparison), the
     head spread over its segments and the exits' total over the exits in `profile`'s
-    proportions (`splitexit.calibrate.measure_compute`), the exits' total and the encode
-    from split inputs that reached the bottleneck, the server's reported compute, and bytes
+    proportions (`splitexit.calibrate.measure_compute`); the exits' total as a share of
+    the head and the encode from split inputs that reached the bottleneck (every exit
+    run), the exits at local-only's pace; the server's reported compute; and bytes
     as the strategies sent them (a frame: split-only's and split + exit's, at the fixed
     point; a transport where they offloaded nothing: its bare requests' `bare_bytes`).
     None without a local-only cell."""
@@ -122,10 +123,12 @@ def model_inputs(
     }
     split = [c for c in cells if c.transport is not None]
     reached = [s for c in split for s in c.samples if "frame" in s.device_ms]
-    exits_ms = _mean([s.device_ms.get("exits", 0.0) for s in reached if "exits" in s.device_ms])
-    if exits_ms is None:  # no exit ran to the bottleneck: the profile's, at the head's pace
-        ratio = piece["head"] / (1e3 * sum(profile.segment_s)) if sum(profile.segment_s) else 1.0
-        exits_ms = 1e3 * sum(profile.exit_s) * ratio
+    ran = [s for s in reached if "exits" in s.device_ms and s.device_ms.get("head")]
+    if ran:  # every exit, against the head, on the same inputs
+        per_head = sum(s.device_ms["exits"] for s in ran) / sum(s.device_ms["head"] for s in ran)
+    else:  # no input ran every exit: the profile's
+        per_head = sum(profile.exit_s) / sum(profile.segment_s) if sum(profile.segment_s) else 0.0
+    exits_ms = per_head * piece["head"]  # at local-only's pace
     encode_ms = _mean(
         [
             s.device_ms["quantize"] + s.device_ms["frame"]
