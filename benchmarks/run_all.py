@@ -2,13 +2,16 @@
 
     python benchmarks/run_all.py [--bundle PATH] [--large-bundle PATH] [--inputs N]
         [--point K,BITS] [--large-point K,BITS]
-        [--rates 1,5,20,100] [--rtt-ms 20] [--device-speed F] [--quick]
+        [--rates 1,5,20,100] [--rtt-ms 20] [--device-speed F] [--transport http,stream]
+        [--quick]
 
 Per track (small: `--bundle`, default the shipped `splitexit/zoo/fmnist-small`; large:
 `--large-bundle`, skipped with a note when not given), on the same Fashion-MNIST test
 images: local-only, full offload (JPEG q95, PNG), split-only, split + exit and split + exit
 + adaptive policy, at each link rate with `--rtt-ms` of RTT through the loopback link
-emulator; the analytic floor of each split run, the wire size of every format, the
+emulator, each split strategy once per `--transport` (KServe v2 over HTTP, the stream; both
+by default, side by side in one report); where the cost model says splitting is meant to
+pay; the analytic floor of each split run, the wire size of every format, the
 device-side cost, and where split + exit wins. Writes `suite_<track>.md`, `.json` and two
 PNG plots to benchmarks/results/ (`--quick`: a temporary folder, unless `--out`).
 
@@ -22,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import functools
 import shlex
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import httpx
 import torch
 
 # benchmarks/ is on sys.path when this runs as a script: `suite` and `track_report` import
-from suite import analysis, plots, report
+from suite import analysis, plots, report, split_pays
 from suite.inputs import Inputs, load_inputs
 from suite.link_check import LinkCost, link_cost
 from suite.services import link_process, tail_server
@@ -46,14 +48,23 @@ from suite.split_runs import (
     run_split,
     widest_point,
 )
-from suite.strategies import BY_KEY, GAP_S, STRATEGIES, run_full_offload, run_local
+from suite.strategies import (
+    BY_KEY,
+    GAP_S,
+    STRATEGIES,
+    TRANSPORTS,
+    cell_name,
+    run_full_offload,
+    run_local,
+)
 from suite.wire import measure_wire
 
 from splitexit.bundle import Bundle, load_bundle
+from splitexit.calibrate import measure_compute
 from splitexit.commands.calibrate import parse_point
 from splitexit.errors import SplitexitError
 from splitexit.runtime import HeadRunner
-from splitexit_device.config import operating_points
+from splitexit_device.config import exit_rates, operating_points
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_OUT = Path(tempfile.gettempdir()) / "splitexit-bench-quick"
@@ -106,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="30 inputs per cell: about a minute")
     p.add_argument(
         "--transport",
-        choices=("http", "stream"),
-        default="http",
-        help="how the split strategies offload: KServe v2 over HTTP (http) or the stream",
+        default=",".join(TRANSPORTS),
+        help="how the split strategies offload, comma-separated: KServe v2 over HTTP (http), "
+        "the stream (stream); each split strategy runs once per transport (http,stream)",
     )
     return p
 
@@ -119,12 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
         keys = [k.strip() for k in args.strategies.split(",") if k.strip()]
         unknown = [k for k in keys if k not in BY_KEY]
+        transports = list(dict.fromkeys(t.strip() for t in args.transport.split(",") if t.strip()))
+        if not transports or any(t not in TRANSPORTS for t in transports):
+            raise ValueError(f"bad --transport {args.transport!r}")
         if unknown or not rates or min(rates) <= 0 or args.device_speed < 1:
             raise ValueError(f"unknown strategies {unknown}" if unknown else "bad rates or speed")
     except ValueError as e:
-        print(f"run_all: {e}; strategies: {list(BY_KEY)}, device speed >= 1", file=sys.stderr)
+        print(
+            f"run_all: {e}; strategies: {list(BY_KEY)}, transports: {list(TRANSPORTS)}, "
+            "device speed >= 1",
+            file=sys.stderr,
+        )
         return 2
-    args.rates, args.keys = rates, keys
+    args.rates, args.keys, args.transports = rates, keys, transports
     try:
         args.points = {"small": parse_point(args.point), "large": parse_point(args.large_point)}
     except ValueError as e:
@@ -186,11 +204,10 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "and split + exit is split-only (run `splitexit calibrate` on it first)"
         )
         say(notes[-1])
-    cells, bare, direct, emulator = measure(
-        track, path, bundle, inputs, point, args, adaptive, notes
-    )
+    cells, bare, emulator = measure(track, path, bundle, inputs, point, args, adaptive, notes)
     say("wire sizes and accuracy per format (offline)")
     wire = measure_wire(bundle, inputs, tail_ms=tail_ms, frame_http=_frame_overhead(cells))
+    meant = _meant_to_pay(bundle, cells, bare, point, tail_ms, args)
 
     m = bundle.manifest
     ref = min(args.rates, key=lambda r: abs(r - args.reference_rate))
@@ -213,6 +230,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "rtt_ms": args.rtt_ms,
             "device_speed": speed,
             "quick": args.quick,
+            "transports": args.transports,
             "reference_rate_mbit": ref,
             "gap_ms": GAP_S * 1e3,
             "cell_timeout_s": args.cell_timeout_s,
@@ -221,18 +239,26 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
         "machine": machine,
         "link": report.LINK_NOTE,
         "cells": [
-            {"strategy": c.strategy, "rate_mbit": c.rate_mbit, "stats": c.stats, "extra": c.extra}
+            {
+                "strategy": c.strategy,
+                "transport": c.transport,
+                "rate_mbit": c.rate_mbit,
+                "stats": c.stats,
+                "extra": c.extra,
+            }
             for c in cells
         ],
         "tail_compute_ms": round(tail_ms, 4),
         "ideal_vs_achieved": analysis.ideal_vs_achieved(
             cells, args.rtt_ms, tail_ms, speed, emulator
         ),
-        "bare_requests": analysis.bare_floors(bare, args.rtt_ms, tail_ms, direct, emulator),
+        "bare_requests": analysis.bare_floors(bare, args.rtt_ms, tail_ms, emulator),
         "wire": wire,
+        "offload_bytes": analysis.offload_bytes(cells),
         "device_cost": analysis.device_cost(cells, ref, speed),
         "projections": analysis.projections(cells, args.rates, speed),
-        "goals": analysis.goals(cells, args.rates),
+        "split_pays": meant,
+        "goals": analysis.goals(cells, args.rates, meant["cells"] if meant else ()),
         "notes": sorted(set(notes)),
     }
     doc["seconds"] = round(time.perf_counter() - began, 1)
@@ -255,39 +281,51 @@ def measure(
     args: argparse.Namespace,
     adaptive: AdaptiveSettings,
     notes: list[str],
-) -> tuple[list[analysis.Cell], dict[float, BareRequests], BareRequests, dict[float, LinkCost]]:
-    """Local-only once, then per rate: bare requests, the link emulator's own cost, and
-    every other strategy's cell."""
+) -> tuple[
+    list[analysis.Cell],
+    dict[tuple[str, float | None], BareRequests],
+    dict[tuple[str, float], LinkCost],
+]:
+    """Local-only once, then per rate: bare requests and the link emulator's own cost per
+    transport, full offload once, and each split strategy once per transport. Bare requests
+    and emulator costs are keyed by (transport, rate); rate None: straight to the server."""
     say = _sayer(track)
     cells: list[analysis.Cell] = []
-    bare: dict[float, BareRequests] = {}
-    emulator: dict[float, LinkCost] = {}
+    bare: dict[tuple[str, float | None], BareRequests] = {}
+    emulator: dict[tuple[str, float], LinkCost] = {}
     if "local" in args.keys:
         cells.append(analysis.Cell("local", None, run_local(bundle, inputs, args.device_speed)))
         say(_line(cells[-1]))
     logs = Path(tempfile.mkdtemp(prefix=f"splitexit-bench-{track}-"))
+
+    def bare_run(url: str, transport: str) -> BareRequests:
+        run = run_bare_requests(bundle, inputs, url, point, transport=transport)
+        return asyncio.run(asyncio.wait_for(run, 60))
+
     with tail_server(path, logs / "server.log") as url:
         say(f"tail server at {url} (server log {logs})")
-        bare_run = functools.partial(run_bare_requests, transport=args.transport)
-        direct = asyncio.run(asyncio.wait_for(bare_run(bundle, inputs, url, point), 60))
-        say(f"bare requests  direct (no link)  mean {direct.mean_ms:7.2f} ms")
+        for t in args.transports:
+            bare[(t, None)] = bare_run(url, t)
+            say(f"bare requests  {t:<6} direct (no link)  mean {bare[(t, None)].mean_ms:7.2f} ms")
         for rate in args.rates:
             spec = f"{rate:g}mbit:{args.rtt_ms:g}ms"
             with link_process(url.split("//", 1)[1], spec, logs / "link.log") as link_url:
-                run = bare_run(bundle, inputs, link_url, point)
-                bare[rate] = asyncio.run(asyncio.wait_for(run, 60))
-                say(f"bare requests   {rate:>5g} Mbit/s  mean {bare[rate].mean_ms:7.2f} ms")
-                b = bare[rate]
-                emulator[rate] = link_cost(spec, b.request_bytes, b.response_bytes)
-                say(f"link emulator   {rate:>5g} Mbit/s  own {emulator[rate].excess_ms:7.2f} ms")
+                for t in args.transports:
+                    b = bare[(t, rate)] = bare_run(link_url, t)
+                    say(f"bare requests  {t:<6} {rate:>5g} Mbit/s  mean {b.mean_ms:7.2f} ms")
+                    own = emulator[(t, rate)] = link_cost(spec, b.request_bytes, b.response_bytes)
+                    say(f"link emulator  {t:<6} {rate:>5g} Mbit/s  own {own.excess_ms:7.2f} ms")
                 for key in args.keys:
-                    if key != "local":
+                    if key == "local":
+                        continue
+                    split = BY_KEY[key].kind == "split"
+                    for t in args.transports if split else [None]:
                         cell = _run_cell(
-                            bundle, inputs, link_url, key, rate, point, args, adaptive, notes
+                            bundle, inputs, link_url, key, t, rate, point, args, adaptive, notes
                         )
                         cells.append(asyncio.run(cell))
                         say(_line(cells[-1]))
-    return cells, bare, direct, emulator
+    return cells, bare, emulator
 
 
 async def _run_cell(
@@ -295,17 +333,18 @@ async def _run_cell(
     inputs: Inputs,
     url: str,
     key: str,
+    transport: str | None,
     rate: float,
     point: tuple[int, int],
     args: argparse.Namespace,
     adaptive: AdaptiveSettings,
     notes: list[str],
 ) -> analysis.Cell:
-    """One strategy at one rate, bounded by the cell timeout; a failure leaves it empty
-    with a note (the run goes on)."""
+    """One strategy at one rate (a split one over `transport`), bounded by the cell timeout;
+    a failure leaves it empty with a note (the run goes on)."""
     strategy = BY_KEY[key]
     limit = args.cell_timeout_s
-    where = f"{key} at {rate:g} Mbit/s"
+    where = f"{cell_name(key, transport)} at {rate:g} Mbit/s"
     try:
         if strategy.kind == "image":
             run = run_full_offload(
@@ -322,15 +361,16 @@ async def _run_cell(
             speed=args.device_speed,
             timeout_s=limit,
             log=lambda msg: notes.append(f"{where}: {msg}"),
-            transport=args.transport,
+            transport=transport or "http",
         )
     except (asyncio.TimeoutError, SplitexitError, httpx.HTTPError, OSError) as e:
         why = str(e) or "ran over the timeout"
         notes.append(f"{where}: no samples ({type(e).__name__}: {why})")
         print(f"  {notes[-1]}", file=sys.stderr)
-        return analysis.Cell(key, rate, [])
+        return analysis.Cell(key, rate, [], transport=transport)
     keep = ("fallback_reasons", "retries", "link", "client_sent_bytes", "client_received_bytes")
-    return analysis.Cell(key, rate, samples, {k: summary.get(k) for k in keep})
+    extra = {k: summary.get(k) for k in keep}
+    return analysis.Cell(key, rate, samples, extra, transport)
 
 
 def default_floor(bundle: Bundle) -> float | None:
@@ -352,26 +392,58 @@ def warm_up(bundle: Bundle, inputs: Inputs, rounds: int = 3) -> None:
 
 
 def _frame_overhead(cells: list[analysis.Cell]) -> float | None:
-    """Mean HTTP bytes around a frame in split-only's requests (None if it sent none)."""
+    """Mean HTTP bytes around a frame in split-only's HTTP requests (None if it sent none)."""
     sent = [
         s.request_bytes - s.payload_bytes
         for c in cells
-        if c.strategy == "split"
+        if c.strategy == "split" and c.transport == "http"
         for s in c.samples
         if s.offloaded
     ]
     return sum(sent) / len(sent) if sent else None
 
 
+def _meant_to_pay(
+    bundle: Bundle,
+    cells: list[analysis.Cell],
+    bare: dict[tuple[str, float | None], BareRequests],
+    point: tuple[int, int],
+    tail_ms: float,
+    args: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """Where the cost model says splitting pays (`suite.split_pays`), its inputs and the
+    line that says why; None without a local-only cell to price the device by."""
+    m = bundle.manifest
+    frames = {t: b.request_bytes + b.response_bytes for (t, rate), b in bare.items() if rate}
+    inputs = split_pays.model_inputs(
+        cells,
+        measure_compute(bundle, point=point),
+        exit_rates(bundle),
+        tuple(e.segment for e in m.exits),
+        tail_ms,
+        frames,
+        m.exit_names,
+    )
+    if inputs is None:
+        return None
+    rows = split_pays.where_split_pays(inputs, args.rates, args.rtt_ms, args.device_speed)
+    return {
+        "threshold_pct": 100 * split_pays.PAYS_BELOW,
+        "inputs": inputs.to_dict(),
+        "cells": rows,
+        "why": split_pays.why(inputs, rows, args.device_speed),
+    }
+
+
 def _line(c: analysis.Cell) -> str:
     st = c.stats
     if not st.get("inputs"):
-        return f"{c.strategy:<20} {'-' if c.rate_mbit is None else c.rate_mbit:>5}  no samples"
+        return f"{c.name:<26} {'-' if c.rate_mbit is None else c.rate_mbit:>5}  no samples"
     lat = st["latency_ms"]
     acc = "-" if st["accuracy"] is None else f"{st['accuracy']:.3f}"
     rate = "-" if c.rate_mbit is None else f"{c.rate_mbit:g}"
     return (
-        f"{c.strategy:<20} {rate:>5} Mbit/s  mean {lat['mean']:7.2f} ms  p95 {lat['p95']:7.2f} ms"
+        f"{c.name:<26} {rate:>5} Mbit/s  mean {lat['mean']:7.2f} ms  p95 {lat['p95']:7.2f} ms"
         f"  acc {acc}  up {st['bytes_per_input']['request']:7.0f} B/input"
         f"  offloaded {100 * st['offload_rate']:5.1f}%"
         + (f"  {st['actions']}" if st.get("actions") else "")

@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from suite.analysis import Cell
 from suite.link_check import link_cost  # benchmarks/ is on pytest's pythonpath (pyproject)
+from suite.samples import Sample
+from suite.split_pays import ModelInputs, model_inputs, price, where_split_pays, why
+
+from splitexit.cost import Compute, CostModel, Link
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +26,103 @@ def test_a_raw_exchange_through_the_emulator_pays_rtt_and_bytes_and_little_more(
     assert cost.through_ms >= cost.rtt_ms + cost.wire_ms  # a link is never early
     assert 0 < cost.direct_ms < cost.through_ms
     assert cost.excess_ms < 10.0  # loose: a loaded machine wakes threads late
+
+
+def _slow_device_model(rate_mbit: float) -> CostModel:
+    """A device whose tail is most of the model (100 of 130 ms), an exit after the first
+    10 ms of head; a server 20x faster; a 20 ms RTT."""
+    device = Compute(segment_s=(0.010, 0.020), exit_s=(0.001, 0.001), tail_s=0.100)
+    server = Compute(tail_s=0.002, model_s=0.005)
+    return CostModel(Link.mbit(rate_mbit, 20.0), device, server, exit_segments=(0, 1))
+
+
+def test_split_pays_where_the_model_prices_split_plus_exit_30_percent_below_both_baselines() -> (
+    None
+):
+    leave = (0.5, 0.0)  # half the inputs leave at the early exit
+    images = {"offload-png": (0.001, 20_000.0)}  # (encode s, bytes both ways) of an image
+    # a slow link: the image takes 1.6 s, local-only 130 ms; half the inputs stop after
+    # 11 ms, the rest pay the head and a 400 B frame's round trip (52 ms)
+    slow = price(_slow_device_model(0.1), leave, 400.0, images)
+    assert slow["best_baseline"] == "local"
+    assert slow["baselines_ms"]["local"] == pytest.approx(130.0)
+    assert slow["split_ms"] == pytest.approx(0.5 * 11.0 + 0.5 * (32.0 + 20.0 + 32.0 + 2.0), 0.01)
+    assert slow["vs_best_baseline_pct"] <= -30 and slow["pays"]
+    # a fast link: the image costs 27 ms in all, less than the plan's head and frame
+    fast = price(_slow_device_model(100.0), leave, 400.0, images)
+    assert fast["best_baseline"] == "offload-png"
+    assert fast["split_ms"] > fast["baselines_ms"]["offload-png"] and not fast["pays"]
+
+
+def test_the_line_under_the_goals_names_the_cells_where_split_pays_and_only_those() -> None:
+    slow = _slow_device_model(1.0)
+    inputs = ModelInputs(
+        slow.device,
+        slow.server,
+        slow.exit_segments,
+        (0.5, 0.0),
+        {"http": 400.0},
+        {"offload-png": (0.001, 20_000.0)},
+        ("early", "bottleneck"),
+    )
+    rows = where_split_pays(inputs, [0.1, 100.0], rtt_ms=20.0, speed=1.0)
+    assert [(r["rate_mbit"], r["pays"]) for r in rows] == [(0.1, True), (100.0, False)]
+    line = why(inputs, rows, speed=1.0)
+    assert "in: 0.1 Mbit/s (http)." in line and "100 Mbit/s (http)" not in line
+    assert "early: 50% after" in line  # where the exits answer
+
+
+def test_the_models_inputs_are_the_runs_compute_at_local_onlys_pace_and_its_bytes() -> None:
+    local = Cell("local", None, [Sample("a", 7.0, True, "device", device_ms=_ms(1, 4, tail=2))])
+    reached = Sample(  # ran every exit, then offloaded: 500 B up, 300 B down
+        "b",
+        40.0,
+        True,
+        "server",
+        request_bytes=500,
+        response_bytes=300,
+        tail_ms=3.0,
+        device_ms=_ms(2, 8, exits=2, quantize=0.5, frame=0.5),
+    )
+    exited = Sample("c", 9.0, True, "bottleneck", device_ms=_ms(2, 8, exits=1))
+    split = Cell("split-exit", 1.0, [reached, exited], transport="stream")
+    profile = Compute(segment_s=(0.001, 0.003), exit_s=(0.003, 0.001))
+    inputs = model_inputs([local, split], profile, (0.0, 0.5), (0, 1), 9.9)
+    assert inputs is not None
+    d = inputs.device
+    assert d.segment_s == pytest.approx((0.001, 0.003))  # local-only's 4 ms head, as profiled
+    # the exits cost a quarter of the head where every exit ran: 1 ms at local-only's pace
+    assert d.exit_s == pytest.approx((0.00075, 0.00025))
+    assert (d.preprocess_s, d.tail_s, d.encode_s) == pytest.approx((0.001, 0.002, 0.001))
+    assert inputs.server.tail_s == pytest.approx(0.003)  # as the server reported it
+    assert inputs.frame_bytes == {"stream": 800.0} and inputs.images == {}
+
+
+def _ms(preprocess: float, head: float, **rest: float) -> dict[str, float]:
+    return {"preprocess": preprocess, "head": head, **rest}
+
+
+def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> None:
+    # the exit nobody takes, a small tail: the plan is local-only plus the exits' cost
+    device = Compute(segment_s=(0.005, 0.005), exit_s=(0.0005, 0.0005), tail_s=0.002)
+    cost = CostModel(Link.mbit(0.1), device, Compute(tail_s=0.001), exit_segments=(0, 1))
+    priced = price(cost, (0.0, 0.3), 800.0, {})
+    assert priced["best_baseline"] == "local" and not priced["pays"]
+    # 30% answer at the bottleneck exit after the whole head: they save only the tail
+    assert priced["split_ms"] == pytest.approx(11.0 + 0.7 * 2.0, 0.01)
+    assert priced["vs_best_baseline_pct"] > -30
+
+
+def test_a_bad_transport_is_one_line_and_exit_2() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--transport", "http,ftp"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "transport" in done.stderr
 
 
 @pytest.mark.slow
@@ -51,25 +153,38 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
         "## 5. Where split + exit wins",
     ):
         assert section in md
+    for row in ("split-only (http)", "split-only (stream)", "split + exit + adaptive (stream)"):
+        assert f"| {row} |" in md  # both transports' rows, side by side
+    assert "split meant to pay (model)" in md and "Splitting is meant to pay" in md
     doc = json.loads((tmp_path / "suite_small.json").read_text())
-    cells = {(c["strategy"], c["rate_mbit"]): c for c in doc["cells"]}
+    cells = {(c["strategy"], c["transport"], c["rate_mbit"]): c for c in doc["cells"]}
+    split = ("split", "split-exit", "split-exit-adaptive")
     assert set(cells) == {
-        ("local", None),
-        ("offload-png", 100.0),
-        ("split", 100.0),
-        ("split-exit", 100.0),
-        ("split-exit-adaptive", 100.0),
+        ("local", None, None),
+        ("offload-png", None, 100.0),
+        *((key, t, 100.0) for key in split for t in ("http", "stream")),
     }
-    (goal,) = doc["goals"]  # the adaptive run against the fixed ones, with what it did
-    assert goal["best_fixed"] in ("local", "offload-png", "split", "split-exit")
-    assert sum(goal["actions"].values()) == 4 and goal["within_5pct"] in (True, False)
-    split = next(r for r in doc["ideal_vs_achieved"] if r["strategy"] == "split")
-    assert split["offload_rate"] == 1.0
-    off = split["offloaded"]
-    assert off["measured_ms"] >= off["floor_ms"] - 1.0  # nothing beats the analytic floor
-    assert "link_emulator_ms" in off and "gap_pct_without_emulator" in off
-    bare = {b["rate_mbit"]: b for b in doc["bare_requests"]}
-    assert bare[None]["link_emulator_ms"] is None and bare[100.0]["link_emulator_ms"] is not None
+    goals = {g["transport"]: g for g in doc["goals"]}  # adaptive against the fixed ones
+    assert set(goals) == {"http", "stream"}
+    fixed = {"local", "offload-png", *(f"{k}/{t}" for k in split[:2] for t in goals)}
+    for goal in goals.values():
+        assert goal["best_fixed"] in fixed
+        assert sum(goal["actions"].values()) == 4 and goal["within_5pct"] in (True, False)
+        assert goal["split_meant_to_pay"]["pays"] in (True, False)
+    meant = {(r["transport"], r["rate_mbit"]) for r in doc["split_pays"]["cells"]}
+    assert meant == {("http", 100.0), ("stream", 100.0)}
+    ideal = {r["transport"]: r for r in doc["ideal_vs_achieved"] if r["strategy"] == "split"}
+    for row in ideal.values():
+        assert row["offload_rate"] == 1.0
+        off = row["offloaded"]
+        assert off["measured_ms"] >= off["floor_ms"] - 1.0  # nothing beats the analytic floor
+        assert "link_emulator_ms" in off and "gap_pct_without_emulator" in off
+    bare = {(b["transport"], b["rate_mbit"]): b for b in doc["bare_requests"]}
+    assert set(bare) == {(t, r) for t in ("http", "stream") for r in (None, 100.0)}
+    assert bare[("http", None)]["link_emulator_ms"] is None
+    assert bare[("stream", 100.0)]["link_emulator_ms"] is not None
+    sent = {r["transport"]: r for r in doc["offload_bytes"]}
+    assert sent["stream"]["request_bytes"] < sent["http"]["request_bytes"]  # no HTTP around it
     for png in ("suite_small_latency.png", "suite_small_accuracy_bytes.png"):
         assert (tmp_path / png).stat().st_size > 10_000
 

@@ -49,19 +49,26 @@ from .inputs import Inputs
 from .link_check import LinkCost
 from .samples import Sample, summarize
 from .split_runs import BareRequests
-from .strategies import BY_KEY
+from .strategies import BY_KEY, cell_name
 
 PROJECTED_SPEEDS = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
 class Cell:
-    """The samples of one strategy at one link rate (None: no link, local-only)."""
+    """The samples of one strategy at one link rate (None: no link, local-only) over one
+    transport (split strategies: "http" or "stream"; None for the others)."""
 
     strategy: str
     rate_mbit: float | None
     samples: list[Sample]
     extra: dict[str, Any] = field(default_factory=dict)
+    transport: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The strategy and transport, e.g. "split-exit/stream" (`strategies.cell_name`)."""
+        return cell_name(self.strategy, self.transport)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -111,11 +118,11 @@ def ideal_vs_achieved(
     rtt_ms: float,
     tail_ms: float,
     speed: float,
-    emulator: Mapping[float, LinkCost] | None = None,
+    emulator: Mapping[tuple[str, float], LinkCost] | None = None,
 ) -> list[dict[str, Any]]:
     """Per split cell: mean floor and mean measured latency, over all inputs and offloaded;
     for offloaded inputs, the gap split into server, network and agent, and (given the
-    link emulator's own cost per rate) the gap without the emulator's share."""
+    link emulator's own cost per (transport, rate)) the gap without the emulator's share."""
     rows = []
     for c in cells:
         if BY_KEY[c.strategy].kind != "split" or c.rate_mbit is None or not c.samples:
@@ -125,6 +132,7 @@ def ideal_vs_achieved(
         off = np.array([s.offloaded for s in c.samples])
         row: dict[str, Any] = {
             "strategy": c.strategy,
+            "transport": c.transport,
             "rate_mbit": c.rate_mbit,
             "offload_rate": round(float(off.mean()), 4),
             "floor_ms": round(float(floors.mean()), 3),
@@ -142,7 +150,7 @@ def ideal_vs_achieved(
                     [s for s in c.samples if s.offloaded], c.rate_mbit, rtt_ms, tail_ms, speed
                 ),
             }
-            own = (emulator or {}).get(c.rate_mbit)
+            own = (emulator or {}).get((c.transport, c.rate_mbit))
             if own is not None:
                 row["offloaded"]["link_emulator_ms"] = round(own.excess_ms, 3)
                 row["offloaded"]["gap_pct_without_emulator"] = round(
@@ -178,27 +186,25 @@ def _gap_parts(
 
 
 def bare_floors(
-    bare: dict[float, BareRequests],
+    bare: Mapping[tuple[str, float | None], BareRequests],
     rtt_ms: float,
     tail_ms: float,
-    direct: BareRequests | None = None,
-    emulator: Mapping[float, LinkCost] | None = None,
+    emulator: Mapping[tuple[str, float], LinkCost] | None = None,
 ) -> list[dict[str, Any]]:
-    """Bare requests per rate (and `direct`: no emulator, rate None) against their floor,
-    bytes x 8 / rate + RTT + tail compute as the server reported it (direct: the tail
-    alone; `tail_ms` where not reported), with the link emulator's own cost where known."""
-    runs: list[tuple[float | None, BareRequests]] = sorted(bare.items())
-    if direct is not None:
-        runs.insert(0, (None, direct))
+    """Bare requests per (transport, rate) (rate None: straight to the server, no emulator)
+    against their floor, bytes x 8 / rate + RTT + tail compute as the server reported it
+    (direct: the tail alone; `tail_ms` where not reported), with the link emulator's own
+    cost where known."""
     rows = []
-    for rate, b in runs:
+    for (transport, rate), b in sorted(bare.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         nbytes = b.request_bytes + b.response_bytes
         link = 0.0 if rate is None else 1e3 * Link.mbit(rate, rtt_ms).transfer_s(nbytes)
         tail = b.tail_ms if b.tail_ms is not None else tail_ms
         floor = link + tail
-        own = None if rate is None else (emulator or {}).get(rate)
+        own = None if rate is None else (emulator or {}).get((transport, rate))
         rows.append(
             {
+                "transport": transport,
                 "rate_mbit": rate,
                 "requests": b.count,
                 "request_bytes": round(b.request_bytes, 1),
@@ -208,6 +214,34 @@ def bare_floors(
                 "gap_ms": round(b.mean_ms - floor, 3),
                 "gap_pct": round(100 * (b.mean_ms / floor - 1), 1),
                 "link_emulator_ms": None if own is None else round(own.excess_ms, 3),
+            }
+        )
+    return rows
+
+
+def offload_bytes(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """Per transport, mean bytes per offloaded input over split-only's cells (all rates;
+    where split-only offloaded nothing, any split strategy's): payload (the frame), request
+    and response as they crossed the link, and the protocol's share of both."""
+    rows = []
+    split = [c for c in cells if c.transport is not None]
+    for transport in sorted({c.transport for c in split if c.transport is not None}):
+        mine = [c for c in split if c.transport == transport]
+        off = [s for c in mine if c.strategy == "split" for s in c.samples if s.offloaded]
+        off = off or [s for c in mine for s in c.samples if s.offloaded]
+        if not off:
+            continue
+        payload = float(np.mean([s.payload_bytes for s in off]))
+        up = float(np.mean([s.request_bytes for s in off]))
+        down = float(np.mean([s.response_bytes for s in off]))
+        rows.append(
+            {
+                "transport": transport,
+                "offloads": len(off),
+                "payload_bytes": round(payload, 1),
+                "request_bytes": round(up, 1),
+                "response_bytes": round(down, 1),
+                "protocol_bytes": round(up + down - payload, 1),
             }
         )
     return rows
@@ -230,6 +264,7 @@ def device_cost(cells: Sequence[Cell], rate_mbit: float, speed: float) -> list[d
         rows.append(
             {
                 "strategy": c.strategy,
+                "transport": c.transport,
                 "rate_mbit": c.rate_mbit,
                 "pieces_ms": {k: round(v, 4) for k, v in pieces.items()},
                 "device_ms": round(device, 4),
@@ -241,9 +276,9 @@ def device_cost(cells: Sequence[Cell], rate_mbit: float, speed: float) -> list[d
 
 
 def projections(cells: Sequence[Cell], rates: Sequence[float], speed: float) -> dict[str, Any]:
-    """Projected mean latency per strategy, rate and device speed F', the fastest strategy at
-    each (rate, F'), and the range of F' where each split + exit variant beats local-only and
-    both full offloads."""
+    """Projected mean latency per cell name (strategy, transport), rate and device speed F',
+    the fastest at each (rate, F'), and the range of F' where each split + exit variant, on
+    each transport, beats local-only and both full offloads."""
     local = next((c for c in cells if c.rate_mbit is None and c.samples), None)
     table: dict[str, dict[str, dict[str, float]]] = {}
     fastest: dict[str, dict[str, str]] = {}
@@ -256,7 +291,7 @@ def projections(cells: Sequence[Cell], rates: Sequence[float], speed: float) -> 
             continue
         key = f"{rate:g}"
         table[key] = {
-            c.strategy: {
+            c.name: {
                 f"{f:g}": round(c.mean_ms() + (f - speed) * c.device_ms(), 3)
                 for f in PROJECTED_SPEEDS
             }
@@ -267,7 +302,9 @@ def projections(cells: Sequence[Cell], rates: Sequence[float], speed: float) -> 
             for f in PROJECTED_SPEEDS
         }
         ranges[key] = {
-            k: _winning_range(here, speed, k) for k in ("split-exit", "split-exit-adaptive")
+            c.name: _winning_range(here, speed, c)
+            for c in here
+            if c.strategy in ("split-exit", "split-exit-adaptive")
         }
     return {
         "speeds": list(PROJECTED_SPEEDS),
@@ -277,15 +314,12 @@ def projections(cells: Sequence[Cell], rates: Sequence[float], speed: float) -> 
     }
 
 
-def _winning_range(cells: Sequence[Cell], speed: float, key: str) -> dict[str, Any]:
-    """The device speeds F' (from, to; to None: unbounded) where strategy `key` is faster
-    than local-only and than both full offloads, by the linear projection."""
-    by = {c.strategy: c for c in cells}
-    se = by.get(key)
-    if se is None:
-        return {}
+def _winning_range(cells: Sequence[Cell], speed: float, se: Cell) -> dict[str, Any]:
+    """The device speeds F' (from, to; to None: unbounded) where cell `se` is faster than
+    local-only and than both full offloads, by the linear projection."""
+    by = {c.strategy: c for c in cells if c.transport is None}
     lo, hi = 0.0, float("inf")
-    for other in ("local", "offload-jpeg95", "offload-png"):
+    for other in BASELINES:
         o = by.get(other)
         if o is None:
             continue
@@ -309,44 +343,57 @@ FIXED = ("local", "offload-jpeg95", "offload-png", "split", "split-exit")
 BASELINES = ("local", "offload-jpeg95", "offload-png")
 
 
-def goals(cells: Sequence[Cell], rates: Sequence[float]) -> list[dict[str, Any]]:
-    """Per rate: the adaptive policy's mean latency against the best fixed strategy's (goal:
-    within 5%) and against the best of local-only and full offload (goal where splitting
-    should pay: at least 30% below), with what it did, what its cost model expected, and
-    its link estimate at the end."""
+def goals(
+    cells: Sequence[Cell],
+    rates: Sequence[float],
+    meant_to_pay: Sequence[Mapping[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """Per rate and transport: the adaptive policy's mean latency against the best fixed
+    strategy's (over every fixed cell at that rate, either transport; goal: within 5%) and
+    against the best of local-only and full offload (goal where splitting is meant to pay,
+    `meant_to_pay`'s cells from `split_pays.where_split_pays`: at least 30% below), with
+    what it did, what its cost model expected, and its link estimate at the end."""
     local = next((c for c in cells if c.strategy == "local" and c.samples), None)
+    model = {(m["transport"], m["rate_mbit"]): m for m in meant_to_pay}
     rows = []
     for rate in rates:
-        here = {c.strategy: c for c in cells if c.rate_mbit == rate and c.samples}
+        here = [c for c in cells if c.rate_mbit == rate and c.samples]
         if local is not None:
-            here["local"] = local
-        adaptive = here.get("split-exit-adaptive")
-        fixed = {k: here[k].mean_ms() for k in FIXED if k in here}
-        base = {k: here[k].mean_ms() for k in BASELINES if k in here}
-        if adaptive is None or not fixed:
+            here.append(local)
+        fixed = {c.name: c.mean_ms() for c in here if c.strategy in FIXED}
+        base = {c.name: c.mean_ms() for c in here if c.strategy in BASELINES}
+        if not fixed:
             continue
-        a = adaptive.mean_ms()
         best = min(fixed, key=lambda k: fixed[k])
-        link = adaptive.extra.get("link") or {}
-        row: dict[str, Any] = {
-            "rate_mbit": rate,
-            "adaptive_ms": round(a, 3),
-            "expected_ms": adaptive.stats.get("expected_ms"),
-            "link_estimate_mbit": round(link["bandwidth_bps"] / 1e6, 3) if link else None,
-            "adaptive_accuracy": adaptive.stats["accuracy"],
-            "actions": adaptive.stats.get("actions"),
-            "best_fixed": best,
-            "best_fixed_ms": round(fixed[best], 3),
-            "vs_best_fixed_pct": round(100 * (a / fixed[best] - 1), 1),
-            "within_5pct": a <= 1.05 * fixed[best],
-        }
-        if base:
-            b = min(base, key=lambda k: base[k])
-            row |= {
-                "best_baseline": b,
-                "best_baseline_ms": round(base[b], 3),
-                "vs_best_baseline_pct": round(100 * (a / base[b] - 1), 1),
-                "below_by_30pct": a <= 0.7 * base[b],
+        for adaptive in (c for c in here if c.strategy == "split-exit-adaptive"):
+            a = adaptive.mean_ms()
+            link = adaptive.extra.get("link") or {}
+            row: dict[str, Any] = {
+                "rate_mbit": rate,
+                "transport": adaptive.transport,
+                "adaptive_ms": round(a, 3),
+                "expected_ms": adaptive.stats.get("expected_ms"),
+                "link_estimate_mbit": round(link["bandwidth_bps"] / 1e6, 3) if link else None,
+                "adaptive_accuracy": adaptive.stats["accuracy"],
+                "actions": adaptive.stats.get("actions"),
+                "best_fixed": best,
+                "best_fixed_ms": round(fixed[best], 3),
+                "vs_best_fixed_pct": round(100 * (a / fixed[best] - 1), 1),
+                "within_5pct": a <= 1.05 * fixed[best],
             }
-        rows.append(row)
+            if base:
+                b = min(base, key=lambda k: base[k])
+                row |= {
+                    "best_baseline": b,
+                    "best_baseline_ms": round(base[b], 3),
+                    "vs_best_baseline_pct": round(100 * (a / base[b] - 1), 1),
+                    "below_by_30pct": a <= 0.7 * base[b],
+                }
+            m = model.get((adaptive.transport, rate))
+            if m is not None:
+                row["split_meant_to_pay"] = {
+                    "vs_best_baseline_pct": m["vs_best_baseline_pct"],
+                    "pays": m["pays"],
+                }
+            rows.append(row)
     return rows

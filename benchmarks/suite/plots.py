@@ -1,11 +1,12 @@
-"""Two plots per track: latency against link rate per strategy, accuracy against bytes."""
+"""Two plots per track: latency against link rate per strategy and transport, accuracy
+against bytes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .strategies import BY_KEY, STRATEGIES
+from .strategies import STRATEGIES, cell_name, label
 
 COLORS = {
     "local": "#555555",
@@ -27,13 +28,27 @@ def _pyplot() -> Any:
     return plt
 
 
+# a line's style by transport: how a split strategy offloads (None: it does not)
+LINE = {None: ("o", "-"), "http": ("o", "-"), "stream": ("s", "--")}
+
+
+def _cells(doc: dict[str, Any]) -> dict[tuple[str, float | None], dict[str, Any]]:
+    """Stats by (cell name, rate)."""
+    return {
+        (cell_name(c["strategy"], c.get("transport")), c["rate_mbit"]): c["stats"]
+        for c in doc["cells"]
+    }
+
+
 def latency_plot(doc: dict[str, Any], path: Path) -> Path:
-    """Mean (solid) and p95 (dashed) latency against link rate, one line per strategy."""
+    """Latency against link rate, one line per (strategy, transport): the mean thick (solid
+    over HTTP or without a split transport, dashed over the stream), the p95 thin dotted."""
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter
 
     rates = doc["config"]["rates_mbit"]
-    cells = {(c["strategy"], c["rate_mbit"]): c["stats"] for c in doc["cells"]}
+    transports = doc["config"].get("transports") or ["http"]
+    cells = _cells(doc)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for s in STRATEGIES:
         if s.key == "local":
@@ -41,21 +56,19 @@ def latency_plot(doc: dict[str, Any], path: Path) -> Path:
             if st and st.get("inputs"):
                 lat = st["latency_ms"]
                 ax.axhline(lat["mean"], color=COLORS[s.key], lw=2, label=f"{s.label} (no link)")
-                ax.axhline(lat["p95"], color=COLORS[s.key], lw=1, ls="--")
+                ax.axhline(lat["p95"], color=COLORS[s.key], lw=1, ls=":")
             continue
-        pts = [(r, cells[(s.key, r)]) for r in rates if cells.get((s.key, r), {}).get("inputs")]
-        if not pts:
-            continue
-        xs = [r for r, _ in pts]
-        ax.plot(
-            xs,
-            [st["latency_ms"]["mean"] for _, st in pts],
-            "o-",
-            color=COLORS[s.key],
-            lw=2,
-            label=s.label,
-        )
-        ax.plot(xs, [st["latency_ms"]["p95"] for _, st in pts], "--", color=COLORS[s.key], lw=1)
+        for t in transports if s.kind == "split" else [None]:
+            name = cell_name(s.key, t)
+            pts = [(r, cells[(name, r)]) for r in rates if cells.get((name, r), {}).get("inputs")]
+            if not pts:
+                continue
+            xs = [r for r, _ in pts]
+            marker, ls = LINE[t]
+            mean = [st["latency_ms"]["mean"] for _, st in pts]
+            ax.plot(xs, mean, marker=marker, ls=ls, color=COLORS[s.key], lw=2, label=label(name))
+            p95 = [st["latency_ms"]["p95"] for _, st in pts]
+            ax.plot(xs, p95, ls=":", color=COLORS[s.key], lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -68,8 +81,8 @@ def latency_plot(doc: dict[str, Any], path: Path) -> Path:
     cfg = doc["config"]
     ax.set_title(
         f"{doc['track']} track: latency vs bandwidth, {cfg['rtt_ms']:g} ms RTT, "
-        f"device speed F={cfg['device_speed']:g}\n(solid: mean, dashed: p95; "
-        "user-space link emulator)",
+        f"device speed F={cfg['device_speed']:g}\n(thick: mean, dashed over the stream; "
+        "dotted: p95; user-space link emulator)",
         fontsize=9,
     )
     ax.grid(True, which="both", alpha=0.3)
@@ -121,13 +134,14 @@ def accuracy_plot(doc: dict[str, Any], path: Path) -> Path:
         right.plot(
             x,
             st["accuracy"],
-            "o",
+            LINE[c.get("transport")][0],
             ms=9,
+            mfc="none" if c.get("transport") == "stream" else None,
             color=COLORS[c["strategy"]],
-            label=BY_KEY[c["strategy"]].label,
+            label=label(cell_name(c["strategy"], c.get("transport"))),
         )
     right.set_xscale("log")
-    right.set_xlabel("bytes up per input incl. HTTP (local-only: 0, drawn at 1)")
+    right.set_xlabel("bytes up per input incl. protocol (local-only: 0, drawn at 1)")
     right.set_ylabel("accuracy")
     right.set_title(f"strategies at {ref:g} Mbit/s", fontsize=9)
     right.grid(True, which="both", alpha=0.3)

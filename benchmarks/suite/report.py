@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .strategies import BY_KEY, STRATEGIES
+from .strategies import STRATEGIES, cell_name, label
 
 PIECE_LABELS = {
     "preprocess": "preprocess",
@@ -24,10 +24,11 @@ PIECE_LABELS = {
 }
 LINK_NOTE = (
     "`splitexit.link.LinkEmulator`, a user-space TCP shaping proxy on 127.0.0.1 in its own "
-    "process, one per rate (one token bucket per direction at the link rate, RTT/2 of delay each way, delivered by threads "
-    "that sleep and then spin to the due time; no loss, no jitter, no kernel queues; its "
-    "own cost per round trip is measured beside the results, section 2). Not `tc "
-    "netem`: the kernel of the machines this suite was built on has no `sch_netem`."
+    "process, one per rate (one token bucket per direction at the link rate, RTT/2 of delay "
+    "each way, delivered by threads that sleep and then spin to the due time; no loss, no "
+    "jitter, no kernel queues; its own cost per round trip is measured beside the results, "
+    "section 2). Not `tc netem`: the kernel of the machines this suite was built on has no "
+    "`sch_netem`."
 )
 
 
@@ -63,8 +64,19 @@ def machine_line(m: dict[str, Any]) -> str:
     return f"{m['cpu']}{isa}, {m['usable_cores']} usable of {m['cores']} cores"
 
 
-def _label(key: str) -> str:
-    return BY_KEY[key].label
+def _name(row: dict[str, Any]) -> str:
+    """The cell name of a results row with "strategy" and (split strategies) "transport"."""
+    return cell_name(row["strategy"], row.get("transport"))
+
+
+def _names(doc: dict[str, Any]) -> list[str]:
+    """Every strategy of the run, a split one once per transport, in the suite's order."""
+    transports = doc["config"].get("transports") or ["http"]
+    return [
+        cell_name(s.key, t)
+        for s in STRATEGIES
+        for t in (transports if s.kind == "split" else [None])
+    ]
 
 
 def _ms(x: float | None) -> str:
@@ -84,27 +96,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], right_from: int
 
 def _strategies(doc: dict[str, Any]) -> list[str]:
     rates = doc["config"]["rates_mbit"]
-    cells = {(c["strategy"], c["rate_mbit"]): c["stats"] for c in doc["cells"]}
+    cells = {(_name(c), c["rate_mbit"]): c["stats"] for c in doc["cells"]}
     local = cells.get(("local", None))
     head = ["strategy", *(f"{r:g} Mbit/s" for r in rates)]
     lat = []
-    for s in STRATEGIES:
-        row = [s.label]
+    for name in _names(doc):
+        row = [label(name)]
         for r in rates:
-            st = local if s.key == "local" else cells.get((s.key, r))
+            st = local if name == "local" else cells.get((name, r))
             lm = (st or {}).get("latency_ms") or {}
             row.append(f"{_ms(lm.get('mean'))} / {_ms(lm.get('p95'))}" if lm else "-")
-        lat.append(row)
+        if any(cell != "-" for cell in row[1:]):
+            lat.append(row)
     long_rows = []
-    for key, rate in [(c["strategy"], c["rate_mbit"]) for c in doc["cells"]]:
-        st = cells[(key, rate)]
+    for name, rate in [(_name(c), c["rate_mbit"]) for c in doc["cells"]]:
+        st = cells[(name, rate)]
         if not st.get("inputs"):
             continue
         b = st["bytes_per_input"]
         local_share = 1 - (st["offload_rate"] or 0)
         long_rows.append(
             [
-                _label(key),
+                label(name),
                 "-" if rate is None else f"{rate:g}",
                 _ms(st["latency_ms"]["mean"]),
                 _ms(st["latency_ms"]["p95"]),
@@ -125,8 +138,9 @@ def _strategies(doc: dict[str, Any]) -> list[str]:
         *_table(head, lat),
         "",
         "Everything per cell. Bytes per input are averaged over all inputs (0 for an input "
-        "answered on the device) and count the whole HTTP request / response; payload is the "
-        "frame or image alone, per offloaded input.",
+        "answered on the device) and count the whole request / response as it crossed the "
+        "link (HTTP, or the stream's messages); payload is the frame or image alone, per "
+        "offloaded input.",
         "",
         *_table(
             [
@@ -153,7 +167,7 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
         off = r.get("offloaded") or {}
         rows.append(
             [
-                _label(r["strategy"]),
+                label(_name(r)),
                 f"{r['rate_mbit']:g}",
                 _pct(r["offload_rate"]),
                 _ms(r["floor_ms"]),
@@ -175,6 +189,7 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
         )
     bare = [
         [
+            b.get("transport", "http"),
             "direct, no emulator" if b["rate_mbit"] is None else f"{b['rate_mbit']:g}",
             f"{b['request_bytes']:.0f} / {b['response_bytes']:.0f}",
             _ms(b["floor_ms"]),
@@ -223,14 +238,22 @@ def _ideal(doc: dict[str, Any]) -> list[str]:
             rows,
         ),
         "",
-        "Bare requests: `OffloadClient.infer` of one frame at the split strategies' point, "
-        "closed loop, "
-        "no agent, through the same link (floor = bytes x 8 / rate + RTT + tail), and "
-        "straight to the server (floor = tail):",
+        "Bare requests: the agent's client's `infer` of one frame at the split strategies' "
+        "point, per transport, closed loop, no agent, through the same link (floor = bytes "
+        "x 8 / rate + RTT + tail), and straight to the server (floor = tail):",
         "",
         *_table(
-            ["Mbit/s", "B up / down", "floor ms", "measured ms", "gap", "of which link emulator"],
+            [
+                "transport",
+                "Mbit/s",
+                "B up / down",
+                "floor ms",
+                "measured ms",
+                "gap",
+                "of which link emulator",
+            ],
             bare,
+            right_from=2,
         ),
     ]
 
@@ -250,6 +273,17 @@ def _wire(doc: dict[str, Any]) -> list[str]:
                 "-" if r.get("manifest_accuracy") is None else f"{r['manifest_accuracy']:.4f}",
             ]
         )
+    per_transport = [
+        [
+            r["transport"],
+            str(r["offloads"]),
+            f"{r['payload_bytes']:.0f}",
+            f"{r['request_bytes']:.0f}",
+            f"{r['response_bytes']:.0f}",
+            f"{r['protocol_bytes']:.0f}",
+        ]
+        for r in doc.get("offload_bytes", [])
+    ]
     k, bits = w["server_point"]
     teacher = w.get("teacher_accuracy")
     return [
@@ -278,6 +312,24 @@ def _wire(doc: dict[str, Any]) -> list[str]:
             ],
             rows,
         ),
+        *_per_transport(per_transport),
+    ]
+
+
+def _per_transport(rows: Sequence[Sequence[str]]) -> list[str]:
+    if not rows:
+        return []
+    return [
+        "",
+        "Bytes per offloaded input by transport, as they crossed the link (split-only's "
+        "offloads over every rate): the frame, the request and the response, and what the "
+        "protocol adds to both (the stream sends the frame without the header its session "
+        "stated once).",
+        "",
+        *_table(
+            ["transport", "offloads", "frame B", "B up", "B down", "protocol B (up + down)"],
+            rows,
+        ),
     ]
 
 
@@ -292,7 +344,7 @@ def _cost(doc: dict[str, Any]) -> list[str]:
             cells.append("-" if v is None else f"{v:.2f} ({_pct(v / total if total else None)})")
         rows.append(
             [
-                _label(r["strategy"]),
+                label(_name(r)),
                 *cells,
                 f"{r['device_ms']:.2f}",
                 _ms(total),
@@ -323,18 +375,20 @@ def _cost(doc: dict[str, Any]) -> list[str]:
 def _wins(doc: dict[str, Any]) -> list[str]:
     p = doc["projections"]
     speeds = p["speeds"]
-    acc = {(c["strategy"], c["rate_mbit"]): c["stats"].get("accuracy") for c in doc["cells"]}
+    acc = {(_name(c), c["rate_mbit"]): c["stats"].get("accuracy") for c in doc["cells"]}
     rows = []
     for rate, by_speed in p["fastest"].items():
         cells = []
         for f in speeds:
-            key = by_speed[f"{f:g}"]
-            a = acc.get((key, None if key == "local" else float(rate)))
-            cells.append(_label(key) + ("" if a is None else f" ({a:.3f})"))
+            name = by_speed[f"{f:g}"]
+            a = acc.get((name, None if name == "local" else float(rate)))
+            cells.append(label(name) + ("" if a is None else f" ({a:.3f})"))
         rows.append([f"{rate} Mbit/s", *cells])
+    variants = [n for n in _names(doc) if n.split("/")[0] in _VARIANTS]
+    variants = [n for n in variants if any(n in r for r in p["split_exit_wins"].values())]
     ranges = []
-    for rate, by_key in p["split_exit_wins"].items():
-        ranges.append([f"{rate} Mbit/s", *(_range(by_key.get(k)) for k in _VARIANTS)])
+    for rate, by_name in p["split_exit_wins"].items():
+        ranges.append([f"{rate} Mbit/s", *(_range(by_name.get(n)) for n in variants)])
     f = doc["config"]["device_speed"]
     return [
         "## 5. Where split + exit wins",
@@ -349,7 +403,7 @@ def _wins(doc: dict[str, Any]) -> list[str]:
         "Device speeds F' at which each split + exit variant has a lower mean latency than "
         "local-only and both full offloads (same projection):",
         "",
-        *_table(["link", *(_label(k) for k in _VARIANTS)], ranges),
+        *_table(["link", *(label(n) for n in variants)], ranges),
     ]
 
 
@@ -357,41 +411,56 @@ _VARIANTS = ("split-exit", "split-exit-adaptive")
 
 
 def _goals(doc: dict[str, Any]) -> list[str]:
+    meant = doc.get("split_pays") or {}
     rows = []
     for g in doc.get("goals", []):
         acts = ", ".join(f"{k}: {v}" for k, v in (g.get("actions") or {}).items()) or "-"
+        model = g.get("split_meant_to_pay")
+        pays = bool(model and model["pays"])
+        goal = "-"
+        if "best_baseline" in g:
+            goal = f"{g['vs_best_baseline_pct']:+.1f}% " + ("yes" if g["below_by_30pct"] else "no")
+            goal = f"**{goal}**" if pays else f"{goal} (not a goal here)"
         rows.append(
             [
                 f"{g['rate_mbit']:g}",
+                g.get("transport") or "-",
                 _ms(g["adaptive_ms"]),
                 _ms(g.get("expected_ms")),
                 "-" if g.get("link_estimate_mbit") is None else f"{g['link_estimate_mbit']:.3g}",
                 "-" if g["adaptive_accuracy"] is None else f"{g['adaptive_accuracy']:.4f}",
-                f"{_label(g['best_fixed'])} {_ms(g['best_fixed_ms'])}",
+                f"{label(g['best_fixed'])} {_ms(g['best_fixed_ms'])}",
                 f"{g['vs_best_fixed_pct']:+.1f}% " + ("yes" if g["within_5pct"] else "**no**"),
-                f"{_label(g['best_baseline'])} {_ms(g['best_baseline_ms'])}"
+                f"{label(g['best_baseline'])} {_ms(g['best_baseline_ms'])}"
                 if "best_baseline" in g
                 else "-",
-                f"{g['vs_best_baseline_pct']:+.1f}% " + ("yes" if g["below_by_30pct"] else "no")
-                if "best_baseline" in g
-                else "-",
+                "-"
+                if model is None
+                else f"{'yes' if pays else 'no'} ({model['vs_best_baseline_pct']:+.1f}%)",
+                goal,
                 acts,
             ]
         )
     return [
         "## 0. Goals: the adaptive policy against the fixed strategies",
         "",
-        "Mean latency of split + exit + adaptive against the best fixed strategy in the same "
-        "cell (goal: within 5%) and against the best of local-only and full offload (goal "
-        "where splitting should pay: 30% or more below), with the actions it took (image: "
-        "sent the image; exit; offload at (k, bits); tail: finished the tail on the device; "
-        "local: the best exit, for the deadline); *expected* is the mean of what its cost "
-        "model expected each input to take when it chose, *link estimate* the agent's "
-        "bandwidth estimate at the end of the cell.",
+        "Mean latency of split + exit + adaptive (per transport) against the best fixed "
+        "strategy in the same cell, over every fixed row of that rate, either transport "
+        "(goal: within 5%), and against the best of local-only and full offload (goal where "
+        "splitting is meant to pay: 30% or more below; in bold there), with the actions it "
+        "took (image: sent the image; exit; offload at (k, bits); tail: finished the tail on "
+        "the device; local: the best exit, for the deadline); *expected* is the mean of what "
+        "its cost model expected each input to take when it chose, *link estimate* the "
+        "agent's bandwidth estimate at the end of the cell. *Split meant to pay (model)*: "
+        "the cost model's split + exit plan against the better of local-only and full "
+        "offload, priced with this run's measured compute (device x F, server), bytes and "
+        "the link's rate and RTT, not with the measured latencies (`suite/split_pays.py`); "
+        "yes where it is 30% or more below.",
         "",
         *_table(
             [
                 "Mbit/s",
+                "transport",
                 "adaptive ms",
                 "expected ms",
                 "link estimate Mbit/s",
@@ -399,11 +468,14 @@ def _goals(doc: dict[str, Any]) -> list[str]:
                 "best fixed",
                 "vs best fixed",
                 "best of local / full offload",
+                "split meant to pay (model)",
                 "vs it (>= 30% below?)",
                 "actions",
             ],
             rows,
+            right_from=2,
         ),
+        *(["", meant["why"]] if meant.get("why") else []),
     ]
 
 

@@ -68,6 +68,18 @@ STRATEGIES = (
     Strategy("split-exit-adaptive", "split + exit + adaptive", "split", policy="adaptive"),
 )
 BY_KEY = {s.key: s for s in STRATEGIES}
+TRANSPORTS = ("http", "stream")  # how a split strategy offloads: KServe v2 over HTTP, the stream
+
+
+def cell_name(key: str, transport: str | None = None) -> str:
+    """What names a (strategy, transport) in results: the key, "/transport" for a split one."""
+    return key if transport is None else f"{key}/{transport}"
+
+
+def label(name: str) -> str:
+    """A cell name's label in tables and plots, e.g. "split + exit (stream)"."""
+    key, _, transport = name.partition("/")
+    return BY_KEY[key].label + (f" ({transport})" if transport else "")
 
 
 # ------------------------------------------------------------------------------- local
