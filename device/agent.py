@@ -87,7 +87,7 @@ class _Work:
     label: int | None = None
     cost: CostModel | None = None  # the cost model when the input was taken
     plan: Decision | None = None  # before the head: "image" or "head" (None: no choice)
-    exits: frozenset[str] | None = None  # the exits the head runs (None: all)
+    exits: frozenset[str] | None = None  # the exits the head runs (None: not planned yet)
     image: bytes | None = None
     image_s: float = 0.0
 
@@ -115,6 +115,8 @@ class Agent:
         if self.client is not None and self.client.classes is None:
             self.client.classes = len(self.class_names)  # an answer outside them is garbage
         self.exit_names = bundle.manifest.exit_names
+        # an exit above threshold 1 never answers: it is not run (`fallback` computes it)
+        self._enabled = frozenset(n for n in self.exit_names if self.head.thresholds[n] <= 1.0)
         self.points = operating_points(bundle)
         self.fixed = (
             find_point(self.points, config.channels, config.bits)
@@ -329,7 +331,9 @@ class Agent:
             start = time.monotonic()
             x = self.head.preprocess(pixels[None])
             work.preprocess_s = time.monotonic() - start
-            work.result = self.head.run(x, exits=True if work.exits is None else work.exits)
+            if work.exits is None:  # no plan: the exits that can answer (threshold <= 1)
+                work.exits = self._enabled
+            work.result = self.head.run(x, exits=work.exits)
             work.head_s = time.monotonic() - start
         except Exception as e:  # one bad input must not end the run
             return self._record(work, ERROR, error=f"{type(e).__name__}: {e}")
@@ -372,12 +376,10 @@ class Agent:
         if r is None:
             return
         self.measure.observe_head(r.timings, work.preprocess_s)
-        exited = r.exit_name[0]
-        if work.exits is not None:  # the plan's exits, each run unless the input left first
-            if work.exits:
-                self.measure.observe_leave(exited, work.exits)
-        elif exited is not None or all(f"exit_{n}" in r.timings for n in self.exit_names):
-            self.measure.observe_leave(exited)
+        exited, planned = r.exit_name[0], work.exits or frozenset()
+        # the exits planned, each run unless the input left before it
+        if exited is not None or all(f"exit_{n}" in r.timings for n in planned):
+            self.measure.observe_leave(exited, planned)
 
     async def _after_head(
         self, work: _Work, window: asyncio.Semaphore, tasks: set[asyncio.Task]

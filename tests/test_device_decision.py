@@ -138,6 +138,30 @@ def test_exits_that_cost_more_than_what_they_save_are_not_run(device_bundle, tai
     assert all(r.action == "exit" for r in records[4:]), [(r.decided_by, r.action) for r in records]
 
 
+def test_an_exit_that_can_never_answer_is_not_run(device_bundle, tail_server) -> None:
+    thresholds = {"layer1": 1.01, "bottleneck": 0.0}  # layer1 disabled; bottleneck takes all
+    ran: list[str] = []
+
+    class Watched(HeadRunner):
+        """Lists the pieces run for inputs (the warm-up, which times every exit, is not one)."""
+
+        def run(self, x: Any, **kw: Any) -> HeadResult:
+            result = super().run(x, **kw)
+            if kw.get("thresholds") is None:
+                ran.extend(result.timings)
+            return result
+
+    def watched(agent: Agent) -> HeadRunner:
+        return Watched(agent.bundle, thresholds=thresholds)
+
+    for policy in ("fixed", "adaptive"):
+        ran.clear()
+        config = AgentConfig(policy=policy, accuracy_floor=0.5, thresholds=thresholds)
+        records = run(device_bundle, tail_server, "unlimited:2ms", config, n=8, head=watched)
+        assert all(r.decided_by == "bottleneck" for r in records), [r.action for r in records]
+        assert "exit_layer1" not in ran and ran.count("exit_bottleneck") == 8, policy
+
+
 def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead(
     device_bundle, tail_server
 ) -> None:

@@ -4,7 +4,7 @@ Per link rate and transport, `splitexit.cost.CostModel` prices three plans with 
 measured inputs (device compute per piece x F, the server's compute, the link's rate and
 RTT, each strategy's bytes per offload, request and response):
 
-    split + exit   head ─ exits at calibration's leave rates ─ the rest: the faster of
+    split + exit   head ─ the exits that pay, at calibration's leave rates ─ the faster of
                    offload (encode ─ link(frame's bytes) ─ server tail) and the tail here
     local-only     head ─ tail, on the device
     full offload   image encode ─ link(image's bytes) ─ server: whole model (best format)
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from splitexit.cost import Compute, CostModel, Link
+from splitexit_device.policy import exit_plan
 
 from .analysis import Cell
 from .samples import Sample
@@ -31,10 +32,11 @@ PAYS_BELOW = 0.30
 
 
 def split_plan_s(cost: CostModel, leave: Sequence[float], frame_bytes: float) -> float:
-    """Expected seconds of split + exit: exits at `leave` rates, then the faster of the
-    offload (a frame whose round trip moves `frame_bytes`) and the tail here."""
+    """Expected seconds of split + exit: the exits that pay (the agent's `exit_plan`) at
+    `leave` rates, then the faster of the offload (a frame whose round trip moves
+    `frame_bytes`) and the tail here."""
     after = min(float(cost.offload_s(frame_bytes)), cost.tail_here_s())
-    return cost.head_path_s(leave, after)
+    return cost.head_path_s(leave, after, exit_plan(cost, leave, after))
 
 
 def price(
