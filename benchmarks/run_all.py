@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
             "all channels, most bits; calibrate the bundle at it: `splitexit calibrate --point`)",
         )
     p.add_argument("--inputs", type=int, help="test images per cell, each track (300; quick 30)")
+    p.add_argument(
+        "--large-inputs", type=int, help="test images per cell, large track (default: --inputs)"
+    )
+    p.add_argument(
+        "--tracks",
+        default="small,large",
+        help="which tracks to run, comma-separated (small,large; large needs --large-bundle)",
+    )
     p.add_argument("--rates", default="0.1,1,5,20,100", help="link rates, Mbit/s (0.1,1,5,20,100)")
     p.add_argument("--rtt-ms", type=float, default=20.0, help="round-trip time (20)")
     p.add_argument(
@@ -149,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_all: {e}", file=sys.stderr)
         return 2
     args.inputs = args.inputs or (30 if args.quick else 300)
+    args.track_inputs = {"small": args.inputs, "large": args.large_inputs or args.inputs}
+    wanted = [t.strip() for t in args.tracks.split(",") if t.strip()]
+    if not wanted or any(t not in ("small", "large") for t in wanted):
+        print(f"run_all: --tracks takes small and/or large, got {args.tracks!r}", file=sys.stderr)
+        return 2
     args.cell_timeout_s = args.cell_timeout_s or (30.0 if args.quick else 180.0)
     out = args.out or (QUICK_OUT if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     tracks: list[tuple[str, Path | None]] = [("small", args.bundle), ("large", args.large_bundle)]
     written = []
     for track, path in tracks:
+        if track not in wanted:
+            continue
         if track == "small" and path is None:
             from splitexit.zoo import default_bundle_path
 
@@ -187,7 +202,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             f"run_all: ({point[0]}, {point[1]}) is not an operating point of {path}; "
             f"its points: {sorted(grid)}"
         )
-    inputs = load_inputs(bundle, args.inputs)
+    inputs = load_inputs(bundle, args.track_inputs[track])
     say = _sayer(track)
     say(f"bundle {bundle.manifest.name} ({path}), {len(inputs)} inputs, sends at {point}")
     warm_up(bundle, inputs)

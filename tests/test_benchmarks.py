@@ -114,16 +114,20 @@ def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> No
     assert priced["vs_best_baseline_pct"] > -30
 
 
-def test_a_bad_transport_is_one_line_and_exit_2() -> None:
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [("--transport", "http,ftp", "transport"), ("--tracks", "big", "tracks")],
+)
+def test_a_bad_transport_or_track_is_one_line_and_exit_2(flag: str, value: str, named: str) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--transport", "http,ftp"],
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), flag, value],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=120,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().count("\n") == 0 and "transport" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and named in done.stderr
 
 
 @pytest.mark.slow
