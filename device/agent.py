@@ -165,6 +165,7 @@ class Agent:
                 probe_interval_s=config.probe_interval_s,
                 log=self.log,
             )
+        self._taken: dict[str, float] = {}  # action -> when last taken ("head", "exits", "tail")
         self._run_id = uuid.uuid4().hex[:12]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="splitexit-head")
         self._stopping = False
@@ -312,9 +313,14 @@ class Agent:
         work.plan = start(
             self._choices(), work.cost, self._rule(work), self.measure.leave_rates(), images
         )
+        if work.plan.action == "image" and self._stale("head", work.t0):
+            work.plan = None  # run the head once more: its estimate may be stale
+            return
         plan = work.plan.exits
         if plan is not None:
             work.exits = frozenset(n for n, on in zip(self.exit_names, plan, strict=True) if on)
+            if work.exits != self._enabled and self._stale("exits", work.t0):
+                work.exits = self._enabled
 
     def _run_head(self, work: _Work) -> Record | None:
         """Worker thread: load, then encode the image (the plan says so) or preprocess and
@@ -375,6 +381,9 @@ class Agent:
         r = work.result
         if r is None:
             return
+        self._taken["head"] = time.monotonic()
+        if work.exits == self._enabled:
+            self._taken["exits"] = self._taken["head"]
         self.measure.observe_head(r.timings, work.preprocess_s)
         exited, planned = r.exit_name[0], work.exits or frozenset()
         # the exits planned, each run unless the input left before it
@@ -393,6 +402,9 @@ class Agent:
         if self.net.disabled is not None:
             return await self._here(work, self.net.disabled)
         decision = self._decide(work)
+        if decision.action == "offload" and self.tail is not None and self._stale("tail"):
+            tail_s = work.cost.tail_here_s() if work.cost is not None else None
+            decision = Decision("tail", None, tail_s, "explore: not taken for a while")
         expected = self._expected(work, decision)
         if decision.action == "local":
             return self._local(work, None, "deadline", action="local", expected_s=expected)
@@ -487,6 +499,7 @@ class Agent:
                 self._pool, self.tail.run_code, z
             )
         tail_s = time.monotonic() - start
+        self._taken["tail"] = time.monotonic()
         self.measure.observe_tail(tail_s)
         prediction, probability = np.asarray(answer.prediction), np.asarray(answer.probability)
         return self._record(
@@ -530,6 +543,15 @@ class Agent:
             window.release()
             return False
         return got
+
+    def _stale(self, action: str, now: float | None = None) -> bool:
+        """The adaptive rule has not taken `action` for `explore_s` (it is due to, once)."""
+        every = self.config.explore_s
+        if every <= 0 or self.config.policy != "adaptive":
+            return False
+        now = time.monotonic() if now is None else now
+        last = self._taken.setdefault(action, now)  # the warm-up timed it: fresh at start
+        return now - last >= every
 
     def _choices(self) -> Choices:
         """The points with their measured frame sizes (rebuilt when a size moved)."""

@@ -33,6 +33,9 @@ class AgentConfig:
         window: most frames in flight at once.
         local_only: never offload (inputs no exit takes get the best exit's answer).
         probe_interval_s: time the link with a small request this often (0: never).
+        explore_s: the adaptive rule takes an action it has not taken for this long (the
+            head, with every exit that can answer, or the tail here) once, so that a stale
+            estimate of its cost cannot keep it from being chosen (0: never).
         images: the adaptive rule may send the image (when the server takes images), in
             any of `image_formats` (the expected-fastest; JPEG and WebP at `image_quality`).
         tail_here: the device may finish the tail itself, running the bundle's tail on the
@@ -51,6 +54,7 @@ class AgentConfig:
     window: int = 4
     local_only: bool = False
     probe_interval_s: float = 0.5
+    explore_s: float = 5.0
     images: bool = True
     tail_here: bool = False
     image_formats: tuple[str, ...] = ("png", "jpeg")
@@ -69,6 +73,8 @@ class AgentConfig:
             raise ValueError(f"deadline must be > 0, got {self.deadline_s}")
         if self.accuracy_floor is not None and not 0 <= self.accuracy_floor <= 1:
             raise ValueError(f"accuracy floor must be in [0, 1], got {self.accuracy_floor}")
+        if not self.explore_s >= 0:
+            raise ValueError(f"explore_s must be >= 0 seconds, got {self.explore_s}")
 
 
 def operating_points(bundle: Bundle) -> list[OperatingPoint]:

@@ -166,6 +166,33 @@ def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead(
         assert r.timings_ms["head"] is None  # the head never ran
 
 
+def test_a_head_timed_slow_at_warm_up_is_timed_again_and_chosen_once_it_is_fast(
+    device_bundle, tail_server
+) -> None:
+    class SlowAtFirst(SlowHead):
+        """Slow for the warm-up's rounds, then as fast as the head is."""
+
+        calls = 0
+
+        def run(self, x: Any, **kw: Any) -> HeadResult:
+            self.calls += 1
+            if self.calls > 6:
+                self.delay_s = 0.0
+            return super().run(x, **kw)
+
+    def slow_at_first(agent: Agent) -> HeadRunner:
+        return SlowAtFirst(agent.bundle, delay_s=0.02)
+
+    config = AgentConfig(accuracy_floor=0.5, explore_s=0.05)
+    records = run(device_bundle, tail_server, "10mbit:20ms", config, n=40, head=slow_at_first)
+    actions = [r.action for r in records]
+    assert actions[0] == "image", actions  # what the warm-up measured
+    assert "image" not in actions[-10:], actions  # the head, timed again, is the faster
+    never = dataclasses.replace(config, explore_s=0.0)
+    records = run(device_bundle, tail_server, "10mbit:20ms", never, n=12, head=slow_at_first)
+    assert all(r.action == "image" for r in records), [r.action for r in records]
+
+
 def test_a_fast_head_keeps_the_image_on_the_device_when_the_round_trip_costs_more(
     device_bundle, tail_server
 ) -> None:
