@@ -181,7 +181,7 @@ def test_a_head_timed_slow_at_warm_up_is_timed_again_and_chosen_once_it_is_fast(
             return super().run(x, **kw)
 
     def slow_at_first(agent: Agent) -> HeadRunner:
-        return SlowAtFirst(agent.bundle, delay_s=0.02)
+        return SlowAtFirst(agent.bundle, delay_s=0.06)  # far slower than any image
 
     config = AgentConfig(accuracy_floor=0.5, explore_s=0.05)
     records = run(device_bundle, tail_server, "10mbit:20ms", config, n=40, head=slow_at_first)
@@ -190,7 +190,9 @@ def test_a_head_timed_slow_at_warm_up_is_timed_again_and_chosen_once_it_is_fast(
     assert "image" not in actions[-10:], actions  # the head, timed again, is the faster
     never = dataclasses.replace(config, explore_s=0.0)
     records = run(device_bundle, tail_server, "10mbit:20ms", never, n=12, head=slow_at_first)
-    assert all(r.action == "image" for r in records), [r.action for r in records]
+    assert all(r.action == "image" for r in records), [
+        (r.action, r.expected_ms, r.timings_ms["total"], r.reason) for r in records
+    ]
 
 
 def test_a_fast_head_keeps_the_image_on_the_device_when_the_round_trip_costs_more(
