@@ -145,8 +145,10 @@ def test_an_exit_that_can_never_answer_is_not_run(device_bundle, tail_server) ->
         ran.clear()
         config = AgentConfig(policy=policy, accuracy_floor=0.5, thresholds=thresholds)
         records = run(device_bundle, tail_server, "unlimited:2ms", config, n=8, head=watched)
-        assert all(r.decided_by == "bottleneck" for r in records), [r.action for r in records]
-        assert "exit_layer1" not in ran and ran.count("exit_bottleneck") == 8, policy
+        assert "exit_layer1" not in ran, policy
+        if policy == "fixed":  # (the adaptive rule may skip the other exit too, where cheaper)
+            assert all(r.decided_by == "bottleneck" for r in records), [r.action for r in records]
+            assert ran.count("exit_bottleneck") == 8
 
 
 def test_a_slow_head_sends_the_image_to_the_servers_whole_model_instead(
