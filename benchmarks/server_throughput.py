@@ -1,20 +1,21 @@
-"""Tail-server throughput: requests/s and p50/p99 latency versus concurrency, batching off and
-on, splitexit's server side by side with LitServe serving the same TorchScript tail.
+"""Tail-server throughput: answers/s and p50/p99 latency versus concurrency, batching off and
+on, splitexit's server side by side with LitServe serving the same tail (the same model).
 
-    this process: load generator (keep-alive HTTP/1.1 over asyncio streams, prebuilt requests;
-        │          WebSockets with the `websockets` client, prebuilt messages)
+    core LOAD_CPU (0): the load, its own process (`loadgen.py`), one request in flight per client
+        │  h2load (C, HTTP/1.1 keep-alive)       POST /v2/models/NAME/infer  binary extension
+        │  loadgen.py (websockets on uvloop)     WS   /v2/models/NAME/stream one per client
+        │  h2load                                POST /predict               JSON, frame in base64
         │ loopback
-        ├─► splitexit-server (subprocess)   POST /v2/models/NAME/infer  binary extension
-        │                                   POST /v2/models/NAME/infer  JSON, frame in base64
-        │                                   WS   /v2/models/NAME/stream one stream per client
-        └─► LitServe (subprocess)           POST /predict               JSON, frame in base64
+    core SERVER_CPU (1): splitexit-server (torch or onnxruntime), then LitServe (torch; its API
+                         server and its worker process), one at a time
 
-Every server runs one tail per model, the same torch thread count, and the same batching
-settings (max batch size, max queue delay 2 ms); "batching off" is max batch size 1. The
-frames are real frames of the bundle (seeded random inputs through the head) at its best
-operating point, so the work per request is what a device would cause.
+Every server runs one tail per model, the same thread count, and the same batching settings
+(max batch size, max queue delay 2 ms); "batching off" is max batch size 1. The frames are
+real frames of the bundle (seeded random inputs through the head) at its best operating
+point, so the work per request is what a device would cause. The goal (issue 16): the stream
+at least 2x LitServe's answers/s at an equal or better p99, in every cell.
 
-Run:
+Run (Debian: `apt-get install nghttp2-client`; needs two cores):
     python benchmarks/server_throughput.py                       # bundles built on the fly
     python benchmarks/server_throughput.py --bundle path/to/bundle --duration 5
 Writes benchmarks/results/server_throughput.{md,json}. LitServe is optional
@@ -24,24 +25,24 @@ Writes benchmarks/results/server_throughput.{md,json}. LitServe is optional
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import Load, h2load_load, stream_load
 
 from splitexit.demo import free_port
 from splitexit.processes import server_process, wait_ready
@@ -52,6 +53,7 @@ LOOPBACK = "127.0.0.1"
 CONCURRENCY = (1, 4, 16, 64)
 BATCH_SIZES = (1, 32)  # 1: batching off
 QUEUE_DELAY_MS = 2.0
+NO_ADMISSION_MS = 600_000  # admission control off, as LitServe has none (benchmarks/overload.py)
 FRAMES = 64
 TRACKS = {
     "tiny": "built on the fly: the test suite's tiny model (small_resnet w=8, cut after layer2, "
@@ -65,7 +67,10 @@ TRACKS = {
 
 
 def build_bundle(dest: Path, track: str) -> Path:
-    """A bundle with random weights and the shape of a track's model (compute is the same)."""
+    """A bundle with random weights and the shape of a track's model (compute is the same),
+    with its ONNX graphs when the export extra is installed."""
+    import importlib.util
+
     import torch
 
     from splitexit.bundle import export_bundle
@@ -82,6 +87,7 @@ def build_bundle(dest: Path, track: str) -> Path:
         kw = {"channels": 4, "hidden": 8, "exit_points": ("layer1",)}
         split = "layer2"
     net = SplitExitNet.from_teacher(teacher, split, input_shape=(1, 28, 28), **kw).eval()
+    onnx = importlib.util.find_spec("onnx") is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_bundle(
@@ -93,8 +99,36 @@ def build_bundle(dest: Path, track: str) -> Path:
             class_names=[str(i) for i in range(10)],
             example_input_shape=(1, 28, 28),
             overwrite=True,
+            onnx=onnx,
         )
     return dest
+
+
+def tail_ms(bundle_path: Path, frames: list[bytes], runtime: str, threads: int) -> dict[str, float]:
+    """The tail's own time (decoded codes in, answers out) for 1 and for 32 frames, in ms, on
+    `runtime` in this process (pinned to the server's core): what no server can go below."""
+    import time
+
+    from splitexit.bundle import load_bundle
+    from splitexit.runtime import TailRunner
+    from splitexit.runtime.backends import RuntimeOptions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = TailRunner(
+            load_bundle(bundle_path, parts=("tail",)),
+            runtime=RuntimeOptions(runtime, ("cpu",), threads),
+        )
+    out = {}
+    for n, repeats in ((1, 200), (32, 20)):
+        codes = [runner.decode(f) for f in (frames * 32)[:n]]
+        for _ in range(repeats // 4):
+            runner.run_codes(codes)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            runner.run_codes(codes)
+        out[str(n)] = round((time.perf_counter() - start) / repeats * 1e3, 2)
+    return out
 
 
 def make_frames(bundle_path: Path, n: int = FRAMES) -> tuple[str, list[bytes], tuple[int, int]]:
@@ -139,24 +173,30 @@ def running(cmd: list[str], port: int, ready_path: str, log: Path) -> Iterator[N
 
 
 def start_splitexit(
-    bundle: Path, port: int, max_batch: int, threads: int, log: Path
+    bundle: Path, port: int, max_batch: int, runtime: str, args: argparse.Namespace, log: Path
 ) -> contextlib.AbstractContextManager[None]:
     cmd = [
+        "taskset", "-c", str(args.server_cpu),
         sys.executable, "-W", "ignore", "-m", "splitexit_server.cli", "--bundle", str(bundle),
         "--host", LOOPBACK, "--port", str(port), "--max-batch-size", str(max_batch),
         "--max-queue-delay-ms", str(QUEUE_DELAY_MS), "--max-queue-size", "1024",
-        "--threads", str(threads), "--log-level", "warning", "--no-images",
+        "--queue-delay-target-ms", str(NO_ADMISSION_MS),
+        "--threads", str(args.torch_threads), "--runtime", runtime, "--log-level", "warning",
+        "--no-images",
     ]  # fmt: skip
     return running(cmd, port, "/v2/health/ready", log)
 
 
 def start_litserve(
-    bundle: Path, port: int, max_batch: int, threads: int, log: Path
+    bundle: Path, port: int, max_batch: int, runtime: str, args: argparse.Namespace, log: Path
 ) -> contextlib.AbstractContextManager[None]:
+    """LitServe (its API server and its worker: both on the server's core), torch only."""
+    assert runtime == "torch"
     cmd = [
+        "taskset", "-c", str(args.server_cpu),
         sys.executable, "-W", "ignore", str(Path(__file__).resolve()), "--serve-litserve",
         "--bundle", str(bundle), "--port", str(port), "--max-batch", str(max_batch),
-        "--torch-threads", str(threads),
+        "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
     return running(cmd, port, "/health", log)
 
@@ -214,109 +254,18 @@ def serve_litserve(bundle: Path, port: int, max_batch: int, threads: int) -> Non
     server.run(host=LOOPBACK, port=port, log_level="warning", generate_client_file=False)
 
 
-# ---------------------------------------------------------------------- load generator
+# ------------------------------------------------------------------------------ loads
 
 
-def http_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", f"Host: {LOOPBACK}", f"Content-Length: {len(body)}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-async def _read_response(reader: asyncio.StreamReader) -> int:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    if length:
-        await reader.readexactly(length)
-    return status
-
-
-async def _client(
-    port: int, requests: list[bytes], offset: int, stop_at: float, out: dict[str, list]
-) -> None:
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
-    try:
-        i = offset
-        for _ in range(1_000_000):  # bounded; the clock stops it first
-            if time.perf_counter() >= stop_at:
-                break
-            start = time.perf_counter()
-            writer.write(requests[i % len(requests)])
-            status = await _read_response(reader)
-            out["latency"].append(time.perf_counter() - start)
-            out["status"].append(status)
-            i += 1
-    finally:
-        writer.close()
-
-
-async def _stream_client(
-    port: int, requests: list[bytes], offset: int, stop_at: float, out: dict[str, list]
-) -> None:
-    """One device's stream: requests[0] is the handshake's URL path and session, then the
-    messages; an answer counts as 200, a "busy" or other error answer as 429."""
-    from websockets.asyncio.client import connect
-
-    from splitexit.protocol.stream import SUBPROTOCOL
-
-    path, session = json.loads(requests[0])
-    messages = requests[1:]
-    url = f"ws://{LOOPBACK}:{port}{path}"
-    async with connect(
-        url, subprotocols=[SUBPROTOCOL], compression=None, ping_interval=None, max_size=2**20
-    ) as ws:
-        await ws.send(session)
-        await ws.recv()
-        i = offset
-        for _ in range(1_000_000):
-            if time.perf_counter() >= stop_at:
-                break
-            start = time.perf_counter()
-            await ws.send(messages[i % len(messages)])
-            reply = await ws.recv()
-            out["latency"].append(time.perf_counter() - start)
-            out["status"].append(200 if isinstance(reply, bytes) else 429)
-            i += 1
-
-
-def stream_requests(bundle: Path, name: str, frames: list[bytes], point: tuple[int, int]) -> list:
-    """The stream's "requests": its path and handshake, then one message per frame."""
+def stream_spec(bundle: Path, name: str, frames: list[bytes], point: tuple[int, int]) -> tuple:
+    """The stream's URL path, its handshake, and one message per frame."""
     from splitexit.bundle.manifest import read_manifest
     from splitexit.protocol.stream import message_from_frame, session_for
 
     m = read_manifest(bundle)
     session = session_for(name, m.fingerprint, m.bottleneck.code_shape, [point])
-    head = json.dumps([f"/v2/models/{name}/stream", session.encode()]).encode()
-    return [head, *(message_from_frame(f, 0, session) for f in frames)]
-
-
-async def measure(
-    port: int, requests: list[bytes], concurrency: int, seconds: float, client: Any = _client
-) -> dict:
-    warm: dict[str, list] = {"latency": [], "status": []}
-    stop_warm = time.perf_counter() + min(1.0, seconds / 4)
-    await asyncio.gather(*(client(port, requests, i, stop_warm, warm) for i in range(concurrency)))
-    out: dict[str, list] = {"latency": [], "status": []}
-    start = time.perf_counter()
-    await asyncio.gather(
-        *(client(port, requests, i * 7, start + seconds, out) for i in range(concurrency))
-    )
-    elapsed = time.perf_counter() - start
-    lat = np.asarray(out["latency"]) * 1000
-    ok = sum(1 for s in out["status"] if s == 200)
-    return {
-        "requests": len(lat),
-        "ok": ok,
-        "errors": len(lat) - ok,
-        "rps": round(ok / elapsed, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
-        "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
-    }
+    messages = [message_from_frame(f, 0, session) for f in frames]
+    return f"/v2/models/{name}/stream", session.encode(), messages
 
 
 # ------------------------------------------------------------------------------ main
@@ -354,6 +303,8 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("h2load") is None or shutil.which("taskset") is None:
+        raise SystemExit("needs h2load and taskset: apt-get install nghttp2-client util-linux")
     have_litserve = ls is not None
     if not have_litserve:
         print("litserve not installed: measuring splitexit only", file=sys.stderr)
@@ -363,8 +314,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(
-    args: argparse.Namespace, bundles: list[Path], tmp: Path, have_litserve: bool
+    args: argparse.Namespace, bundles: list[Path], tmp: Path, have_lit: bool
 ) -> dict[str, Any]:
+    args.tmp = tmp
     described = {str(b): str(b) for b in bundles}
     if not bundles:
         bundles = [build_bundle(tmp / t, t) for t in args.tracks]
@@ -373,81 +325,122 @@ def _run(
         "machine": machine(),
         "settings": {
             "duration_s": args.duration,
+            "warmup_s": args.warmup,
             "concurrency": list(args.concurrency),
             "max_batch_sizes": list(BATCH_SIZES),
             "max_queue_delay_ms": QUEUE_DELAY_MS,
             "torch_threads": args.torch_threads,
+            "server_cpu": args.server_cpu,
+            "load_cpu": args.load_cpu,
         },
         "bundles": [],
     }
-    from splitexit.protocol.kserve import build_binary_request
-
     for bundle in bundles:
-        name, frames, point = make_frames(bundle)
-        path = f"/v2/models/{name}/infer"
-        binary = []
-        for f in frames:
-            body, headers = build_binary_request("frame", [f], outputs=["class", "probability"])
-            binary.append(http_request(path, body, headers))
-        as_json = [
-            http_request(
-                path,
-                json.dumps(
-                    {
-                        "inputs": [
-                            {
-                                "name": "frame",
-                                "shape": [1],
-                                "datatype": "BYTES",
-                                "data": [base64.b64encode(f).decode()],
-                            }
-                        ]
-                    }
-                ).encode(),
-                {"Content-Type": "application/json"},
-            )
-            for f in frames
-        ]
-        lit = [
-            http_request(
-                "/predict",
-                json.dumps({"frame": base64.b64encode(f).decode()}).encode(),
-                {"Content-Type": "application/json"},
-            )
-            for f in frames
-        ]
-        entry: dict[str, Any] = {
-            "bundle": described[str(bundle)],
-            "model": name,
-            "operating_point": list(point),
-            "frame_bytes": round(statistics.mean(len(f) for f in frames), 1),
-            "rows": [],
-        }
-        stream = stream_requests(bundle, name, frames, point)
-        for max_batch in BATCH_SIZES:
-            # (the server, then the rows it serves): each server stopped before the next starts
-            plans: list[tuple[Any, list[tuple[str, list, Any]]]] = [
-                (start_splitexit, [
-                    ("splitexit (stream)", stream, _stream_client),
-                    ("splitexit (binary)", binary, _client),
-                    ("splitexit (JSON)", as_json, _client),
-                ]),
-            ]  # fmt: skip
-            if have_litserve:
-                plans.append((start_litserve, [("LitServe (JSON)", lit, _client)]))
-            for starter, rows in plans:
-                port = free_port()
-                log = tmp / f"{starter.__name__}-{port}.log"
-                with starter(bundle, port, max_batch, args.torch_threads, log):
-                    for label, requests, client in rows:
-                        for c in args.concurrency:
-                            cell = asyncio.run(measure(port, requests, c, args.duration, client))
-                            row = {"server": label, "max_batch": max_batch, "concurrency": c}
-                            row.update(cell)
-                            print(json.dumps(row), flush=True)
-                            entry["rows"].append(row)
-        results["bundles"].append(entry)
+        results["bundles"].append(measure_bundle(bundle, described[str(bundle)], args, have_lit))
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
+
+
+def measure_bundle(
+    bundle: Path, described: str, args: argparse.Namespace, have_litserve: bool
+) -> dict[str, Any]:
+    """Every row of one bundle: each server started on its core, measured, stopped."""
+    from splitexit.bundle.manifest import read_manifest
+    from splitexit.protocol.kserve import encode_request
+
+    name, frames, point = make_frames(bundle)
+    runtimes = [r for r in args.runtimes if r == "torch" or read_manifest(bundle).has_onnx]
+    binary, header_length = encode_request(frames[0], None, None)
+    binary_headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
+    lit = json.dumps({"frame": base64.b64encode(frames[0]).decode()}).encode()
+    lit_headers = {"Content-Type": "application/json"}
+    stream_path, session, messages = stream_spec(bundle, name, frames, point)
+    entry: dict[str, Any] = {
+        "bundle": described,
+        "model": name,
+        "operating_point": list(point),
+        "frame_bytes": round(statistics.mean(len(f) for f in frames), 1),
+        "tail_ms": _pinned_tail_ms(bundle, frames, runtimes, args),
+        "rows": [],
+    }
+    load: dict[str, Any] = {"seconds": args.duration, "warmup_s": args.warmup, "cpu": args.load_cpu}
+
+    def stream(port: int, c: int) -> Load:
+        url = f"ws://{LOOPBACK}:{port}{stream_path}"
+        return stream_load(url, session, messages, c, **load)
+
+    def kserve(port: int, c: int) -> Load:
+        url = f"http://{LOOPBACK}:{port}/v2/models/{name}/infer"
+        return h2load_load(url, binary, binary_headers, c, **load)
+
+    def litserve(port: int, c: int) -> Load:
+        return h2load_load(f"http://{LOOPBACK}:{port}/predict", lit, lit_headers, c, **load)
+
+    splitexit_rows = [("splitexit (stream)", stream), ("splitexit (binary)", kserve)]
+    for max_batch in BATCH_SIZES:
+        # (the server, its runtime, the rows it serves): each stopped before the next starts
+        plans: list[tuple[Any, str, list[tuple[str, Any]]]] = [
+            (start_splitexit, rt, splitexit_rows) for rt in runtimes
+        ]
+        if have_litserve:
+            plans.append((start_litserve, "torch", [("LitServe (JSON)", litserve)]))
+        for starter, runtime, rows in plans:
+            port = free_port()
+            log = args.tmp / f"{starter.__name__}-{port}.log"
+            with starter(bundle, port, max_batch, runtime, args, log):
+                for label, measure in rows:
+                    for c in args.concurrency:
+                        row = {
+                            "server": label,
+                            "runtime": runtime,
+                            "max_batch": max_batch,
+                            "concurrency": c,
+                            **measure(port, c),
+                        }
+                        print(json.dumps(row), flush=True)
+                        entry["rows"].append(row)
+    entry["goal"] = goal_cells(entry["rows"])
+    return entry
+
+
+def _pinned_tail_ms(
+    bundle: Path, frames: list[bytes], runtimes: list[str], args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """`tail_ms` per runtime, measured on the server's core (no server runs meanwhile)."""
+    mask = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {args.server_cpu})
+        return {rt: tail_ms(bundle, frames, rt, args.torch_threads) for rt in runtimes}
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
+def goal_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (runtime, batching, concurrency): the stream against LitServe in the same run, and
+    whether it has >= 2x the answers/s at an equal or better p99 (issue 16's goal)."""
+    lit = {(r["max_batch"], r["concurrency"]): r for r in rows if r["server"].startswith("Lit")}
+    cells = []
+    for r in rows:
+        other = lit.get((r["max_batch"], r["concurrency"]))
+        if r["server"] != "splitexit (stream)" or other is None or not other["rps"]:
+            continue
+        ratio = r["rps"] / other["rps"]
+        p99_ok = r["p99_ms"] is not None and r["p99_ms"] <= (other["p99_ms"] or 0.0)
+        cells.append(
+            {
+                "runtime": r["runtime"],
+                "max_batch": r["max_batch"],
+                "concurrency": r["concurrency"],
+                "throughput_x": round(ratio, 2),
+                "p99_ms": r["p99_ms"],
+                "litserve_p99_ms": other["p99_ms"],
+                "met": ratio >= 2.0 and p99_ok and r["errors"] == 0,
+            }
+        )
+    return cells
 
 
 def write_markdown(results: dict[str, Any], path: Path, command: str) -> None:
@@ -460,39 +453,83 @@ def write_markdown(results: dict[str, Any], path: Path, command: str) -> None:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}, "
         f"{m['platform']}; packages {m['packages']} (uvicorn picks uvloop and httptools when "
-        "installed, for both servers); load average at start "
-        f"{m['load_average_at_start']} (the machine is "
-        "shared: other jobs ran at the same time, so absolute numbers are noisy; the servers "
-        "were measured in the same run, one after the other).",
+        f"installed, for both servers); load average {m['load_average_at_start']} at the start, "
+        f"{m.get('load_average_at_end')} at the end (its own two busy processes included; the "
+        "machine is shared, so other jobs may have run too; the servers were measured in the "
+        "same run, one after the other).",
         "",
-        f"Each cell: {s['duration_s']} s of closed-loop load (after a short warm-up) from this "
-        f"process over loopback keep-alive connections, one request in flight per connection; "
-        f"torch threads {s['torch_threads']}; max queue delay {s['max_queue_delay_ms']} ms. "
-        "Batching off = max batch size 1, on = 32. Every request carries one real frame of the "
-        "bundle at its best operating point. `splitexit (stream)` sends it as a stream message "
-        "(one WebSocket per client, the `websockets` client library in this process, one "
-        "message in flight each); `splitexit (binary)` uses the Open Inference "
-        "Protocol binary-data extension; the JSON rows send the frame as base64 in JSON.",
+        f"Each cell: {s['duration_s']} s of closed-loop load after {s['warmup_s']} s of the same "
+        f"load, one request in flight per client, from core {s['load_cpu']} (`h2load --h1` for "
+        "HTTP; `benchmarks/loadgen.py` for the stream: one WebSocket per client, the "
+        "`websockets` client on uvloop, pre-encoded messages) to the server on core "
+        f"{s['server_cpu']} over loopback; {s['torch_threads']} runtime thread(s); max queue "
+        f"delay {s['max_queue_delay_ms']} ms; splitexit's admission control off (LitServe has "
+        "none; `benchmarks/overload.py` measures it). Batching off = max batch size 1, on = 32. "
+        "Every request carries a real frame of the bundle at its best operating point: "
+        "`splitexit (stream)` as a stream message, `splitexit (binary)` with the Open Inference "
+        "Protocol binary-data extension, LitServe as base64 in JSON. The runtime column says "
+        "what ran the tail (the same model in each): LitServe runs it on torch (TorchScript); "
+        "splitexit on torch and on onnxruntime (the bundle's ONNX graphs).",
         "",
     ]
+    mark = {True: "met", False: "**not met**"}
     for b in results["bundles"]:
         lines += [
             f"## {b['model']} ({b['bundle']})",
             "",
             f"Operating point (k, bits) = {tuple(b['operating_point'])}, mean frame "
-            f"{b['frame_bytes']} B.",
+            f"{b['frame_bytes']} B. The tail alone (decoded codes in, answers out, on the "
+            f"server's core) takes {_tail_text(b.get('tail_ms', {}))}: no server answers faster "
+            "than that.",
             "",
-            "| server | batching | concurrency | req/s | p50 ms | p99 ms | errors |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| server | runtime | batching | concurrency | answers/s | p50 ms | p99 ms | errors |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in b["rows"]:
-            batching = "off" if r["max_batch"] == 1 else f"on (max {r['max_batch']})"
             lines.append(
-                f"| {r['server']} | {batching} | {r['concurrency']} | {r['rps']} | "
-                f"{r['p50_ms']} | {r['p99_ms']} | {r['errors']} |"
+                f"| {r['server']} | {r['runtime']} | {_batching(r)} | {r['concurrency']} | "
+                f"{r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} |"
+            )
+        lines += [
+            "",
+            "Goal (issue 16): the stream at least 2x LitServe's answers/s at an equal or better "
+            "p99, no errors.",
+            "",
+            "| stream runtime | batching | concurrency | answers/s vs LitServe | p99 ms "
+            "(LitServe) | 2x goal |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
+        ]
+        for g in b.get("goal", []):
+            lines.append(
+                f"| {g['runtime']} | {_batching(g)} | {g['concurrency']} | "
+                f"{g['throughput_x']}x | {g['p99_ms']} ({g['litserve_p99_ms']}) | "
+                f"{mark[g['met']]} |"
             )
         lines.append("")
+    lines += [
+        "## What bounds the cells not met",
+        "",
+        "- Batching on, one client: each answer waits the max queue delay for a batch that no "
+        "other request joins, on both servers (the batcher is Triton-style: a batch closes when "
+        "full or when its oldest request has waited max_queue_delay). Closing a batch as soon "
+        "as every request in flight is queued would lift these cells; it would also stop "
+        "batching requests that arrive a moment apart, which the stream's tests require.",
+        "- Batching off on torch: the tail's own time (above) against LitServe's time per "
+        "answer (1 / its answers/s): twice LitServe's rate leaves less than the tail takes "
+        "where the tail is the larger part of LitServe's time; onnxruntime runs the same model "
+        "faster.",
+        "",
+    ]
     path.write_text("\n".join(lines))
+
+
+def _tail_text(tail: dict[str, dict[str, float]]) -> str:
+    parts = [f"{t['1']} ms for 1 frame, {t['32']} ms for 32 on {rt}" for rt, t in tail.items()]
+    return "; ".join(parts) or "(not measured)"
+
+
+def _batching(row: dict[str, Any]) -> str:
+    return "off" if row["max_batch"] == 1 else f"on (max {row['max_batch']})"
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -505,7 +542,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracks", nargs="+", default=["tiny", "small"], help="built when no --bundle")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
-    p.add_argument("--torch-threads", type=int, default=1)
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each cell")
+    p.add_argument(
+        "--runtimes",
+        nargs="+",
+        default=["torch", "onnxruntime"],
+        help="splitexit's runtimes (onnxruntime: when the bundle has ONNX graphs)",
+    )
+    p.add_argument("--torch-threads", type=int, default=1, help="threads of every server's runtime")
+    p.add_argument("--server-cpu", type=int, default=1, help="the core the servers run on")
+    p.add_argument("--load-cpu", type=int, default=0, help="the core the load runs on")
     p.add_argument("--out", type=Path, default=RESULTS / "server_throughput")
     p.add_argument("--serve-litserve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
