@@ -81,6 +81,39 @@ def parse_h2load(stdout: str, log: str, seconds: float) -> Load:
     return summarize(ok, len(rows) - len(ok) + failed, seconds)
 
 
+def run_h2load(
+    url: str,
+    body: Path,
+    headers: dict[str, str],
+    clients: int,
+    seconds: float,
+    log: Path,
+    *,
+    warmup_s: float = 0.0,
+    rps: float | None = None,
+    cpu: int = 0,
+) -> tuple[str, list[str]]:
+    """`clients` h2load clients (one thread, `-m 1`) POSTing the file `body` to `url` for
+    `seconds` after `warmup_s` (each client at `rps` requests/s, None: closed loop), h2load
+    pinned to core `cpu`, one line per measured request in `log`; returns its summary
+    (stdout) and the command. Raises RuntimeError if h2load fails."""
+    cmd = [
+        "taskset", "-c", str(cpu), "h2load", "--h1", "-c", str(clients), "-m", "1",
+        "-t", "1", "-D", f"{round(seconds * 1e3)}ms", "-d", str(body), "--log-file", str(log),
+    ]  # fmt: skip
+    if warmup_s > 0:
+        cmd += ["--warm-up-time", f"{round(warmup_s * 1e3)}ms"]
+    if rps is not None:
+        cmd += ["--rps", f"{rps:g}"]
+    for name, value in headers.items():
+        cmd += ["-H", f"{name}: {value}"]
+    cmd.append(url)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup_s + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout, cmd
+
+
 def h2load_load(
     url: str,
     body: bytes,
@@ -91,25 +124,14 @@ def h2load_load(
     warmup_s: float = 1.0,
     cpu: int = 0,
 ) -> Load:
-    """`clients` h2load clients (one thread, `-m 1`) POSTing `body` to `url` for `seconds`
-    after `warmup_s`, h2load pinned to core `cpu`."""
+    """`run_h2load` closed loop on `body`, as a `Load` row."""
     with tempfile.TemporaryDirectory(prefix="splitexit-h2load-") as tmp:
         data, log = Path(tmp) / "body.bin", Path(tmp) / "requests.log"
         data.write_bytes(body)
-        cmd = [
-            "taskset", "-c", str(cpu), "h2load", "--h1", "-c", str(clients), "-m", "1",
-            "-t", "1", "-D", f"{round(seconds * 1e3)}ms",
-            "--warm-up-time", f"{round(warmup_s * 1e3)}ms",
-            "-d", str(data), "--log-file", str(log),
-        ]  # fmt: skip
-        for name, value in headers.items():
-            cmd += ["-H", f"{name}: {value}"]
-        done = subprocess.run(
-            [*cmd, url], capture_output=True, text=True, timeout=seconds + warmup_s + 60
+        stdout, _ = run_h2load(
+            url, data, headers, clients, seconds, log, warmup_s=warmup_s, cpu=cpu
         )
-        if done.returncode != 0:
-            raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr[-2000:]}")
-        return parse_h2load(done.stdout, log.read_text() if log.exists() else "", seconds)
+        return parse_h2load(stdout, log.read_text() if log.exists() else "", seconds)
 
 
 # ------------------------------------------------------------------------------ stream

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import run_h2load
 from server_throughput import make_frames
 
 from splitexit.demo import free_port
@@ -114,20 +115,12 @@ def h2load(
     rps: float | None,
     log: Path,
 ) -> dict[str, Any]:
-    """One h2load run; returns what its per-request log says."""
-    cmd = [
-        "taskset", "-c", str(args.load_cpu), "h2load", "--h1", "-c", str(clients), "-t", "1",
-        "-D", f"{seconds:g}", "-d", str(body),
-        "-H", "Content-Type: application/octet-stream",
-        "-H", f"Inference-Header-Content-Length: {header_length}",
-        "--log-file", str(log),
-    ]  # fmt: skip
-    if rps is not None:
-        cmd += ["--rps", f"{rps:g}"]
-    cmd.append(url)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    if done.returncode != 0:
-        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr[-2000:]}")
+    """One h2load run (`loadgen.run_h2load`); returns what its per-request log says."""
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(header_length),
+    }
+    _, cmd = run_h2load(url, body, headers, clients, seconds, log, rps=rps, cpu=args.load_cpu)
     rows = np.loadtxt(log, dtype=np.int64, ndmin=2) if log.stat().st_size else np.zeros((0, 3))
     status, micros = rows[:, 1], rows[:, 2] / 1e3  # ms
     span = seconds

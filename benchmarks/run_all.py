@@ -301,16 +301,18 @@ def measure(
     dict[tuple[str, float | None], BareRequests],
     dict[tuple[str, float], LinkCost],
 ]:
-    """Local-only once, then per rate: bare requests and the link emulator's own cost per
+    """Per rate: local-only, bare requests and the link emulator's own cost per
     transport, full offload once, and each split strategy once per transport. Bare requests
     and emulator costs are keyed by (transport, rate); rate None: straight to the server."""
     say = _sayer(track)
     cells: list[analysis.Cell] = []
     bare: dict[tuple[str, float | None], BareRequests] = {}
     emulator: dict[tuple[str, float], LinkCost] = {}
-    if "local" in args.keys:
-        cells.append(analysis.Cell("local", None, run_local(bundle, inputs, args.device_speed)))
-        say(_line(cells[-1]))
+    # local-only runs at every rate, beside that rate's cells (the machine's pace drifts over a
+    # run): the goals compare each rate's cells with it; the rate-less cell pools every run
+    local = analysis.Cell("local", None, []) if "local" in args.keys else None
+    if local is not None:
+        cells.append(local)
     logs = Path(tempfile.mkdtemp(prefix=f"splitexit-bench-{track}-"))
 
     def bare_run(url: str, transport: str) -> BareRequests:
@@ -323,6 +325,11 @@ def measure(
             bare[(t, None)] = bare_run(url, t)
             say(f"bare requests  {t:<6} direct (no link)  mean {bare[(t, None)].mean_ms:7.2f} ms")
         for rate in args.rates:
+            if local is not None:
+                at = run_local(bundle, inputs, args.device_speed)
+                cells.append(analysis.Cell("local", rate, at))
+                local.samples.extend(cells[-1].samples)
+                say(_line(cells[-1]))
             spec = f"{rate:g}mbit:{args.rtt_ms:g}ms"
             with link_process(url.split("//", 1)[1], spec, logs / "link.log") as link_url:
                 for t in args.transports:

@@ -165,7 +165,8 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
     cells = {(c["strategy"], c["transport"], c["rate_mbit"]): c for c in doc["cells"]}
     split = ("split", "split-exit", "split-exit-adaptive")
     assert set(cells) == {
-        ("local", None, None),
+        ("local", None, None),  # every local-only run, pooled
+        ("local", None, 100.0),  # the one beside the 100 Mbit/s cells
         ("offload-png", None, 100.0),
         *((key, t, 100.0) for key in split for t in ("http", "stream")),
     }

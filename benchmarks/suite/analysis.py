@@ -251,9 +251,12 @@ def device_cost(cells: Sequence[Cell], rate_mbit: float, speed: float) -> list[d
     """Mean device-side ms per input by piece (slowed by F) and their share of the latency,
     for every strategy at `rate_mbit` (local-only: its one cell)."""
     rows = []
+    beside = any(c.strategy == "local" and c.rate_mbit == rate_mbit for c in cells)
     for c in cells:
         if c.rate_mbit not in (None, rate_mbit) or not c.samples:
             continue
+        if beside and c.strategy == "local" and c.rate_mbit is None:
+            continue  # local-only's run at this rate, not all its runs pooled
         n = len(c.samples)
         pieces: dict[str, float] = {}
         for s in c.samples:
@@ -285,7 +288,7 @@ def projections(cells: Sequence[Cell], rates: Sequence[float], speed: float) -> 
     ranges: dict[str, dict[str, Any]] = {}
     for rate in rates:
         here = [c for c in cells if c.rate_mbit == rate and c.samples]
-        if local is not None:
+        if local is not None and not any(c.strategy == "local" for c in here):
             here.append(local)
         if not here:
             continue
@@ -358,8 +361,8 @@ def goals(
     rows = []
     for rate in rates:
         here = [c for c in cells if c.rate_mbit == rate and c.samples]
-        if local is not None:
-            here.append(local)
+        if local is not None and not any(c.strategy == "local" for c in here):
+            here.append(local)  # local-only ran once, not beside each rate's cells
         fixed = {c.name: c.mean_ms() for c in here if c.strategy in FIXED}
         base = {c.name: c.mean_ms() for c in here if c.strategy in BASELINES}
         if not fixed:
