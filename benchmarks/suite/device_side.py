@@ -1,8 +1,8 @@
 """The device's compute, timed per input and piece, and slowed down to model a slower device.
 
-    agent ─ TimedPreprocess ─ BenchHead.run (segments, exits) ─ BenchHead.frame (quantize, frame)
-                 │                   │                                 │   TimedTail, timed_image
-                 └──── DeviceClock: ms per piece per input; sleeps (F - 1) x each piece ────┘
+    agent ─ BenchHead.preprocess ─ .run (segments, exits) ─ .frame (quantize, frame)
+                 │                    │                        │   TimedTail, timed_image
+                 └── DeviceClock: ms per piece per input; sleeps (F - 1) x each piece ──┘
 
 `--device-speed F` is emulated by sleeping: every device-side piece that took t seconds is
 followed by a sleep of (F - 1) t (`splitexit.link.sleep_until`, on time within tens of
@@ -60,18 +60,16 @@ class DeviceClock:
 
 
 class TimedPreprocess:
-    """The bundle's preprocessing, timed; with `begins`, each call starts a new input in the
-    clock (else whoever feeds the inputs does: an input sent as an image is not
-    preprocessed on the device)."""
+    """The bundle's preprocessing for local-only, timed; each call starts a new input in the
+    clock (the agent's inputs are started by whoever feeds them: an input sent as an image
+    is not preprocessed on the device)."""
 
-    def __init__(self, pre: Any, clock: DeviceClock, *, begins: bool = True) -> None:
+    def __init__(self, pre: Any, clock: DeviceClock) -> None:
         self.pre = pre
         self.clock = clock
-        self.begins = begins
 
     def __call__(self, images: Any, device: Any = None) -> torch.Tensor:
-        if self.begins:
-            self.clock.begin()
+        self.clock.begin()
         return self.clock.timed("preprocess", self.pre, images, device)
 
 
@@ -92,6 +90,10 @@ class BenchHead(HeadRunner):
         super().__init__(bundle, thresholds=thresholds)
         self.clock = clock
         self.use_exits = exits
+
+    def preprocess(self, images: Any) -> Any:
+        """As `HeadRunner.preprocess`, timed and slowed (the agent preprocesses through it)."""
+        return self.clock.timed("preprocess", super().preprocess, images)
 
     def run(
         self,

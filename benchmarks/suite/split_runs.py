@@ -1,6 +1,6 @@
 """The split strategies: the device agent itself over the link, and bare requests without it.
 
-    inputs ─ _ClosedLoop ─► device.Agent (TimedPreprocess, BenchHead, timed tail and image)
+    inputs ─ _ClosedLoop ─► device.Agent (BenchHead, TimedTail, timed image encode)
                  ▲                      │ ─ OffloadClient ─► link
                  └── _Collector (each record) ◄┘
 
@@ -32,7 +32,7 @@ from splitexit_device.records import Record, RecordWriter
 from splitexit_device.sources import Input
 from splitexit_device.stream import StreamClient, StreamConfig, bundle_session
 
-from .device_side import BenchHead, DeviceClock, TimedPreprocess, TimedTail, timed_image
+from .device_side import BenchHead, DeviceClock, TimedTail, timed_image
 from .inputs import Inputs
 from .samples import Sample
 from .strategies import GAP_S, Strategy
@@ -193,7 +193,6 @@ async def run_split(
     collector = _Collector(loop.answered)
     async with offload_client(url, bundle, transport) as client:
         agent = Agent(bundle, config, client, writer=collector, log=log)
-        agent.pre = TimedPreprocess(bundle.preprocess, clock, begins=False)  # time and slow
         agent.head = BenchHead(bundle, clock, exits=strategy.exits, thresholds=config.thresholds)
         if agent.tail is not None:
             agent.tail = TimedTail(agent.tail, clock)
