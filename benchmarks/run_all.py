@@ -63,6 +63,7 @@ from splitexit.bundle import Bundle, load_bundle
 from splitexit.calibrate import measure_compute
 from splitexit.commands.calibrate import parse_point
 from splitexit.errors import SplitexitError
+from splitexit.processes import exit_on_sigterm
 from splitexit.runtime import HeadRunner
 from splitexit_device.config import exit_rates, operating_points
 
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (QUICK_OUT if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the device side: one core; the server gets the other
+    exit_on_sigterm()  # servers and link emulators are stopped on the way out
     warnings.filterwarnings("ignore", category=FutureWarning)
 
     tracks: list[tuple[str, Path | None]] = [("small", args.bundle), ("large", args.large_bundle)]

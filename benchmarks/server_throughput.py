@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import Load, h2load_load, stream_load
 
 from splitexit.demo import free_port
-from splitexit.processes import server_process, wait_ready
+from splitexit.processes import exit_on_sigterm, server_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -532,10 +531,6 @@ def _batching(row: dict[str, Any]) -> str:
     return "off" if row["max_batch"] == 1 else f"on (max {row['max_batch']})"
 
 
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--bundle", type=Path, action="append", help="bundle(s) to serve")
@@ -560,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_litserve:
         serve_litserve(args.bundle[0], args.port, args.max_batch, args.torch_threads)
         return 0
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # the servers are stopped on the way out
+    exit_on_sigterm()  # the servers are stopped on the way out
     try:
         results = run(args)
     except KeyboardInterrupt:

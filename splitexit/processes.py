@@ -88,3 +88,13 @@ def _group_gone(group: int, timeout_s: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise `SystemExit(143)` in the main thread, so that every `server_process`
+    block unwinds and stops its group (Python's default for SIGTERM exits without unwinding)."""
+
+    def _exit(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)

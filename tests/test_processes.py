@@ -79,3 +79,28 @@ def test_a_server_that_exits_before_ready_is_one_error_with_its_log(tmp_path: Pa
         wait_ready(f"http://127.0.0.1:{free_port()}/v2/health/ready", proc, log)
     assert "no bundle at /nowhere" in str(err.value)
     assert proc.poll() == 2
+
+
+#: A "benchmark" that starts FORKING with `server_process` and waits, SIGTERM made SystemExit.
+TERMINATED = f"""\
+import sys, time
+from splitexit.processes import exit_on_sigterm, server_process
+exit_on_sigterm()
+with server_process([sys.executable, "-c", {FORKING!r}, sys.argv[1]]):
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process state from /proc")
+def test_sigterm_to_the_caller_stops_its_servers_on_the_way_out(tmp_path: Path) -> None:
+    import subprocess
+
+    pidfile = tmp_path / "worker.pid"
+    caller = subprocess.Popen([sys.executable, "-c", TERMINATED, str(pidfile)])
+    worker = int(wait_for(pidfile))
+    caller.send_signal(signal.SIGTERM)
+    assert caller.wait(30) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while running(worker):
+        assert time.monotonic() < deadline, "SIGTERM to the caller left its server's worker"
+        time.sleep(0.05)
