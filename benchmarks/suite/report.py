@@ -427,7 +427,7 @@ def _goals(doc: dict[str, Any]) -> list[str]:
                 g.get("transport") or "-",
                 _ms(g["adaptive_ms"]),
                 _ms(g.get("expected_ms")),
-                "-" if g.get("link_estimate_mbit") is None else f"{g['link_estimate_mbit']:.3g}",
+                _link_estimate(g.get("link_estimate_mbit")),
                 "-" if g["adaptive_accuracy"] is None else f"{g['adaptive_accuracy']:.4f}",
                 f"{label(g['best_fixed'])} {_ms(g['best_fixed_ms'])}",
                 f"{g['vs_best_fixed_pct']:+.1f}% " + ("yes" if g["within_5pct"] else "**no**"),
@@ -451,7 +451,9 @@ def _goals(doc: dict[str, Any]) -> list[str]:
         "took (image: sent the image; exit; offload at (k, bits); tail: finished the tail on "
         "the device; local: the best exit, for the deadline); *expected* is the mean of what "
         "its cost model expected each input to take when it chose, *link estimate* the "
-        "agent's bandwidth estimate at the end of the cell. *Split meant to pay (model)*: "
+        "agent's bandwidth estimate at the end of the cell (*no limit seen*: its small and "
+        "large requests took alike, so it prices bytes at nothing). *Split meant to pay "
+        "(model)*: "
         "the cost model's split + exit plan against the better of local-only and full "
         "offload, priced with this run's measured compute (device x F, server), bytes and "
         "the link's rate and RTT, not with the measured latencies (`suite/split_pays.py`); "
@@ -547,3 +549,10 @@ def _point(bundle: dict[str, Any]) -> str:
     """ "k x bits" of the point the fixed-policy split strategies send at."""
     point = bundle.get("split_point")
     return "the widest point" if not point else f"k={point[0]} x {point[1]} bits"
+
+
+def _link_estimate(mbit: float | None) -> str:
+    """The agent's bandwidth estimate for section 0 (above 10 Gbit/s: bytes cost it nothing)."""
+    if mbit is None:
+        return "-"
+    return "no limit seen" if mbit > 1e4 else f"{mbit:.3g}"
