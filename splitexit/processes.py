@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +59,35 @@ def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, timeout_s: floa
     `proc` exits first, or once `timeout_s` has passed."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=2.0, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise SplitexitError(f"the server exited with status {proc.returncode}:\n{tail}")
+
+        def ready() -> bool:
             with contextlib.suppress(httpx.HTTPError):
-                if client.get(url).status_code == 200:
-                    return
-            time.sleep(0.2)
-    raise SplitexitError(f"the server was not ready after {timeout_s:.0f} s; see {log}")
+                return client.get(url).status_code == 200
+            return False
+
+        wait_until(ready, proc, log, timeout_s)
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[Any],
+    log: Path,
+    timeout_s: float = 180.0,
+    what: str = "the server",
+    interval_s: float = 0.2,
+) -> None:
+    """Call `ready` every `interval_s` until it is true; raise `SplitexitError` (with the end
+    of `log`) if `proc` exits first, or once `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SplitexitError(f"{what} exited with status {proc.returncode}:\n{tail}")
+        if ready():
+            return
+        time.sleep(interval_s)
+    raise SplitexitError(f"{what} was not ready after {timeout_s:.0f} s; see {log}")
 
 
 def _signal_group(group: int, sig: signal.Signals) -> None:

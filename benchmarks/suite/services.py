@@ -20,15 +20,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from splitexit.demo import free_port
 from splitexit.demo import tail_server as demo_tail_server
-from splitexit.errors import SplitexitError
 from splitexit.link import LOOPBACK
-from splitexit.processes import server_process
+from splitexit.processes import server_process, wait_until
 
 SERVER_ENV = {
     "SPLITEXIT_SERVER_MAX_QUEUE_DELAY_MS": "0",
@@ -68,13 +66,12 @@ def link_process(target: str, spec: str, log: Path, timeout_s: float = 30.0) -> 
     port; yields its URL once it accepts connections, stops it when the block ends."""
     port = free_port()
     cmd = [sys.executable, "-m", "splitexit.link", spec, "--target", target, "--port", str(port)]
+
+    def accepts() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1.0):
+            return True
+        return False
+
     with log.open("ab") as out, server_process(cmd, stdout=out, stderr=subprocess.STDOUT) as proc:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 1.0):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise SplitexitError(f"the link emulator did not start ({spec}): {tail}")
-            time.sleep(0.05)
+        wait_until(accepts, proc, log, timeout_s, f"the link emulator ({spec})", 0.05)
         yield f"http://{LOOPBACK}:{port}"
