@@ -87,7 +87,7 @@ class _Work:
     label: int | None = None
     cost: CostModel | None = None  # the cost model when the input was taken
     plan: Decision | None = None  # before the head: "image" or "head" (None: no choice)
-    exits: frozenset[str] | None = None  # the exits the head runs (None: not planned yet)
+    exits: frozenset[str] | None = None  # the exits the head runs (None: those that can answer)
     image: bytes | None = None
     image_s: float = 0.0
 
@@ -304,6 +304,7 @@ class Agent:
         """Event loop, before the head: the cost model now, whether to send the image, and
         (adaptive) which exits pay for themselves."""
         work.cost = self.measure.cost(work.t0)
+        work.exits = self._enabled  # unless the plan says fewer
         net = self.net
         if self.config.policy != "adaptive" or net is None:
             return
@@ -337,9 +338,8 @@ class Agent:
             start = time.monotonic()
             x = self.head.preprocess(pixels[None])
             work.preprocess_s = time.monotonic() - start
-            if work.exits is None:  # no plan: the exits that can answer (threshold <= 1)
-                work.exits = self._enabled
-            work.result = self.head.run(x, exits=work.exits)
+            exits = self._enabled if work.exits is None else work.exits
+            work.result = self.head.run(x, exits=exits)
             work.head_s = time.monotonic() - start
         except Exception as e:  # one bad input must not end the run
             return self._record(work, ERROR, error=f"{type(e).__name__}: {e}")
@@ -370,8 +370,8 @@ class Agent:
         elif work.plan is not None and work.plan.image_format is not None:
             expected = self.measure.image_encode_s[work.plan.image_format].value
         else:
-            plan = work.plan.exits if work.plan is not None else None
-            expected = cost.bottleneck_s(True if plan is None else plan)
+            run = self._enabled if work.exits is None else work.exits
+            expected = cost.bottleneck_s(tuple(n in run for n in self.exit_names))
         return expected <= _INLINE_MAX_S
 
     def _observe_head(self, work: _Work) -> None:
