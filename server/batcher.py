@@ -6,6 +6,13 @@
                                    their deadline ─ runs the batch ─ hands each request its
                                    result on the event loop ─ takes the next batch
 
+A wait that no other request joins only delays its answer: with one client (a device that
+sends its next frame once the last is answered) every wait is such a wait. After
+`FUTILE_WAITS` of them in a row a batch closes as soon as a worker takes it, and every
+`PROBE_EVERY`-th batch waits again, to see whether company has come; one wait that gathers
+another request makes every batch wait again. Requests that queue while a batch runs still
+share the next batch.
+
 The event loop only queues and hands out results; the `process` function (decode + model)
 runs in `workers` threads, one batch each, so HTTP handling never waits behind inference.
 A worker takes its next batch itself, as soon as it is done with one: it never waits for the
@@ -53,6 +60,11 @@ class Job:
 
 Process = Callable[[Sequence[Job]], Sequence[Any]]
 
+FUTILE_WAITS = 8
+"""Waits in a row that no other request joined, after which batches stop waiting."""
+PROBE_EVERY = 16
+"""While batches do not wait, every this-many-th one waits anyway (a probe for company)."""
+
 
 class Batcher(Protocol):
     """What the server needs of a batcher: DynamicBatcher's `start`, `submit`, `stop`,
@@ -83,7 +95,8 @@ class DynamicBatcher:
         process: called in a worker thread with the batch's jobs; returns, per job, its
             result or an Exception instance to raise in that job's caller.
         max_batch_size: most samples (sum of job sizes) in one batch; a larger job runs alone.
-        max_queue_delay_s: longest the oldest job waits for the batch to fill.
+        max_queue_delay_s: longest the oldest job waits for the batch to fill (no wait once
+            waits keep gathering nobody: see the module's doc).
         max_queue_size: most jobs waiting; `submit` raises QueueFull beyond it.
         workers: batches run at once (threads).
         executor: run the workers here instead of in an own thread pool (each holds one of
@@ -116,6 +129,8 @@ class DynamicBatcher:
         self._workers: list[asyncio.Future[None]] = []
         self._stopping = False
         self.running_jobs = 0
+        self._futile = 0  # waits in a row that gathered no other request
+        self._unwaited = 0  # batches closed without waiting since the last probe
 
     # ------------------------------------------------------------------------- public
 
@@ -226,12 +241,17 @@ class DynamicBatcher:
                 self._cond.wait()
             if self._stopping:
                 return None
-            close_at = self._queue[0].enqueued + self.max_queue_delay_s
-            while self._samples < self.max_batch_size and not self._stopping:
-                remaining = close_at - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            if self._samples < self.max_batch_size and self._wait_pays():
+                queued = len(self._queue)
+                close_at = self._queue[0].enqueued + self.max_queue_delay_s
+                waits = close_at > time.perf_counter()  # not when it waited for a worker
+                while self._samples < self.max_batch_size and not self._stopping:
+                    remaining = close_at - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                if waits:
+                    self._futile = 0 if len(self._queue) > queued else self._futile + 1
             if self._stopping:
                 return None
             expired = self._drop_stale()
@@ -246,6 +266,16 @@ class DynamicBatcher:
         if expired:
             loop.call_soon_threadsafe(self._expire, expired)
         return batch
+
+    def _wait_pays(self) -> bool:
+        """With the lock held: whether this batch waits for company (see the module's doc)."""
+        if self._futile < FUTILE_WAITS:
+            return True
+        self._unwaited += 1
+        if self._unwaited < PROBE_EVERY:
+            return False
+        self._unwaited = 0
+        return True
 
     def _work(self) -> None:
         """A worker: take a batch, run it, hand out its results; until stopped."""

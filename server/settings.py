@@ -88,7 +88,10 @@ class Settings:
         INT, 32, "most samples run in one tail call; also the most samples one request may carry"
     )
     max_queue_delay_ms: float = _setting(
-        FLOAT, 2.0, "longest a request waits for others to fill its batch (0: no waiting)"
+        FLOAT,
+        2.0,
+        "longest a request waits for others to fill its batch (0: no waiting; none either while "
+        "such waits keep gathering nobody, as with one client)",
     )
     max_queue_size: int = _setting(
         INT, 256, "requests waiting per model before new ones get 429 + Retry-After"

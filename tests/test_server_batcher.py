@@ -9,7 +9,14 @@ import time
 
 import pytest
 
-from splitexit_server.batcher import DynamicBatcher, Expired, QueueFull, Stopped
+from splitexit_server.batcher import (
+    FUTILE_WAITS,
+    PROBE_EVERY,
+    DynamicBatcher,
+    Expired,
+    QueueFull,
+    Stopped,
+)
 
 
 class Recorder:
@@ -60,6 +67,37 @@ def test_a_lone_job_waits_at_most_the_queue_delay():
     result, elapsed = run(main())
     assert result == 42
     assert 0.04 <= elapsed < 1.0
+
+
+def test_waits_that_gather_nobody_stop_until_a_probe_finds_company():
+    delay = 0.05
+
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, max_batch_size=8, max_queue_delay_s=delay)
+        await b.start()
+
+        async def lone() -> float:  # one client: the next job once the last is answered
+            start = time.perf_counter()
+            await b.submit(1).future
+            return time.perf_counter() - start
+
+        waited = [await lone() for _ in range(FUTILE_WAITS)]
+        unwaited = [await lone() for _ in range(PROBE_EVERY - 1)]
+        # the probe: it waits, and a second client's job joins it
+        first = b.submit(2)
+        await asyncio.sleep(delay / 5)
+        second = b.submit(3)
+        await asyncio.gather(first.future, second.future)
+        again = await lone()
+        await b.stop()
+        return rec.batches, waited, unwaited, again
+
+    batches, waited, unwaited, again = run(main())
+    assert min(waited) >= 0.8 * delay  # each waited for company that never came
+    assert max(unwaited) < delay / 2  # then none waits
+    assert [2, 3] in batches  # the probe waited, and the second job shared its batch
+    assert again >= 0.8 * delay  # company came once: batches wait again
 
 
 def test_batch_size_counts_samples_and_a_big_job_runs_alone():
