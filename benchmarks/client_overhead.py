@@ -2,8 +2,8 @@
 
     python benchmarks/client_overhead.py [--requests 200] [--gap-ms 10]
 
-Starts `splitexit-server` on the shipped small-track bundle (as the suite does: one torch
-thread, no batching wait) and times, closed loop with `--gap-ms` of idle between requests
+Starts `splitexit-server` on the shipped small-track bundle (as the suite does: one runtime
+thread, default batching) and times, closed loop with `--gap-ms` of idle between requests
 (as the suite's inputs arrive), the median round trip of one real frame at the widest point
 sent by: `device.StreamClient.infer` (the WebSocket stream), `device.OffloadClient.infer`
 (KServe v2 over httpcore's pool, `splitexit_device.http`), a plain `httpx.AsyncClient.post`, and a

@@ -517,7 +517,7 @@ def write_report(doc: dict[str, Any], out: Path, plots: Sequence[Path]) -> tuple
         f"average (1, 5, 15 min) at start {m['load_average']}, at the end "
         f"{m.get('load_average_end')}; Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} thread on the device side; the server, on the same machine, "
-        "one torch thread, no batching wait).",
+        "one runtime thread, default batching).",
         f"- Bundle: `{doc['bundle']['path']}`, fingerprint {doc['bundle']['fingerprint'][:16]}, "
         f"exit thresholds {doc['bundle']['thresholds']}; split-only and split + exit send at "
         f"{_point(doc['bundle'])}; adaptive policy: {doc['adaptive']}.",

@@ -8,9 +8,9 @@ The link emulator runs as its own process (`python -m splitexit.link`), one per 
 in the agent's process its delivery threads, which spin to the due time holding the GIL, would
 slow the agent down, and a real device shares its process with no network.
 
-The server is started as a user would start it, with settings suited to measuring latency
-one input at a time: no batching wait (a lone request never gains from it), one torch
-thread (the device side gets the other core), warnings-only logs.
+The server is started as a user would start it, with its default batching (the waits of a
+lone device's requests gather nobody, and the batcher stops waiting after a few), one
+runtime thread (the device side gets the other core), warnings-only logs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from splitexit.link import LOOPBACK
 from splitexit.processes import server_process, wait_until
 
 SERVER_ENV = {
-    "SPLITEXIT_SERVER_MAX_QUEUE_DELAY_MS": "0",
     "SPLITEXIT_SERVER_THREADS": "1",
     "SPLITEXIT_SERVER_LOG_LEVEL": "warning",
 }
