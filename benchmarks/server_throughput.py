@@ -505,14 +505,21 @@ def write_markdown(results: dict[str, Any], path: Path, command: str) -> None:
                 f"{mark[g['met']]} |"
             )
         lines.append("")
+    unmet = [
+        f"{b['model']} on {g['runtime']}, batching {_batching(g)}, {g['concurrency']} clients"
+        for b in results["bundles"]
+        for g in b.get("goal", [])
+        if not g["met"]
+    ]
     lines += [
-        "## What bounds the cells not met",
+        "## The cells not met, and what bounds them",
         "",
-        "- Batching on, one client: each answer waits the max queue delay for a batch that no "
-        "other request joins, on both servers (the batcher is Triton-style: a batch closes when "
-        "full or when its oldest request has waited max_queue_delay). Closing a batch as soon "
-        "as every request in flight is queued would lift these cells; it would also stop "
-        "batching requests that arrive a moment apart, which the stream's tests require.",
+        *(f"- {u}" for u in unmet or ["none: every cell met the goal"]),
+        "",
+        "- Batching on, few clients: a wait that no other request joins only delays its answer. "
+        "LitServe waits its batch timeout for every such request; splitexit's batcher stops "
+        "waiting once its waits keep gathering nobody (`splitexit_server.batcher`), and a "
+        "periodic probe wait notices company coming back.",
         "- Batching off on torch: the tail's own time (above) against LitServe's time per "
         "answer (1 / its answers/s): twice LitServe's rate leaves less than the tail takes "
         "where the tail is the larger part of LitServe's time; onnxruntime runs the same model "
