@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import os
 import shlex
 import sys
 import tempfile
@@ -130,7 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the split strategies offload, comma-separated: KServe v2 over HTTP (http), "
         "the stream (stream); each split strategy runs once per transport (http,stream)",
     )
+    p.add_argument(
+        "--cpus",
+        default="auto",
+        metavar="DEVICE,SERVER",
+        help="pin the device (this process: agent, local-only, encodes) to core DEVICE and the "
+        "server and link emulator to core SERVER, as on two machines (auto: the first two "
+        "usable cores when there are two or more; none: no pinning)",
+    )
     return p
+
+
+def parse_cpus(text: str) -> tuple[int, int] | None:
+    """--cpus: (device core, server core), or None for no pinning."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if text == "none":
+        return None
+    if text == "auto":
+        return (usable[0], usable[1]) if len(usable) >= 2 else None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+        raise ValueError(f"--cpus takes DEVICE,SERVER (two core numbers), auto or none: {text!r}")
+    device, server = (int(x) for x in parts)
+    if device == server or device not in usable or server not in usable:
+        raise ValueError(f"--cpus {text}: two different cores of the usable {usable}")
+    return device, server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rates, args.keys, args.transports = rates, keys, transports
     try:
         args.points = {"small": parse_point(args.point), "large": parse_point(args.large_point)}
+        cpus = parse_cpus(args.cpus)
     except ValueError as e:
         print(f"run_all: {e}", file=sys.stderr)
         return 2
@@ -167,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (QUICK_OUT if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the device side: one core; the server gets the other
+    args.server_cpus = None if cpus is None else {cpus[1]}
+    args.cpus = None if cpus is None else list(cpus)
+    args.usable_cores = len(os.sched_getaffinity(0)) if cpus is not None else None
+    if cpus is not None:  # before any thread starts: they inherit it
+        os.sched_setaffinity(0, {cpus[0]})
     exit_on_sigterm()  # servers and link emulators are stopped on the way out
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -196,6 +227,8 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
     began = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     machine = report.machine()
+    if args.usable_cores is not None:  # this process is pinned to one of them
+        machine["usable_cores"] = args.usable_cores
     bundle = load_bundle(path)
     point = args.points[track] or widest_point(bundle)
     grid = {(p.channels, p.bits) for p in operating_points(bundle)}
@@ -251,6 +284,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "reference_rate_mbit": ref,
             "gap_ms": GAP_S * 1e3,
             "cell_timeout_s": args.cell_timeout_s,
+            "cpus": args.cpus,
         },
         "adaptive": {"deadline_ms": deadline_ms, "accuracy_floor": adaptive.accuracy_floor},
         "machine": machine,
@@ -321,7 +355,7 @@ def measure(
         run = run_bare_requests(bundle, inputs, url, point, transport=transport)
         return asyncio.run(asyncio.wait_for(run, 60))
 
-    with tail_server(path, logs / "server.log") as url:
+    with tail_server(path, logs / "server.log", cpus=args.server_cpus) as url:
         say(f"tail server at {url} (server log {logs})")
         for t in args.transports:
             bare[(t, None)] = bare_run(url, t)
@@ -333,11 +367,16 @@ def measure(
                 local.samples.extend(cells[-1].samples)
                 say(_line(cells[-1]))
             spec = f"{rate:g}mbit:{args.rtt_ms:g}ms"
-            with link_process(url.split("//", 1)[1], spec, logs / "link.log") as link_url:
+            link = link_process(
+                url.split("//", 1)[1], spec, logs / "link.log", cpus=args.server_cpus
+            )
+            with link as link_url:
                 for t in args.transports:
                     b = bare[(t, rate)] = bare_run(link_url, t)
                     say(f"bare requests  {t:<6} {rate:>5g} Mbit/s  mean {b.mean_ms:7.2f} ms")
-                    own = emulator[(t, rate)] = link_cost(spec, b.request_bytes, b.response_bytes)
+                    own = emulator[(t, rate)] = link_cost(
+                        spec, b.request_bytes, b.response_bytes, cpus=args.server_cpus
+                    )
                     say(f"link emulator  {t:<6} {rate:>5g} Mbit/s  own {own.excess_ms:7.2f} ms")
                 for key in args.keys:
                     if key == "local":

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,9 +85,11 @@ def mean_file_bytes(root: Path) -> float:
 
 
 @contextlib.contextmanager
-def tail_server(bundle: Path, port: int, log: Path, *, max_batch: int = 16) -> Iterator[str]:
+def tail_server(
+    bundle: Path, port: int, log: Path, *, max_batch: int = 16, cpus: Collection[int] | None = None
+) -> Iterator[str]:
     """Run `splitexit-server` on a loopback port until the block ends (in its own process
-    group, stopped whole); yield its URL once ready."""
+    group, stopped whole, on `cpus` if given); yield its URL once ready."""
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable,
@@ -106,7 +108,7 @@ def tail_server(bundle: Path, port: int, log: Path, *, max_batch: int = 16) -> I
     ]
     with (
         log.open("w") as log_file,
-        server_process(cmd, stdout=log_file, stderr=subprocess.STDOUT) as proc,
+        server_process(cmd, stdout=log_file, stderr=subprocess.STDOUT, cpus=cpus) as proc,
     ):
         wait_ready(f"{url}/v2/health/ready", proc, log, READY_TIMEOUT_S)
         yield url

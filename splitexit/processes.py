@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,19 @@ __all__ = ["server_process", "stop_group", "wait_ready"]
 
 @contextlib.contextmanager
 def server_process(
-    cmd: Sequence[str], *, stop_timeout_s: float = 20.0, **popen: Any
+    cmd: Sequence[str],
+    *,
+    stop_timeout_s: float = 20.0,
+    cpus: Collection[int] | None = None,
+    **popen: Any,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`subprocess.Popen(cmd, **popen)` in a new process group for the block; the group is
-    stopped (`stop_group`) when the block ends, however it ends."""
+    stopped (`stop_group`) when the block ends, however it ends. `cpus`: the cores it runs
+    on (set as it starts, so the threads it makes inherit them; Linux)."""
     proc = subprocess.Popen(list(cmd), start_new_session=True, **popen)
     try:
+        if cpus is not None:
+            os.sched_setaffinity(proc.pid, set(cpus))
         yield proc
     finally:
         stop_group(proc, stop_timeout_s)

@@ -116,7 +116,12 @@ def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> No
 
 @pytest.mark.parametrize(
     ("flag", "value", "named"),
-    [("--transport", "http,ftp", "transport"), ("--tracks", "big", "tracks")],
+    [
+        ("--transport", "http,ftp", "transport"),
+        ("--tracks", "big", "tracks"),
+        ("--cpus", "0,0", "cpus"),
+        ("--cpus", "zero", "cpus"),
+    ],
 )
 def test_a_bad_transport_or_track_is_one_line_and_exit_2(flag: str, value: str, named: str) -> None:
     done = subprocess.run(

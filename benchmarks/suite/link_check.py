@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,17 +108,23 @@ def exchanges_ms(host: str, port: int, up: int, down: int, n: int, gap_s: float)
 
 
 def link_cost(
-    spec: LinkSpec | str, up: float, down: float, *, n: int = 30, gap_s: float = 0.010
+    spec: LinkSpec | str,
+    up: float,
+    down: float,
+    *,
+    n: int = 30,
+    gap_s: float = 0.010,
+    cpus: Collection[int] | None = None,
 ) -> LinkCost:
-    """Time `n` raw exchanges of `up` / `down` bytes through a LinkEmulator at `spec` and
-    straight to the responder."""
+    """Time `n` raw exchanges of `up` / `down` bytes through a LinkEmulator at `spec` (on
+    `cpus` if given, as in the suite) and straight to the responder."""
     link = spec if isinstance(spec, LinkSpec) else LinkSpec.parse(spec)
     up, down = max(round(up), 4), max(round(down), 1)
     with responder(down) as port:
         direct = exchanges_ms(LOOPBACK, port, up, down, n, gap_s)
         with tempfile.TemporaryDirectory() as tmp:
             log = Path(tmp) / "link.log"
-            with link_process(f"{LOOPBACK}:{port}", str(link), log) as url:
+            with link_process(f"{LOOPBACK}:{port}", str(link), log, cpus=cpus) as url:
                 through = exchanges_ms(LOOPBACK, int(url.rsplit(":", 1)[1]), up, down, n, gap_s)
     wire = 0.0 if link.rate_bps is None else 1e3 * Link(link.rate_bps, 0.0).transfer_s(up + down)
     return LinkCost(through, direct, wire, link.rtt_s * 1e3)

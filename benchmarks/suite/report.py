@@ -58,6 +58,12 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _cpus_text(cpus: list[int] | None) -> str:
+    if not cpus:
+        return "not pinned to cores"
+    return f"the device on core {cpus[0]}, the server and the link emulator on core {cpus[1]}"
+
+
 def machine_line(m: dict[str, Any]) -> str:
     """The machine in a few words: CPU, its vector unit as torch uses it, cores."""
     isa = f" ({m['cpu_capability']})" if m.get("cpu_capability") else ""
@@ -517,7 +523,7 @@ def write_report(doc: dict[str, Any], out: Path, plots: Sequence[Path]) -> tuple
         f"average (1, 5, 15 min) at start {m['load_average']}, at the end "
         f"{m.get('load_average_end')}; Python {m['python']}, torch {m['torch']} "
         f"({m['torch_threads']} thread on the device side; the server, on the same machine, "
-        "one runtime thread, default batching).",
+        f"one runtime thread, default batching; {_cpus_text(cfg.get('cpus'))}).",
         f"- Bundle: `{doc['bundle']['path']}`, fingerprint {doc['bundle']['fingerprint'][:16]}, "
         f"exit thresholds {doc['bundle']['thresholds']}; split-only and split + exit send at "
         f"{_point(doc['bundle'])}; adaptive policy: {doc['adaptive']}.",

@@ -6,7 +6,9 @@
 
 The link emulator runs as its own process (`python -m splitexit.link`), one per link setting:
 in the agent's process its delivery threads, which spin to the due time holding the GIL, would
-slow the agent down, and a real device shares its process with no network.
+slow the agent down, and a real device shares its process with no network. With `--cpus`
+(the default on two or more cores) the suite's own process, the device, runs on one core and
+the server and the link emulator on another: a real device shares its CPU with neither.
 
 The server is started as a user would start it, with its default batching (the waits of a
 lone device's requests gather nobody, and the batcher stops waiting after a few), one
@@ -20,7 +22,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 from splitexit.demo import free_port
@@ -50,19 +52,26 @@ def environ(changes: Mapping[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tail_server(bundle: Path, log: Path) -> Iterator[str]:
-    """`splitexit-server` for `bundle` on a free loopback port with SERVER_ENV; yields its URL
-    once ready, stops it (SIGTERM, then SIGKILL) when the block ends."""
+def tail_server(bundle: Path, log: Path, cpus: Collection[int] | None = None) -> Iterator[str]:
+    """`splitexit-server` for `bundle` on a free loopback port with SERVER_ENV (on `cpus` if
+    given); yields its URL once ready, stops it (SIGTERM, then SIGKILL) when the block ends."""
     with contextlib.ExitStack() as stack:
         with environ(SERVER_ENV):  # read by the server process when it starts
-            url = stack.enter_context(demo_tail_server(bundle, free_port(), log))
+            url = stack.enter_context(demo_tail_server(bundle, free_port(), log, cpus=cpus))
         yield url
 
 
 @contextlib.contextmanager
-def link_process(target: str, spec: str, log: Path, timeout_s: float = 30.0) -> Iterator[str]:
+def link_process(
+    target: str,
+    spec: str,
+    log: Path,
+    timeout_s: float = 30.0,
+    cpus: Collection[int] | None = None,
+) -> Iterator[str]:
     """`python -m splitexit.link spec --target target` as its own process on a free loopback
-    port; yields its URL once it accepts connections, stops it when the block ends."""
+    port (on `cpus` if given); yields its URL once it accepts connections, stops it when the
+    block ends."""
     port = free_port()
     cmd = [sys.executable, "-m", "splitexit.link", spec, "--target", target, "--port", str(port)]
 
@@ -71,6 +80,9 @@ def link_process(target: str, spec: str, log: Path, timeout_s: float = 30.0) -> 
             return True
         return False
 
-    with log.open("ab") as out, server_process(cmd, stdout=out, stderr=subprocess.STDOUT) as proc:
+    with (
+        log.open("ab") as out,
+        server_process(cmd, stdout=out, stderr=subprocess.STDOUT, cpus=cpus) as proc,
+    ):
         wait_until(accepts, proc, log, timeout_s, f"the link emulator ({spec})", 0.05)
         yield f"http://{LOOPBACK}:{port}"
