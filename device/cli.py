@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from .agent import Agent
     from .client import OffloadClient
+    from .config import AgentConfig
     from .stream import StreamClient
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SERVER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -51,6 +52,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import AgentConfig  # its defaults are the flags' defaults
+
     parser = argparse.ArgumentParser(
         prog="splitexit-device",
         description="The splitexit device agent: run a bundle's head with early exits and "
@@ -109,9 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXIT=VALUE",
         help="override an exit's confidence threshold (repeatable; > 1 disables the exit)",
     )
+    g.add_argument(
+        "--explore-ms",
+        type=float,
+        default=AgentConfig.explore_s * 1e3,
+        help="adaptive: take an action not taken for this long once, so that a stale estimate "
+        "of its cost cannot keep it from being chosen; 0: never (%(default)g)",
+    )
 
     g = run.add_argument_group("network")
-    g.add_argument("--window", type=int, default=4, help="frames in flight at most (4)")
+    g.add_argument(
+        "--window",
+        type=int,
+        default=AgentConfig.window,
+        help="frames in flight at most (%(default)s)",
+    )
     g.add_argument("--timeout-ms", type=float, default=2000, help="one attempt, at most (2000)")
     g.add_argument("--connect-timeout-ms", type=float, default=1000, help="connecting (1000)")
     g.add_argument(
@@ -137,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1000,
         help="stream liveness: ping this often, and a server silent this long is dead (1000)",
+    )
+    g.add_argument(
+        "--probe-interval-ms",
+        type=float,
+        default=AgentConfig.probe_interval_s * 1e3,
+        help="time the link with a small request this often while no answers come in (more "
+        "seldom while they do), for the link estimate the choices rest on; 0: never "
+        "(%(default)g)",
     )
     g.add_argument(
         "--link",
@@ -200,13 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--server must be http(s)://HOST[:PORT], got {args.server!r}")
     if not args.ping_ms > 0:
         parser.error(f"--ping-ms must be > 0, got {args.ping_ms:g}")
+    for flag, ms in (
+        ("--probe-interval-ms", args.probe_interval_ms),
+        ("--explore-ms", args.explore_ms),
+    ):
+        if not ms >= 0:
+            parser.error(f"{flag} must be >= 0 (0: never), got {ms:g}")
     try:
-        thresholds = _thresholds(args.threshold)
-        runtime = runtime_options(args)
+        config = agent_config(args)
     except ValueError as e:
         parser.error(str(e))
     try:
-        return asyncio.run(_run(args, thresholds, runtime))
+        return asyncio.run(_run(args, config))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BundleError as e:
@@ -220,20 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-async def _run(
-    args: argparse.Namespace, thresholds: dict[str, float], runtime: RuntimeOptions
-) -> int:
-    from splitexit.bundle import load_bundle
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The AgentConfig the flags ask for; ValueError names a bad value."""
+    from .config import AgentConfig
 
-    from .agent import Agent, AgentConfig
-    from .client import ClientConfig, OffloadClient, OffloadError
-    from .records import RecordWriter
-    from .sources import limit, open_source
-
-    # the runner loads what its runtime needs: TorchScript parts, or the ONNX graphs
-    bundle = load_bundle(args.bundle, parts=(), device=args.device, trusted_keys=args.trusted_key)
-    source = limit(open_source(args.source), args.limit)
-    config = AgentConfig(
+    thresholds = _thresholds(args.threshold)
+    return AgentConfig(
         policy=args.policy,
         channels=args.channels,
         bits=args.bits,
@@ -244,8 +264,23 @@ async def _run(
         thresholds=thresholds or None,
         window=args.window,
         local_only=args.local_only,
-        runtime=runtime,
+        probe_interval_s=args.probe_interval_ms / 1e3,
+        explore_s=args.explore_ms / 1e3,
+        runtime=runtime_options(args),
     )
+
+
+async def _run(args: argparse.Namespace, config: AgentConfig) -> int:
+    from splitexit.bundle import load_bundle
+
+    from .agent import Agent
+    from .client import ClientConfig, OffloadClient, OffloadError
+    from .records import RecordWriter
+    from .sources import limit, open_source
+
+    # the runner loads what its runtime needs: TorchScript parts, or the ONNX graphs
+    bundle = load_bundle(args.bundle, parts=(), device=args.device, trusted_keys=args.trusted_key)
+    source = limit(open_source(args.source), args.limit)
     link = None
     client = None
     with contextlib.ExitStack() as stack:

@@ -73,6 +73,8 @@ class AgentConfig:
             raise ValueError(f"deadline must be > 0, got {self.deadline_s}")
         if self.accuracy_floor is not None and not 0 <= self.accuracy_floor <= 1:
             raise ValueError(f"accuracy floor must be in [0, 1], got {self.accuracy_floor}")
+        if not self.probe_interval_s >= 0:
+            raise ValueError(f"probe interval must be >= 0 seconds, got {self.probe_interval_s}")
         if not self.explore_s >= 0:
             raise ValueError(f"explore_s must be >= 0 seconds, got {self.explore_s}")
 

@@ -10,7 +10,8 @@ from fixtures.device import DeviceBundle
 from support import interrupt_agent
 
 from splitexit.demo import free_port
-from splitexit_device.cli import EXIT_OK, EXIT_SERVER, main
+from splitexit_device.cli import EXIT_OK, EXIT_SERVER, agent_config, build_parser, main
+from splitexit_device.config import AgentConfig
 
 
 def run(tb: DeviceBundle, *args: str) -> int:
@@ -24,6 +25,7 @@ def test_help_explains_sources_and_exit_status(capsys: pytest.CaptureFixture[str
     text = capsys.readouterr().out
     for words in ("--deadline-ms", "--accuracy-floor", "--local-only", "camera:N", "exit status"):
         assert words in text
+    assert "--probe-interval-ms" in text and "--explore-ms" in text
 
 
 def test_local_only_writes_records_and_summary(
@@ -98,6 +100,40 @@ def test_bad_usage_exits_2(args: list[str], device_bundle) -> None:
     with pytest.raises(SystemExit) as e:
         run(device_bundle, *args)
     assert e.value.code == 2
+
+
+def test_probe_and_explore_flags_reach_the_agent_config_in_seconds() -> None:
+    def config(*args: str) -> AgentConfig:
+        return agent_config(
+            build_parser().parse_args(["run", "--bundle", "b", "--source", "x", *args])
+        )
+
+    default = config()
+    assert default.probe_interval_s == AgentConfig().probe_interval_s
+    assert default.explore_s == AgentConfig().explore_s
+    given = config("--probe-interval-ms", "250", "--explore-ms", "0")
+    assert given.probe_interval_s == 0.25 and given.explore_s == 0.0
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--probe-interval-ms", "-1", "--probe-interval-ms must be >= 0"),
+        ("--probe-interval-ms", "nan", "--probe-interval-ms must be >= 0"),
+        ("--explore-ms", "-5", "--explore-ms must be >= 0"),
+        ("--explore-ms", "soon", "invalid float value: 'soon'"),
+        ("--window", "0", "window must be >= 1"),  # AgentConfig's own check, same path
+    ],
+)
+def test_a_bad_agent_setting_exits_2_with_one_line_naming_it(
+    flag: str, value: str, message: str, capsys: pytest.CaptureFixture[str], device_bundle
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        run(device_bundle, "--local-only", "--source", "x", flag, value)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
 
 
 def test_a_missing_source_is_an_error_not_a_traceback(
