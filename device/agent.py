@@ -63,7 +63,7 @@ from .policy import (
     start,
 )
 from .records import DEVICE, ERROR, FALLBACK, SERVER, Record, RecordWriter, Summary
-from .sources import Input, label_index
+from .sources import Input, blocks, label_index
 
 _RESPONSE_BYTES_GUESS = 350.0
 _LOCAL_MARGIN_S = 0.002  # time kept back from a deadline to answer locally
@@ -256,11 +256,12 @@ class Agent:
         probe = loop.create_task(self.net.probe_loop()) if probing else None  # type: ignore[union-attr]
         self._open_progress(getattr(source, "length", None))
         it = iter(source)
+        here = not blocks(source)  # taking an input never waits: no thread hop for it
         work: _Work | None = None
         seq = 0
         try:
             while not self._stopping:
-                item = await loop.run_in_executor(self._pool, _next, it)
+                item = _next(it) if here else await loop.run_in_executor(self._pool, _next, it)
                 if item is None:
                     break
                 if not self._warm:
@@ -282,6 +283,9 @@ class Agent:
                 if record is not None:
                     self._emit(record)
                 work = None
+                # let a request just handed to its task go out, and answers and stop() in,
+                # before the next input (a source read here would not yield)
+                await asyncio.sleep(0)
             if tasks and not self._stopping:  # after stop(), the finally below cancels them
                 await asyncio.gather(*tasks)
         finally:

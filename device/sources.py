@@ -7,7 +7,9 @@
     --source camera:0     frames from camera 0       (OpenCV)
 
 Each input has a unique id (the path relative to the folder, the path as given, or
-`<video>#<frame>`). Images load lazily (`Input.load()`), in the agent's worker thread.
+`<video>#<frame>`). Images load lazily (`Input.load()`), in the agent's worker thread. A
+source that may wait for its next input (stdin, a video, a camera) is read in that thread
+too; a folder or a list, on the agent's event loop (a thread hop costs more).
 """
 
 from __future__ import annotations
@@ -53,11 +55,20 @@ class Input:
 
 
 class Source:
-    """An iterable of inputs with an optional length (for the progress bar)."""
+    """An iterable of inputs with an optional length (for the progress bar); `blocking`:
+    taking the next input may wait (a camera, stdin), so the agent takes it off its event
+    loop."""
 
-    def __init__(self, items: Callable[[], Iterator[Input]], length: int | None = None) -> None:
+    def __init__(
+        self,
+        items: Callable[[], Iterator[Input]],
+        length: int | None = None,
+        *,
+        blocking: bool = True,
+    ) -> None:
         self._items = items
         self.length = length
+        self.blocking = blocking
 
     def __iter__(self) -> Iterator[Input]:
         return self._items()
@@ -86,7 +97,7 @@ def folder_source(root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS
             label = rel.parts[0] if len(rel.parts) > 1 else None
             yield Input(rel.as_posix(), path=p, label=label)
 
-    return Source(items, len(files))
+    return Source(items, len(files), blocking=False)  # the files are listed already
 
 
 def paths_source(lines: Iterable[str]) -> Source:
@@ -146,7 +157,7 @@ def open_source(spec: str, *, stdin: IO[str] | None = None) -> Source:
         if ext in VIDEO_EXTENSIONS:
             return video_source(str(path))
         if ext in IMAGE_EXTENSIONS:
-            return Source(lambda: iter([Input(path.name, path=path)]), 1)
+            return Source(lambda: iter([Input(path.name, path=path)]), 1, blocking=False)
         raise DatasetError(
             f"{path} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a video "
             f"({', '.join(VIDEO_EXTENSIONS)})"
@@ -171,7 +182,15 @@ def limit(source: Source, n: int | None) -> Source:
             yield item
 
     length = n if source.length is None else min(n, source.length)
-    return Source(items, length)
+    return Source(items, length, blocking=blocks(source))
+
+
+def blocks(source: Iterable[Input]) -> bool:
+    """Whether taking an input from `source` may wait: a list or a tuple does not, a
+    `Source` says, any other iterable may."""
+    if isinstance(source, (list, tuple)):
+        return False
+    return bool(getattr(source, "blocking", True))
 
 
 def label_index(label: str | None, class_names: Sequence[str]) -> int | None:

@@ -19,7 +19,7 @@ from splitexit.link import LinkEmulator
 from splitexit_device.agent import Agent, AgentConfig
 from splitexit_device.client import ClientConfig, OffloadClient
 from splitexit_device.records import RecordWriter
-from splitexit_device.sources import folder_source, limit, paths_source
+from splitexit_device.sources import Input, Source, folder_source, limit, paths_source
 
 NO_EXITS = {"layer1": 2.0, "bottleneck": 2.0}
 
@@ -233,3 +233,35 @@ def test_cancelling_the_run_still_records_every_input_taken(
     assert 0 < len(out.records) < len(tb.images)
     assert len(out.by_id()) == len(out.records)
     assert agent.summary.inputs == len(out.records)
+
+
+def test_a_source_that_waits_does_not_hold_up_answers_and_a_folder_is_read_on_the_loop(
+    server: TailServer, device_bundle
+) -> None:
+    """A blocking source (a camera) is read off the event loop: while it waits for its next
+    input, the input already offloaded is answered; a folder is read on the loop itself."""
+    tb = device_bundle
+    first = next(iter(folder_source(tb.folder)))
+    agent, out = agent_for(device_bundle, server.url, AgentConfig(thresholds=NO_EXITS))
+    answered_while_waiting: list[int] = []
+
+    def camera() -> Iterator[Input]:
+        yield first
+        time.sleep(0.5)  # the next frame is not there yet
+        answered_while_waiting.append(len(out.records))
+
+    run_agent(agent, Source(camera))
+    assert answered_while_waiting == [1]
+    assert [r.decided_by for r in out.records] == ["server"]
+
+    threads: list[threading.Thread] = []
+
+    def folder() -> Iterator[Input]:
+        for item in folder_source(tb.folder):
+            threads.append(threading.current_thread())
+            yield item
+
+    agent, out = agent_for(device_bundle, server.url, AgentConfig())
+    run_agent(agent, Source(folder, blocking=False))
+    assert len(out.by_id()) == len(tb.images)
+    assert set(threads) == {threading.main_thread()}  # asyncio.run's loop thread
