@@ -18,7 +18,9 @@ says which action was taken, its expected and its actual time. The head runs in 
 thread, so it computes the next inputs while earlier requests are on the wire; a small code
 (up to 4,096 values) is framed and its tail finished, and a small model input (up to 4,096
 values) encoded as an image or, while nothing is on the wire, run through the head, on the
-event loop, where the thread hop would cost more than the work. A circuit
+event loop, where the thread hop would cost more than the work. Inputs are taken from the
+source in the worker thread, unless the source never waits (`Source.blocking` False: a list,
+a folder), which is read on the event loop. A circuit
 breaker answers locally while the server is down and lets a trial through now and then, so
 offloading resumes by itself; a 409 (fingerprint) or 401/403/404 stops offloading for the
 run. `stop()` (Ctrl-C) stops taking inputs; requests in flight
