@@ -506,7 +506,8 @@ def write_markdown(results: dict[str, Any], path: Path, command: str) -> None:
             )
         lines.append("")
     unmet = [
-        f"{b['model']} on {g['runtime']}, batching {_batching(g)}, {g['concurrency']} clients"
+        f"{b['model']} on {g['runtime']}, batching {_batching(g)}, {g['concurrency']} "
+        + ("client" if g["concurrency"] == 1 else "clients")
         for b in results["bundles"]
         for g in b.get("goal", [])
         if not g["met"]
