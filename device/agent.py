@@ -285,9 +285,8 @@ class Agent:
                 if record is not None:
                     self._emit(record)
                 work = None
-                # let a request just handed to its task go out, and answers and stop() in,
-                # before the next input (a source read here would not yield)
-                await asyncio.sleep(0)
+                if here:  # a source read here never yields: let the request just handed to
+                    await asyncio.sleep(0)  # its task go out, and answers and stop() in
             if tasks and not self._stopping:  # after stop(), the finally below cancels them
                 await asyncio.gather(*tasks)
         finally:
