@@ -150,6 +150,7 @@ class Agent:
         self._small_input = math.prod(m.input_shape) <= _INLINE_ENCODE_ELEMENTS
         self._choices_now: Choices | None = None
         self._sizes_now: tuple[float, ...] = ()
+        self._frames_at = -1
         self._warm = False
         self.breaker = CircuitBreaker(
             config.breaker_failures, config.breaker_reset_s, config.breaker_max_reset_s
@@ -560,6 +561,9 @@ class Agent:
 
     def _choices(self) -> Choices:
         """The points with their measured frame sizes (rebuilt when a size moved)."""
+        if self._choices_now is not None and self._frames_at == self.measure.frames_seen:
+            return self._choices_now  # no frame observed since: no size moved
+        self._frames_at = self.measure.frames_seen
         sizes = tuple(round(self.measure.mean_frame_bytes(p.key)) for p in self.points)
         if self._choices_now is None or sizes != self._sizes_now:
             points = [replace(p, frame_bytes=n) for p, n in zip(self.points, sizes, strict=True)]

@@ -281,6 +281,7 @@ class Measurements:
         self.server_image_s = EwmaEstimator(0.0)
         self.overhead_bytes = EwmaEstimator(overhead_bytes)
         self.frame_bytes = {k: EwmaEstimator(v, halflife=64) for k, v in frame_bytes_prior.items()}
+        self.frames_seen = 0  # frame sizes observed: until it moves, every mean is as it was
         self.preprocess_s = EwmaEstimator(0.0)
         self.segment_s = [EwmaEstimator(0.0) for _ in range(segments)]
         self.exit_names = tuple(exit_names)
@@ -318,6 +319,7 @@ class Measurements:
         self.encode_s.observe(encode_s)
         if point in self.frame_bytes:
             self.frame_bytes[point].observe(nbytes)
+            self.frames_seen += 1
 
     def observe_tail(self, seconds: float) -> None:
         """The tail finished here, on the float code."""

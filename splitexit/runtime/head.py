@@ -38,7 +38,7 @@ class ExitAnswer:
     exit_name: str
     prediction: int
     confidence: float
-    logits: Any  # [K], the backend's array kind
+    logits: np.ndarray  # [K]
 
 
 @dataclass
@@ -47,7 +47,7 @@ class HeadResult:
 
     Per sample i: `exit_name[i]` (None if it needs the tail), `prediction[i]` and
     `confidence[i]` of that exit (None if it needs the tail), and `exit_logits[i]` /
-    `exit_confidence[i]`: every exit computed for it so far, by name.
+    `exit_confidence[i]`: every exit computed for it so far, by name (logits [K] as numpy).
     `pending` lists the samples that need the tail, in the order of the rows of `z`
     (the float code [len(pending), C, h, w]; None when every sample exited).
     `timings` holds seconds per piece: "segment_0", ..., "exit_<name>".
@@ -151,20 +151,22 @@ class HeadRunner:
             if not (exits is True or (exits is not False and name in exits)):
                 result.features[name] = f
                 continue
-            logits = self._timed(result, f"exit_{name}", be.exit, name, f)
-            conf = be.host(confidence(logits, self.measures[name]))
+            # scored on the host: a few numpy ops on [N, K] cost less than device ops
+            logits = be.host(self._timed(result, f"exit_{name}", be.exit, name, f))
+            conf = confidence(logits, self.measures[name])
             self._record(result, active.tolist(), name, logits, conf)
             take = conf >= thr[name]
+            if not take.any():
+                continue
             for row in np.flatnonzero(take).tolist():
                 sample = int(active[row])
                 result.exit_name[sample] = name
                 result.prediction[sample] = int(logits[row].argmax())
                 result.confidence[sample] = float(conf[row])
-            if take.any():
-                active = active[~take]
-                f = be.rows(f, ~take)
+            active = active[~take]
             if active.size == 0:
                 break
+            f = be.rows(f, ~take)
         if active.size:
             result.pending = active.tolist()
             result.z = f
@@ -255,7 +257,9 @@ class HeadRunner:
         pending = set(result.pending)
         rows = [i for i in range(result.batch_size) if i in pending]
         for name, f in result.features.items():
-            logits = self._timed(result, f"exit_{name}", self.backend.exit, name, f)
-            conf = self.backend.host(confidence(logits, self.measures[name]))
+            logits = self.backend.host(
+                self._timed(result, f"exit_{name}", self.backend.exit, name, f)
+            )
+            conf = confidence(logits, self.measures[name])
             self._record(result, rows, name, logits, conf)
         result.features = {}
