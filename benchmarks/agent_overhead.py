@@ -2,15 +2,18 @@
 
     python benchmarks/agent_overhead.py [--inputs 200] [--rounds 2]
 
-Starts `splitexit-server` on the shipped small-track bundle as the suite does (loopback, no
-link emulator) and runs the suite's split strategies (`suite.split_runs.run_split`: the real
-`device.Agent`, closed loop, 10 ms between an answer and the next input) over both
+Starts `splitexit-server` on the shipped small-track bundle as the suite does (loopback, or
+through the suite's link emulator with `--link`; this process and the server each on a core
+of their own with `--cpus`, as in the suite) and runs the suite's split strategies
+(`suite.split_runs.run_split`: the real `device.Agent`, closed loop, 10 ms between an answer
+and the next input; the adaptive policy with the suite's default accuracy floor) over both
 transports. For every input answered by the server it splits the latency (from the agent's
 record) into device compute (the suite's `DeviceClock`), the round trip (the client's own
 timing of the request: network + server) and the rest: the agent's overhead (threads, event
-loop, policy, cost model, records). Inputs answered at an exit have no round trip: their
-rest is latency less compute. Bare requests (`run_bare_requests`) give the transport's
-round trip without the agent. Writes benchmarks/results/agent_overhead.md and .json.
+loop, policy, cost model, records). Inputs answered on the device (an exit, or the adaptive
+policy's tail here) have no round trip: their rest is latency less compute. Bare requests
+(`run_bare_requests`) give the transport's round trip without the agent. Writes
+benchmarks/results/<--name>.md and .json.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -28,15 +32,15 @@ from typing import Any
 import torch
 from suite.inputs import load_inputs
 from suite.report import machine, machine_line
-from suite.services import link_process, tail_server
-from suite.split_runs import AdaptiveSettings, run_bare_requests, run_split
+from suite.services import link_process, parse_cpus, tail_server
+from suite.split_runs import AdaptiveSettings, default_floor, run_bare_requests, run_split
 from suite.strategies import BY_KEY, TRANSPORTS
 
 from splitexit.bundle import load_bundle
 from splitexit.zoo import default_bundle_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("split", "split-exit")
+STRATEGIES = ("split", "split-exit", "split-exit-adaptive")
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -83,7 +87,7 @@ async def measure(url: str, n: int, speed: float) -> dict[str, Any]:
                 inputs,
                 url,
                 BY_KEY[key],
-                adaptive=AdaptiveSettings(None),
+                adaptive=AdaptiveSettings(None, default_floor(bundle)),
                 speed=speed,
                 transport=transport,
             )
@@ -98,8 +102,9 @@ def _ms(d: dict[str, float], key: str = "mean") -> str:
 def table(rounds: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| cell | round | offloaded | latency | device | round trip | bare round trip "
-        "| **agent** (mean) | agent (median) | agent p90 | at an exit: latency - device |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| **agent** (mean) | agent (median) | agent p90 | answered here "
+        "| answered here: latency - device |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for transport in TRANSPORTS:
         for key in STRATEGIES:
@@ -110,7 +115,7 @@ def table(rounds: list[dict[str, Any]]) -> list[str]:
                     f"| {_ms(g['device'])} | {_ms(g['round_trip'])} "
                     f"| {r[f'bare/{transport}']:.2f} | **{_ms(g['agent'])}** "
                     f"| {_ms(g['agent'], 'median')} | {_ms(g['agent'], 'p90')} "
-                    f"| {_ms(g['agent_here'])} |"
+                    f"| {g['answered_here']} | {_ms(g['agent_here'])} |"
                 )
     return lines
 
@@ -124,16 +129,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--link", help="through the suite's link emulator, e.g. 20mbit:20ms")
     parser.add_argument("--name", default="agent_overhead", help="results file stem")
+    parser.add_argument(
+        "--cpus",
+        default="auto",
+        help="DEVICE,SERVER: this process on core DEVICE, the server and link emulator on "
+        "SERVER (auto: the first two usable cores when there are two or more; none: no pinning)",
+    )
     args = parser.parse_args(argv)
+    try:
+        cpus = parse_cpus(args.cpus)
+    except ValueError as e:
+        print(f"agent_overhead: {e}", file=sys.stderr)
+        return 2
+    server_cpus = None if cpus is None else {cpus[1]}
+    if cpus is not None:  # before any thread starts: they inherit it
+        os.sched_setaffinity(0, {cpus[0]})
     torch.set_num_threads(1)
 
     rounds: list[dict[str, Any]] = []
     log = Path(tempfile.mkdtemp(prefix="splitexit-agent-")) / "server.log"
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(tail_server(default_bundle_path(), log))
+        url = stack.enter_context(tail_server(default_bundle_path(), log, cpus=server_cpus))
         if args.link is not None:
             target = url.removeprefix("http://")
-            url = stack.enter_context(link_process(target, args.link, log))
+            url = stack.enter_context(link_process(target, args.link, log, cpus=server_cpus))
         for r in range(args.rounds):
             rounds.append(asyncio.run(measure(url, args.inputs, args.device_speed)))
             print(f"round {r + 1}:")
@@ -141,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("  " + line)
 
     command = " ".join(["python benchmarks/agent_overhead.py", *sys.argv[1:]])
+    where = "loopback, no link emulator" if args.link is None else f"the emulated {args.link}"
+    if cpus is not None:
+        where += f" (this process on core {cpus[0]}, the server on {cpus[1]})"
     lines = [
         "# Device agent overhead",
         "",
@@ -148,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"The device agent (`suite.split_runs.run_split`) on {args.inputs} Fashion-MNIST "
         "inputs, closed loop (10 ms idle before each input), to `splitexit-server` on the "
-        "shipped small-track bundle over loopback, no link emulator. Per input answered by "
+        f"shipped small-track bundle over {where}. Per input answered by "
         "the server, ms: *latency* from the agent's record, *device* the compute the suite's "
         "`DeviceClock` counted, *round trip* the client's timing of the request (network + "
         "server), *agent* = latency - device - round trip: what the agent adds (threads, "
         "event loop, policy, cost model, records). *Bare round trip*: the client's `infer` "
-        "of one frame alone, no agent (`run_bare_requests`). One row per round.",
+        "of one frame alone, no agent (`run_bare_requests`). *Answered here*: inputs answered "
+        "on the device (an exit, the tail here) and what they took beyond their compute. "
+        "One row per round.",
         "",
         f"Machine: {machine_line(machine())}; Python {sys.version.split()[0]}, "
         f"torch {torch.__version__}.",

@@ -41,10 +41,11 @@ import torch
 from suite import analysis, plots, report, split_pays
 from suite.inputs import Inputs, load_inputs
 from suite.link_check import LinkCost, link_cost
-from suite.services import link_process, tail_server
+from suite.services import link_process, parse_cpus, tail_server
 from suite.split_runs import (
     AdaptiveSettings,
     BareRequests,
+    default_floor,
     run_bare_requests,
     run_split,
     widest_point,
@@ -140,22 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
         "usable cores when there are two or more; none: no pinning)",
     )
     return p
-
-
-def parse_cpus(text: str) -> tuple[int, int] | None:
-    """--cpus: (device core, server core), or None for no pinning."""
-    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if text == "none":
-        return None
-    if text == "auto":
-        return (usable[0], usable[1]) if len(usable) >= 2 else None
-    parts = text.split(",")
-    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
-        raise ValueError(f"--cpus takes DEVICE,SERVER (two core numbers), auto or none: {text!r}")
-    device, server = (int(x) for x in parts)
-    if device == server or device not in usable or server not in usable:
-        raise ValueError(f"--cpus {text}: two different cores of the usable {usable}")
-    return device, server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,12 +419,6 @@ async def _run_cell(
     keep = ("fallback_reasons", "retries", "link", "client_sent_bytes", "client_received_bytes")
     extra = {k: summary.get(k) for k in keep}
     return analysis.Cell(key, rate, samples, extra, transport)
-
-
-def default_floor(bundle: Bundle) -> float | None:
-    """The most accurate operating point's accuracy less 1 point (None: not measured)."""
-    acc = [p.accuracy for p in bundle.manifest.operating_points if p.accuracy is not None]
-    return round(max(acc) - 0.01, 4) if acc else None
 
 
 @torch.inference_mode()

@@ -115,17 +115,20 @@ def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> No
 
 
 @pytest.mark.parametrize(
-    ("flag", "value", "named"),
+    ("script", "flag", "value", "named"),
     [
-        ("--transport", "http,ftp", "transport"),
-        ("--tracks", "big", "tracks"),
-        ("--cpus", "0,0", "cpus"),
-        ("--cpus", "zero", "cpus"),
+        ("run_all.py", "--transport", "http,ftp", "transport"),
+        ("run_all.py", "--tracks", "big", "tracks"),
+        ("run_all.py", "--cpus", "0,0", "cpus"),
+        ("run_all.py", "--cpus", "zero", "cpus"),
+        ("agent_overhead.py", "--cpus", "0,0", "cpus"),
     ],
 )
-def test_a_bad_transport_or_track_is_one_line_and_exit_2(flag: str, value: str, named: str) -> None:
+def test_a_bad_transport_track_or_cores_is_one_line_and_exit_2(
+    script: str, flag: str, value: str, named: str
+) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), flag, value],
+        [sys.executable, str(ROOT / "benchmarks" / script), flag, value],
         capture_output=True,
         text=True,
         cwd=ROOT,

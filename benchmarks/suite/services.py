@@ -51,6 +51,23 @@ def environ(changes: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def parse_cpus(text: str) -> tuple[int, int] | None:
+    """`--cpus` DEVICE,SERVER, "auto" (the first two usable cores, when there are two or more)
+    or "none": (device core, server core), or None for no pinning. ValueError if bad."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if text == "none":
+        return None
+    if text == "auto":
+        return (usable[0], usable[1]) if len(usable) >= 2 else None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+        raise ValueError(f"--cpus takes DEVICE,SERVER (two core numbers), auto or none: {text!r}")
+    device, server = (int(x) for x in parts)
+    if device == server or device not in usable or server not in usable:
+        raise ValueError(f"--cpus {text}: two different cores of the usable {usable}")
+    return device, server
+
+
 @contextlib.contextmanager
 def tail_server(bundle: Path, log: Path, cpus: Collection[int] | None = None) -> Iterator[str]:
     """`splitexit-server` for `bundle` on a free loopback port with SERVER_ENV (on `cpus` if

@@ -115,6 +115,13 @@ class AdaptiveSettings:
     accuracy_floor: float | None = None
 
 
+def default_floor(bundle: Bundle) -> float | None:
+    """The adaptive policy's default accuracy floor: the most accurate operating point's
+    accuracy less 1 point (None: not measured)."""
+    acc = [p.accuracy for p in bundle.manifest.operating_points if p.accuracy is not None]
+    return round(max(acc) - 0.01, 4) if acc else None
+
+
 class _ClosedLoop:
     """Yields an input `gap_s` after the previous one was answered (waits at most `timeout_s`
     for that answer); see `strategies` for why every strategy has the same gap."""
