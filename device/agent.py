@@ -74,6 +74,7 @@ _INLINE_ENCODE_ELEMENTS = 4096  # codes up to this size are framed on the event 
 # costs more: while the event loop computes it cannot read answers, so every probe and offload
 # in flight would be timed late and the link would read slower than it is.
 _INLINE_MAX_S = 0.003
+_AHEAD_MAX_S = 0.25  # a plan made while the source waited is used this long after, at most
 
 
 @dataclass
@@ -92,6 +93,18 @@ class _Work:
     exits: frozenset[str] | None = None  # the exits the head runs (None: those that can answer)
     image: bytes | None = None
     image_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the agent decides before an input's head, and the state it decided in."""
+
+    at: float  # monotonic seconds
+    changes: int  # `Measurements.changes` then
+    disabled: str | None  # why offloading was off then (None: it was on)
+    cost: CostModel
+    plan: Decision | None
+    exits: frozenset[str] | None
 
 
 class Agent:
@@ -264,14 +277,20 @@ class Agent:
         seq = 0
         try:
             while not self._stopping:
-                item = _next(it) if here else await loop.run_in_executor(self._pool, _next, it)
+                ahead = None
+                if here:
+                    item = _next(it)
+                else:
+                    taking = loop.run_in_executor(self._pool, _next, it)
+                    ahead = self._plan_ahead(tasks)  # while the source waits
+                    item = await taking
                 if item is None:
                     break
                 if not self._warm:
                     await loop.run_in_executor(self._pool, self.warm_up, item)
                 work = _Work(item, seq, time.monotonic())
                 seq += 1
-                self._plan(work)
+                self._plan(work, ahead)
                 if (
                     self._small_input
                     and (not tasks or _is(work.plan, "image"))
@@ -306,28 +325,52 @@ class Agent:
 
     # ------------------------------------------------------------------------ per input
 
-    def _plan(self, work: _Work) -> None:
+    def _plan(self, work: _Work, ahead: _Plan | None = None) -> None:
         """Event loop, before the head: the cost model now, whether to send the image, and
-        (adaptive) which exits pay for themselves."""
-        work.cost = self.measure.cost(work.t0)
-        work.exits = self._enabled  # unless the plan says fewer
+        (adaptive) which exits pay for themselves. `ahead`, made while the source waited
+        for this input, is taken if nothing the plan depends on has changed since."""
         net = self.net
-        if self.config.policy != "adaptive" or net is None:
-            return
-        if net.disabled is not None and self.tail is None:
-            return  # the answer will be the best exit: run them all
-        images = self.measure.images() if self.images and net.disabled is None else {}
-        work.plan = start(
-            self._choices(), work.cost, self._rule(work), self.measure.leave_rates(), images
+        fresh = (
+            ahead is not None
+            and ahead.changes == self.measure.changes
+            and ahead.disabled == (None if net is None else net.disabled)
+            and work.t0 - ahead.at <= _AHEAD_MAX_S
         )
-        if work.plan.action == "image" and self._stale("head", work.t0):
-            work.plan = None  # run the head once more: its estimate may be stale
-            return
-        plan = work.plan.exits
-        if plan is not None:
-            work.exits = frozenset(n for n, on in zip(self.exit_names, plan, strict=True) if on)
-            if work.exits != self._enabled and self._stale("exits", work.t0):
-                work.exits = self._enabled
+        p = ahead if fresh and ahead is not None else self._planned(work.t0)
+        work.cost, work.plan, work.exits = p.cost, p.plan, p.exits
+
+    def _plan_ahead(self, tasks: set[asyncio.Task]) -> _Plan | None:
+        """The next input's plan, made now; None where it would likely be stale by then
+        (requests in flight will change the estimates, queued bytes drain as time passes)."""
+        now = time.monotonic()
+        if tasks or not self._warm or self.measure.link.queue_s(now) > 0:
+            return None
+        return self._planned(now)
+
+    def _planned(self, t0: float) -> _Plan:
+        """`_plan`'s decision for an input taken at `t0`."""
+        net = self.net
+        disabled = None if net is None else net.disabled
+
+        def plan(decision: Decision | None, exits: frozenset[str] | None) -> _Plan:
+            return _Plan(t0, self.measure.changes, disabled, cost, decision, exits)
+
+        cost = self.measure.cost(t0)
+        if self.config.policy != "adaptive" or net is None:
+            return plan(None, self._enabled)
+        if disabled is not None and self.tail is None:
+            return plan(None, self._enabled)  # the answer will be the best exit: run them all
+        images = self.measure.images() if self.images and disabled is None else {}
+        decision = start(self._choices(), cost, self._rule(t0), self.measure.leave_rates(), images)
+        if decision.action == "image" and self._stale("head", t0):
+            return plan(None, self._enabled)  # run the head once more: its estimate may be stale
+        exits = self._enabled
+        if decision.exits is not None:
+            on = zip(self.exit_names, decision.exits, strict=True)
+            exits = frozenset(n for n, run in on if run)
+            if exits != self._enabled and self._stale("exits", t0):
+                exits = self._enabled
+        return plan(decision, exits)
 
     def _run_head(self, work: _Work) -> Record | None:
         """Worker thread: load, then encode the image (the plan says so) or preprocess and
@@ -573,18 +616,20 @@ class Agent:
             self._sizes_now = sizes
         return self._choices_now
 
-    def _rule(self, work: _Work) -> FixedRule | AdaptiveRule:
+    def _rule(self, t0: float) -> FixedRule | AdaptiveRule:
+        """The rule for an input taken at `t0`: its deadline counts from then."""
         cfg = self.config
         if cfg.policy == "fixed":
             return FixedRule(self.fixed.channels, self.fixed.bits)
         left = None
         if cfg.deadline_s is not None:
-            left = cfg.deadline_s - (time.monotonic() - work.t0) - _LOCAL_MARGIN_S
+            left = cfg.deadline_s - (time.monotonic() - t0) - _LOCAL_MARGIN_S
         return AdaptiveRule(cfg.accuracy_floor, left, local_ok=bool(self.exit_names))
 
     def _decide(self, work: _Work) -> Decision:
         """At the bottleneck: offload at which point, the tail here, or the best exit now."""
-        return at_bottleneck(self._choices(), self.measure.cost(time.monotonic()), self._rule(work))
+        cost = self.measure.cost(time.monotonic())
+        return at_bottleneck(self._choices(), cost, self._rule(work.t0))
 
     def _expected(self, work: _Work, decision: Decision) -> float | None:
         """The input's expected total seconds, taking `decision` now."""

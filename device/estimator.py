@@ -160,6 +160,7 @@ class LinkEstimator:
         self._spb_surprises = 0  # the same, for bandwidth samples alone
         self.bandwidth_seen_at = -math.inf  # when a sample last taught the bandwidth
         self.samples = 0
+        self.changes = 0  # bumped by every call that may move an estimate or the queue
 
     @property
     def base_latency_s(self) -> float:
@@ -188,6 +189,7 @@ class LinkEstimator:
 
     def reserve(self, nbytes: float, now: float) -> float:
         """A request of `nbytes` goes out now; returns how long it should wait in the queue."""
+        self.changes += 1
         wait = self.queue_s(now)
         spb = min(max(self._spb.value, self._min_spb), self._max_spb)
         self._free_at = max(self._free_at, now) + nbytes * spb
@@ -195,6 +197,7 @@ class LinkEstimator:
 
     def clear_queue(self) -> None:
         """Nothing is in flight any more: the virtual queue is empty."""
+        self.changes += 1
         self._free_at = -math.inf
 
     def observe(self, sent: float, done: float, nbytes: float) -> None:
@@ -206,6 +209,7 @@ class LinkEstimator:
         """
         if not (math.isfinite(sent) and math.isfinite(done) and nbytes > 0 and done >= sent):
             return
+        self.changes += 1
         seconds = done - sent
         self.samples += 1
         predicted = self.predict(nbytes)
@@ -282,6 +286,7 @@ class Measurements:
         self.overhead_bytes = EwmaEstimator(overhead_bytes)
         self.frame_bytes = {k: EwmaEstimator(v, halflife=64) for k, v in frame_bytes_prior.items()}
         self.frames_seen = 0  # frame sizes observed: until it moves, every mean is as it was
+        self._observed = 0  # device and server observations (`changes` adds the link's)
         self.preprocess_s = EwmaEstimator(0.0)
         self.segment_s = [EwmaEstimator(0.0) for _ in range(segments)]
         self.exit_names = tuple(exit_names)
@@ -298,6 +303,7 @@ class Measurements:
     def observe_head(self, timings: dict[str, float], preprocess_s: float) -> None:
         """One head run: `timings` as `HeadRunner` gives them ("segment_i", "exit_<name>"
         seconds; the pieces it did not run are absent)."""
+        self._observed += 1
         self.preprocess_s.observe(preprocess_s)
         for i, est in enumerate(self.segment_s):
             t = timings.get(f"segment_{i}")
@@ -311,11 +317,13 @@ class Measurements:
     def observe_leave(self, exited: str | None, ran: Collection[str] | None = None) -> None:
         """An input ran the head with the exits `ran` (None: all): it left at `exited` (None:
         at none). An exit not run learns nothing."""
+        self._observed += 1
         for name, est in zip(self.exit_names, self.leave, strict=True):
             if ran is None or name in ran:
                 est.observe(float(name == exited))
 
     def observe_frame(self, point: tuple[int, int], nbytes: int, encode_s: float) -> None:
+        self._observed += 1
         self.encode_s.observe(encode_s)
         if point in self.frame_bytes:
             self.frame_bytes[point].observe(nbytes)
@@ -323,10 +331,12 @@ class Measurements:
 
     def observe_tail(self, seconds: float) -> None:
         """The tail finished here, on the float code."""
+        self._observed += 1
         self.tail_s.observe(seconds)
 
     def observe_image(self, image_format: str, nbytes: int, encode_s: float) -> None:
         """An image encoded for sending in `image_format`."""
+        self._observed += 1
         if image_format in self.image_bytes:
             self.image_encode_s[image_format].observe(encode_s)
             self.image_bytes[image_format].observe(nbytes)
@@ -362,6 +372,7 @@ class Measurements:
         answer far off that estimate is taken as news about the link (it got slower or
         faster). `image`: the payload was an image.
         """
+        self._observed += 1
         nbytes = request_bytes + response_bytes
         server = self.server_image_s if image else self.server_s
         self.overhead_bytes.observe(request_bytes - frame_bytes + response_bytes)
@@ -376,6 +387,12 @@ class Measurements:
         self.link.observe(sent, done - (reported if server_s is not None else server.value), nbytes)
 
     # -------------------------------------------------------------------- the model
+
+    @property
+    def changes(self) -> int:
+        """Bumped by every observation: equal counts, equal estimates (save the link's
+        virtual queue, which drains as time passes)."""
+        return self._observed + self.link.changes
 
     def cost(self, now: float) -> CostModel:
         """Every measurement as of `now`, as the cost model the policy prices actions with."""

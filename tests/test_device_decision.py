@@ -15,7 +15,7 @@ from support import ListWriter, quiet, run_agent
 from splitexit.bundle import load_bundle
 from splitexit.link import LinkEmulator
 from splitexit.runtime import HeadResult, HeadRunner
-from splitexit_device.agent import Agent, AgentConfig
+from splitexit_device.agent import Agent, AgentConfig, _Work
 from splitexit_device.client import OffloadClient
 from splitexit_device.records import Record
 from splitexit_device.sources import folder_source, limit
@@ -239,3 +239,39 @@ def test_after_a_slow_spell_the_agent_offloads_again_once_the_link_is_fast(
     assert len(out.records) == n and actions[0] == ("device", "tail"), actions
     late = [r for r in out.records[-16:] if r.action == "offload" and r.decided_by == "server"]
     assert len(late) >= 0.7 * 16, actions
+
+
+def test_a_plan_made_while_the_source_waits_is_used_only_if_nothing_changed_since(
+    device_bundle, tail_server
+) -> None:
+    """`Agent.run` plans the next input while a blocking source waits for it; the input
+    takes that plan only while every estimate it priced is as it was, and not for long."""
+    tb = device_bundle
+    srv = tail_server(tb.path)
+    config = AgentConfig(tail_here=True, images=False)
+    agent = Agent(quiet(load_bundle, tb.path), config, OffloadClient(srv.url, tb.name))
+    item = next(iter(folder_source(tb.folder)))
+    agent.warm_up(item)
+
+    def planned(ahead: Any, t0: float | None = None) -> Any:
+        work = _Work(item, 0, time.monotonic() if t0 is None else t0)
+        agent._plan(work, ahead)
+        return work
+
+    ahead = agent._plan_ahead(set())
+    assert ahead is not None and ahead.plan is not None and ahead.plan.action == "head"
+    assert planned(ahead).cost is ahead.cost  # nothing changed: taken as it is
+    assert planned(ahead, ahead.at + 1.0).cost is not ahead.cost  # too old: planned again
+
+    agent.measure.observe_tail(1.0)  # the tail here just got slow
+    work = planned(ahead)
+    assert work.cost is not ahead.cost
+    assert work.cost.device.tail_s > ahead.cost.device.tail_s
+
+    ahead = agent._plan_ahead(set())
+    assert ahead is not None
+    agent.measure.link.observe(0.0, 5.0, 1000)  # an answer took 5 s: the link moved
+    assert planned(ahead).cost is not ahead.cost
+
+    agent.measure.link.reserve(100_000, time.monotonic())  # bytes queued: they drain in time
+    assert agent._plan_ahead(set()) is None
