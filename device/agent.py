@@ -20,7 +20,8 @@ thread, so it computes the next inputs while earlier requests are on the wire; a
 values) encoded as an image or, while nothing is on the wire, run through the head, on the
 event loop, where the thread hop would cost more than the work. Inputs are taken from the
 source in the worker thread, unless the source never waits (`Source.blocking` False: a list,
-a folder), which is read on the event loop. A circuit
+a folder), which is read on the event loop; while a source that waits is waiting, the event
+loop plans the next input, and the input takes that plan if no estimate moved since. A circuit
 breaker answers locally while the server is down and lets a trial through now and then, so
 offloading resumes by itself; a 409 (fingerprint) or 401/403/404 stops offloading for the
 run. `stop()` (Ctrl-C) stops taking inputs; requests in flight
