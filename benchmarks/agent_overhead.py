@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from suite.inputs import load_inputs
 from suite.report import machine, machine_line
-from suite.services import link_process, parse_cpus, tail_server
+from suite.services import link_process, parse_cpus, pin_device, tail_server
 from suite.split_runs import AdaptiveSettings, default_floor, run_bare_requests, run_split
 from suite.strategies import BY_KEY, TRANSPORTS
 
@@ -141,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"agent_overhead: {e}", file=sys.stderr)
         return 2
-    server_cpus = None if cpus is None else {cpus[1]}
-    if cpus is not None:  # before any thread starts: they inherit it
-        os.sched_setaffinity(0, {cpus[0]})
+    server_cpus = pin_device(cpus)
     torch.set_num_threads(1)
 
     rounds: list[dict[str, Any]] = []

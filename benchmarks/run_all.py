@@ -41,7 +41,7 @@ import torch
 from suite import analysis, plots, report, split_pays
 from suite.inputs import Inputs, load_inputs
 from suite.link_check import LinkCost, link_cost
-from suite.services import link_process, parse_cpus, tail_server
+from suite.services import link_process, parse_cpus, pin_device, tail_server
 from suite.split_runs import (
     AdaptiveSettings,
     BareRequests,
@@ -178,11 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (QUICK_OUT if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the device side: one core; the server gets the other
-    args.server_cpus = None if cpus is None else {cpus[1]}
     args.cpus = None if cpus is None else list(cpus)
     args.usable_cores = len(os.sched_getaffinity(0)) if cpus is not None else None
-    if cpus is not None:  # before any thread starts: they inherit it
-        os.sched_setaffinity(0, {cpus[0]})
+    args.server_cpus = pin_device(cpus)
     exit_on_sigterm()  # servers and link emulators are stopped on the way out
     warnings.filterwarnings("ignore", category=FutureWarning)
 

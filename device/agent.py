@@ -330,14 +330,15 @@ class Agent:
         """Event loop, before the head: the cost model now, whether to send the image, and
         (adaptive) which exits pay for themselves. `ahead`, made while the source waited
         for this input, is taken if nothing the plan depends on has changed since."""
-        net = self.net
-        fresh = (
-            ahead is not None
-            and ahead.changes == self.measure.changes
-            and ahead.disabled == (None if net is None else net.disabled)
-            and work.t0 - ahead.at <= _AHEAD_MAX_S
-        )
-        p = ahead if fresh and ahead is not None else self._planned(work.t0)
+        disabled = None if self.net is None else self.net.disabled
+        p = ahead
+        if (
+            p is None
+            or p.changes != self.measure.changes
+            or p.disabled != disabled
+            or work.t0 - p.at > _AHEAD_MAX_S
+        ):
+            p = self._planned(work.t0)
         work.cost, work.plan, work.exits = p.cost, p.plan, p.exits
 
     def _plan_ahead(self, tasks: set[asyncio.Task]) -> _Plan | None:

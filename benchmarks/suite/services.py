@@ -68,6 +68,16 @@ def parse_cpus(text: str) -> tuple[int, int] | None:
     return device, server
 
 
+def pin_device(cpus: tuple[int, int] | None) -> set[int] | None:
+    """Pin this process, the device, to its core (call before any thread starts: threads
+    inherit it); returns the server's cores for `tail_server` and `link_process` (None: no
+    pinning)."""
+    if cpus is None:
+        return None
+    os.sched_setaffinity(0, {cpus[0]})
+    return {cpus[1]}
+
+
 @contextlib.contextmanager
 def tail_server(bundle: Path, log: Path, cpus: Collection[int] | None = None) -> Iterator[str]:
     """`splitexit-server` for `bundle` on a free loopback port with SERVER_ENV (on `cpus` if
