@@ -123,7 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(s.key for s in STRATEGIES),
         help="comma-separated subset (default: all)",
     )
-    p.add_argument("--cell-timeout-s", type=float, help="longest one cell may run (180; quick 30)")
+    p.add_argument(
+        "--cell-timeout-s", type=float, help="longest one cell's round may run (180; quick 30)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="run every rate's cells in this many rounds, each on a part of the inputs, the "
+        "cells' order rotated each round, so that cells compared share the machine's pace (5)",
+    )
     p.add_argument("--out", type=Path, help=f"results folder ({RESULTS}; --quick: {QUICK_OUT})")
     p.add_argument("--quick", action="store_true", help="30 inputs per cell: about a minute")
     p.add_argument(
@@ -173,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [t.strip() for t in args.tracks.split(",") if t.strip()]
     if not wanted or any(t not in ("small", "large") for t in wanted):
         print(f"run_all: --tracks takes small and/or large, got {args.tracks!r}", file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print(f"run_all: --rounds must be 1 or more, got {args.rounds}", file=sys.stderr)
         return 2
     args.cell_timeout_s = args.cell_timeout_s or (30.0 if args.quick else 180.0)
     out = args.out or (QUICK_OUT if args.quick else RESULTS)
@@ -267,6 +279,7 @@ def run_track(track: str, path: Path, args: argparse.Namespace, out: Path) -> li
             "reference_rate_mbit": ref,
             "gap_ms": GAP_S * 1e3,
             "cell_timeout_s": args.cell_timeout_s,
+            "rounds": len(inputs.parts(args.rounds)),
             "cpus": args.cpus,
         },
         "adaptive": {"deadline_ms": deadline_ms, "accuracy_floor": adaptive.accuracy_floor},
@@ -320,18 +333,27 @@ def measure(
     dict[tuple[str, float | None], BareRequests],
     dict[tuple[str, float], LinkCost],
 ]:
-    """Per rate: local-only, bare requests and the link emulator's own cost per
-    transport, full offload once, and each split strategy once per transport. Bare requests
-    and emulator costs are keyed by (transport, rate); rate None: straight to the server."""
+    """Per rate: bare requests and the link emulator's own cost per transport, then every
+    cell (local-only, full offload once, each split strategy once per transport) in
+    `args.rounds` rounds, each round a part of the inputs for every cell, the cells' order
+    rotated by one each round: this machine's pace drifts over seconds, and cells compared
+    with each other should share it. Bare requests and emulator costs are keyed by
+    (transport, rate); rate None: straight to the server."""
     say = _sayer(track)
     cells: list[analysis.Cell] = []
     bare: dict[tuple[str, float | None], BareRequests] = {}
     emulator: dict[tuple[str, float], LinkCost] = {}
-    # local-only runs at every rate, beside that rate's cells (the machine's pace drifts over a
-    # run): the goals compare each rate's cells with it; the rate-less cell pools every run
+    # local-only runs at every rate, in its rounds (the goals compare each rate's cells with
+    # it); the rate-less cell pools every run
     local = analysis.Cell("local", None, []) if "local" in args.keys else None
     if local is not None:
         cells.append(local)
+    order = [
+        (key, t)
+        for key in args.keys
+        for t in (args.transports if BY_KEY[key].kind == "split" else [None])
+    ]
+    parts = inputs.parts(args.rounds)
     logs = Path(tempfile.mkdtemp(prefix=f"splitexit-bench-{track}-"))
 
     def bare_run(url: str, transport: str) -> BareRequests:
@@ -344,11 +366,6 @@ def measure(
             bare[(t, None)] = bare_run(url, t)
             say(f"bare requests  {t:<6} direct (no link)  mean {bare[(t, None)].mean_ms:7.2f} ms")
         for rate in args.rates:
-            if local is not None:
-                at = run_local(bundle, inputs, args.device_speed)
-                cells.append(analysis.Cell("local", rate, at))
-                local.samples.extend(cells[-1].samples)
-                say(_line(cells[-1]))
             spec = f"{rate:g}mbit:{args.rtt_ms:g}ms"
             link = link_process(
                 url.split("//", 1)[1], spec, logs / "link.log", cpus=args.server_cpus
@@ -361,17 +378,31 @@ def measure(
                         spec, b.request_bytes, b.response_bytes, cpus=args.server_cpus
                     )
                     say(f"link emulator  {t:<6} {rate:>5g} Mbit/s  own {own.excess_ms:7.2f} ms")
-                for key in args.keys:
-                    if key == "local":
-                        continue
-                    split = BY_KEY[key].kind == "split"
-                    for t in args.transports if split else [None]:
-                        cell = _run_cell(
-                            bundle, inputs, link_url, key, t, rate, point, args, adaptive, notes
+                here = {(k, t): analysis.Cell(k, rate, [], transport=t) for k, t in order}
+                for r, part in enumerate(parts):
+                    for key, t in rotated(order, r):
+                        cell = here[(key, t)]
+                        if key == "local":
+                            cell.samples.extend(run_local(bundle, part, args.device_speed))
+                            continue
+                        ran = _run_cell(
+                            bundle, part, link_url, key, t, rate, point, args, adaptive, notes
                         )
-                        cells.append(asyncio.run(cell))
-                        say(_line(cells[-1]))
+                        cell.add(asyncio.run(ran))
+                    if len(parts) > 1:
+                        say(f"{rate:g} Mbit/s: round {r + 1} of {len(parts)} done")
+                for cell in here.values():
+                    cells.append(cell)
+                    if local is not None and cell.strategy == "local":
+                        local.samples.extend(cell.samples)
+                    say(_line(cell))
     return cells, bare, emulator
+
+
+def rotated(order: list[Any], r: int) -> list[Any]:
+    """`order` rotated left by `r`: round r's order of the cells."""
+    k = r % len(order) if order else 0
+    return order[k:] + order[:k]
 
 
 async def _run_cell(

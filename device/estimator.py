@@ -49,26 +49,35 @@ from splitexit.cost import Compute, CostModel, Link
 _MIN_EXTRA = 0.25  # a sample teaches bandwidth if it is this much larger than the base
 _SERVER_S_SLACK = 0.02  # unexplained seconds always credited to the server, not the link
 LATE_FACTOR = 1.5  # an unanswered request's time is taken as this times what it waited
+_LEAVE_PRIOR_SAMPLES = 32.0  # the samples calibration's leave rates count as (`Measurements`)
 
 
 class EwmaEstimator:
-    """Exponentially weighted mean (`value` is `prior` until the first sample)."""
+    """Exponentially weighted mean (`value` is `prior` until the first sample). The prior
+    counts as `prior_weight` samples (0: the first sample replaces it), which decay like
+    any others."""
 
-    def __init__(self, prior: float = 0.0, halflife: float = 8.0) -> None:
+    def __init__(
+        self, prior: float = 0.0, halflife: float = 8.0, prior_weight: float = 0.0
+    ) -> None:
         if halflife <= 0:
             raise ValueError(f"halflife must be > 0 samples, got {halflife}")
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0 samples, got {prior_weight}")
         self._decay = 0.5 ** (1.0 / halflife)
         self._value = prior
-        self._w = 0.0
+        self._w = prior_weight
+        self._seen = False
 
     def observe(self, x: float) -> None:
         if not math.isfinite(x):
             return
         self._w = self._w * self._decay + 1.0
         self._value += (x - self._value) / self._w
+        self._seen = True
 
     def reset(self, x: float) -> None:
-        """Forget the past: `x` is the only sample."""
+        """Forget the past (the prior too): `x` is the only sample."""
         self._w = 0.0
         self.observe(x)
 
@@ -78,7 +87,7 @@ class EwmaEstimator:
 
     @property
     def seen(self) -> bool:
-        return self._w > 0
+        return self._seen
 
 
 class MinFilter:
@@ -292,8 +301,12 @@ class Measurements:
         self.exit_names = tuple(exit_names)
         self.exit_segments = tuple(exit_segments)
         self.exit_s = [EwmaEstimator(0.0) for _ in exit_names]
+        # calibration's rates, measured on held-out data, count as _LEAVE_PRIOR_SAMPLES
+        # inputs: one input is a 0 or a 1, and alone it would switch an exit off (an exit
+        # not run learns nothing more until it is explored)
+        w = _LEAVE_PRIOR_SAMPLES if leave_prior else 0.0
         leave = tuple(leave_prior) or (0.0,) * len(exit_names)
-        self.leave = [EwmaEstimator(p, halflife=64) for p in leave]
+        self.leave = [EwmaEstimator(p, halflife=64, prior_weight=w) for p in leave]
         self.tail_s = EwmaEstimator(0.0)
         self.image_encode_s = {f: EwmaEstimator(0.0) for f in image_formats}
         self.image_bytes = {f: EwmaEstimator(0.0, halflife=64) for f in image_formats}

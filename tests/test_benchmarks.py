@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from suite.analysis import Cell
+from suite.inputs import Inputs
 from suite.link_check import link_cost  # benchmarks/ is on pytest's pythonpath (pyproject)
 from suite.samples import Sample
 from suite.split_pays import ModelInputs, model_inputs, price, where_split_pays, why
@@ -114,6 +116,30 @@ def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> No
     assert priced["vs_best_baseline_pct"] > -30
 
 
+def test_the_rounds_split_the_inputs_in_order_and_each_keeps_its_ids() -> None:
+    images = Inputs(np.zeros((7, 4, 4), np.uint8), np.arange(7), ("a",) * 7)
+    parts = images.parts(3)
+    assert [len(p) for p in parts] == [2, 3, 2]
+    ids = [p.id(i) for p in parts for i in range(len(p))]
+    assert ids == [images.id(i) for i in range(7)]
+    assert [int(x) for p in parts for x in p.labels] == list(range(7))
+    assert len(images.parts(10)) == 7 and len(images.parts(1)) == 1  # never an empty part
+
+
+def test_a_cells_rounds_add_up_samples_and_counts_and_keep_the_latest_link_estimate() -> None:
+    def run(n: int, bps: float, reasons: dict[str, int]) -> Cell:
+        samples = [Sample(f"{i}", 1.0, True, "server") for i in range(n)]
+        extra = {"retries": 1, "fallback_reasons": reasons, "link": {"bandwidth_bps": bps}}
+        return Cell("split", 5.0, samples, extra, "http")
+
+    cell = Cell("split", 5.0, [], transport="http")
+    cell.add(run(2, 1e6, {"busy": 1}))
+    cell.add(run(3, 2e6, {"busy": 2, "timeout": 1}))
+    assert len(cell.samples) == 5 and cell.extra["retries"] == 2
+    assert cell.extra["fallback_reasons"] == {"busy": 3, "timeout": 1}
+    assert cell.extra["link"] == {"bandwidth_bps": 2e6}
+
+
 @pytest.mark.parametrize(
     ("script", "flag", "value", "named"),
     [
@@ -121,6 +147,7 @@ def test_split_does_not_pay_where_the_exits_save_too_little_of_the_model() -> No
         ("run_all.py", "--tracks", "big", "tracks"),
         ("run_all.py", "--cpus", "0,0", "cpus"),
         ("run_all.py", "--cpus", "zero", "cpus"),
+        ("run_all.py", "--rounds", "0", "rounds"),
         ("agent_overhead.py", "--cpus", "0,0", "cpus"),
     ],
 )
@@ -149,6 +176,8 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
         "4",
         "--rates",
         "100",
+        "--rounds",
+        "2",
         "--strategies",
         "local,offload-png,split,split-exit,split-exit-adaptive",
         "--out",
@@ -170,7 +199,9 @@ def test_the_suite_runs_from_one_command_and_writes_every_section(tmp_path: Path
         assert f"| {row} |" in md  # both transports' rows, side by side
     assert "split meant to pay (model)" in md and "Splitting is meant to pay" in md
     doc = json.loads((tmp_path / "suite_small.json").read_text())
+    assert doc["config"]["rounds"] == 2  # every cell's inputs in two parts, order rotated
     cells = {(c["strategy"], c["transport"], c["rate_mbit"]): c for c in doc["cells"]}
+    assert all(c["stats"]["inputs"] == 4 for c in doc["cells"] if c["rate_mbit"] is not None)
     split = ("split", "split-exit", "split-exit-adaptive")
     assert set(cells) == {
         ("local", None, None),  # every local-only run, pooled

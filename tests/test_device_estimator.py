@@ -8,6 +8,7 @@ import pytest
 from splitexit.cost import Link
 from splitexit_device.breaker import CircuitBreaker
 from splitexit_device.estimator import EwmaEstimator, LinkEstimator, Measurements
+from splitexit_device.policy import exit_plan
 
 PROBE, REQUEST = 300, 1300  # bytes both ways
 
@@ -116,6 +117,31 @@ def test_measurements_turn_answers_and_compute_into_one_cost_model() -> None:
         m.observe_leave("a")
     assert m.leave_rates()[0] > 0.25
     assert m.snapshot()["samples"] == 1
+
+
+def test_one_input_that_does_not_leave_does_not_switch_a_calibrated_exit_off() -> None:
+    # calibration says 90% leave at the bottleneck exit; the first input does not: the
+    # exit must still pay for itself in the plan (before, the estimate fell to 0 and the
+    # exit was not run again until explored)
+    m = Measurements({}, segments=1, exit_names=("b",), exit_segments=(0,), leave_prior=(0.9,))
+    m.observe_head({"segment_0": 0.002, "exit_b": 0.0002}, 0.0)
+    m.observe_leave(None)
+    assert 0.85 < m.leave_rates()[0] < 0.9
+    assert exit_plan(m.cost(0.0), m.leave_rates(), after_s=0.002) == (True,)
+    for _ in range(200):  # a drift the prior must not hide: the rate follows it
+        m.observe_leave(None)
+    assert m.leave_rates()[0] < 0.05
+
+
+def test_a_prior_weight_counts_as_that_many_samples_and_reset_forgets_it() -> None:
+    est = EwmaEstimator(1.0, halflife=1e9, prior_weight=3.0)
+    assert not est.seen
+    est.observe(0.0)
+    assert est.seen and est.value == pytest.approx(0.75)
+    est.reset(0.0)
+    assert est.value == 0.0
+    with pytest.raises(ValueError, match="prior_weight"):
+        EwmaEstimator(0.0, prior_weight=-1.0)
 
 
 def test_a_slow_spell_is_forgotten_at_the_first_answers_quicker_than_predicted() -> None:

@@ -81,6 +81,19 @@ class Cell:
         """Mean device compute per input, unslowed."""
         return float(np.mean([sum(s.device_ms.values()) for s in self.samples]))
 
+    def add(self, part: Cell) -> None:
+        """Add one round's run of this cell: its samples, its counts summed (dicts of
+        counts per key), the agent's link estimate the latest round's."""
+        self.samples.extend(part.samples)
+        for key, value in part.extra.items():
+            held = self.extra.get(key)
+            if isinstance(value, dict) and isinstance(held, dict) and key != "link":
+                self.extra[key] = {k: held.get(k, 0) + value.get(k, 0) for k in held | value}
+            elif isinstance(value, int | float) and isinstance(held, int | float):
+                self.extra[key] = held + value
+            elif value is not None:
+                self.extra[key] = value
+
 
 @torch.inference_mode()
 def tail_compute_ms(bundle: Bundle, inputs: Inputs, repeats: int = 30) -> float:

@@ -7,8 +7,9 @@ preprocessing and the server's all start from the same pixels.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,17 +22,28 @@ from splitexit_device.sources import Input
 
 @dataclass(frozen=True)
 class Inputs:
-    """N images (uint8 [N, H, W] or [N, H, W, 3]) with their labels and the class names."""
+    """N images (uint8 [N, H, W] or [N, H, W, 3]) with their labels and the class names;
+    `first` is the test-set index of image 0 (a part of a larger set keeps its ids)."""
 
     pixels: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
+    first: int = 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def id(self, i: int) -> str:
-        return f"{i:05d}"
+        return f"{self.first + i:05d}"
+
+    def parts(self, n: int) -> list[Inputs]:
+        """The images in `n` consecutive parts as even as can be (fewer if there are fewer
+        images), each keeping its ids: the suite's rounds."""
+        bounds = np.linspace(0, len(self), min(n, len(self)) + 1).round().astype(int)
+        return [
+            replace(self, pixels=self.pixels[a:b], labels=self.labels[a:b], first=self.first + a)
+            for a, b in itertools.pairwise(bounds)
+        ]
 
     def agent_inputs(self) -> Iterator[Input]:
         """The same images as device-agent inputs, in memory, labelled by class name."""
