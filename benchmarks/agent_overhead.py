@@ -1,10 +1,11 @@
 """What the device agent costs per input beyond its compute and the round trip.
 
-    python benchmarks/agent_overhead.py [--inputs 200] [--rounds 2]
+    python benchmarks/agent_overhead.py [--bundle PATH] [--inputs 200] [--rounds 2]
 
-Starts `splitexit-server` on the shipped small-track bundle as the suite does (loopback, or
-through the suite's link emulator with `--link`; this process and the server each on a core
-of their own with `--cpus`, as in the suite) and runs the suite's split strategies
+Starts `splitexit-server` on `--bundle` (default the shipped small-track bundle; a large-track
+bundle runs the large track) as the suite does (loopback, or through the suite's link
+emulator with `--link`; this process and the server each on a core of their own with
+`--cpus`, as in the suite) and runs the suite's split strategies
 (`suite.split_runs.run_split`: the real `device.Agent`, closed loop, 10 ms between an answer
 and the next input; the adaptive policy with the suite's default accuracy floor) over both
 transports. For every input answered by the server it splits the latency (from the agent's
@@ -72,9 +73,10 @@ def split_gap(samples: list[Any], speed: float) -> dict[str, Any]:
     }
 
 
-async def measure(url: str, n: int, speed: float) -> dict[str, Any]:
-    """One round: bare requests and each split strategy, per transport."""
-    bundle = load_bundle(default_bundle_path())
+async def measure(path: Path, url: str, n: int, speed: float) -> dict[str, Any]:
+    """One round on the bundle at `path`: bare requests and each split strategy, per
+    transport."""
+    bundle = load_bundle(path)
     inputs = load_inputs(bundle, n)
     out: dict[str, Any] = {}
     for transport in TRANSPORTS:
@@ -121,6 +123,9 @@ def table(rounds: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--bundle", type=Path, help="the bundle to run (default: the shipped small-track one)"
+    )
     parser.add_argument("--inputs", type=int, default=200, help="inputs per strategy")
     parser.add_argument("--rounds", type=int, default=2, help="run every cell this often")
     parser.add_argument(
@@ -140,18 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"agent_overhead: {e}", file=sys.stderr)
         return 2
+    path = args.bundle or default_bundle_path()
     server_cpus = pin_device(cpus)
     torch.set_num_threads(1)
 
     rounds: list[dict[str, Any]] = []
     log = Path(tempfile.mkdtemp(prefix="splitexit-agent-")) / "server.log"
     with contextlib.ExitStack() as stack:
-        url = stack.enter_context(tail_server(default_bundle_path(), log, cpus=server_cpus))
+        url = stack.enter_context(tail_server(path, log, cpus=server_cpus))
         if args.link is not None:
             target = url.removeprefix("http://")
             url = stack.enter_context(link_process(target, args.link, log, cpus=server_cpus))
         for r in range(args.rounds):
-            rounds.append(asyncio.run(measure(url, args.inputs, args.device_speed)))
+            rounds.append(asyncio.run(measure(path, url, args.inputs, args.device_speed)))
             print(f"round {r + 1}:")
             for line in table(rounds[-1:])[2:]:
                 print("  " + line)
@@ -166,15 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         f"`{command}`",
         "",
         f"The device agent (`suite.split_runs.run_split`) on {args.inputs} Fashion-MNIST "
-        "inputs, closed loop (10 ms idle before each input), to `splitexit-server` on the "
-        f"shipped small-track bundle over {where}. Per input answered by "
-        "the server, ms: *latency* from the agent's record, *device* the compute the suite's "
-        "`DeviceClock` counted, *round trip* the client's timing of the request (network + "
-        "server), *agent* = latency - device - round trip: what the agent adds (threads, "
-        "event loop, policy, cost model, records). *Bare round trip*: the client's `infer` "
-        "of one frame alone, no agent (`run_bare_requests`). *Answered here*: inputs answered "
-        "on the device (an exit, the tail here) and what they took beyond their compute. "
-        "One row per round.",
+        "inputs, closed loop (10 ms idle before each input), to `splitexit-server` on "
+        f"bundle {load_bundle(path).manifest.name} (`{path}`) over {where}. Per input "
+        "answered by the server, ms: *latency* from the agent's record, *device* the "
+        "compute the suite's `DeviceClock` counted, *round trip* the client's timing of the "
+        "request (network + server), *agent* = latency - device - round trip: what the "
+        "agent adds (threads, event loop, policy, cost model, records). *Bare round trip*: "
+        "the client's `infer` of one frame alone, no agent (`run_bare_requests`). *Answered "
+        "here*: inputs answered on the device (an exit, the tail here) and what they took "
+        "beyond their compute. One row per round.",
         "",
         f"Machine: {machine_line(machine())}; Python {sys.version.split()[0]}, "
         f"torch {torch.__version__}.",

@@ -5,7 +5,7 @@
                   head (exits) ─┬─ confident exit ─► record ("exit")                     │
                                 └─ policy ─┬─ local ─► record (best exit, "local")       │
                                            ├─ tail ─► [worker] tail here ─► record       │
-      [worker thread, or inline if small] encode (k, bits) ◄┘ offload                    │
+      [worker, or loop if small or idle]  encode (k, bits) ◄┘ offload                    │
                                          │                                               │
                                          ▼  (at most `window` requests in flight) ◄──────┘
                                [event loop] client.infer ─┬─ answer ─► record ("server")
@@ -15,17 +15,19 @@ Each decision prices its actions with the one cost model (`splitexit.cost`) buil
 this agent measured (`estimator.Measurements`: its own compute per piece, timed at warm-up
 on the first input and then on every input; the link; the server's times), and each record
 says which action was taken, its expected and its actual time. The head runs in one worker
-thread, so it computes the next inputs while earlier requests are on the wire; a small code
+thread, so it computes the next inputs while earlier requests are on the wire. While nothing
+is (no request and no probe out, so no answer would be read late), the head, the encodes
+and the tail here run on the event loop instead, where the hop to the thread and back would
+only cost (about 1 ms an input with the tail here on the large track's 25 ms model). A small code
 (up to 4,096 values) is framed and its tail finished, and a small model input (up to 4,096
-values) encoded as an image or, while nothing is on the wire, run through the head, on the
-event loop, where the thread hop would cost more than the work. Inputs are taken from the
-source in the worker thread, unless the source never waits (`Source.blocking` False: a list,
-a folder), which is read on the event loop; while a source that waits is waiting, the event
-loop plans the next input, and the input takes that plan if no estimate moved since. A circuit
-breaker answers locally while the server is down and lets a trial through now and then, so
-offloading resumes by itself; a 409 (fingerprint) or 401/403/404 stops offloading for the
-run. `stop()` (Ctrl-C) stops taking inputs; requests in flight
-are answered locally, and the summary still comes.
+values) encoded as an image, on the event loop in any case when quick (under 3 ms): the hop
+would cost more than the work. Inputs are taken from the source in the worker thread,
+unless the source never waits (`Source.blocking` False: a list, a folder), which is read on
+the event loop; while a source that waits is waiting, the event loop plans the next input,
+and the input takes that plan if no estimate moved since. A circuit breaker answers locally
+while the server is down and lets a trial through now and then, so offloading resumes by
+itself; a 409 (fingerprint) or 401/403/404 stops offloading for the run. `stop()` (Ctrl-C)
+stops taking inputs; requests in flight are answered locally, and the summary still comes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -76,6 +78,8 @@ _INLINE_ENCODE_ELEMENTS = 4096  # codes up to this size are framed on the event 
 # in flight would be timed late and the link would read slower than it is.
 _INLINE_MAX_S = 0.003
 _AHEAD_MAX_S = 0.25  # a plan made while the source waited is used this long after, at most
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -185,6 +189,7 @@ class Agent:
         self._taken: dict[str, float] = {}  # action -> when last taken ("head", "exits", "tail")
         self._run_id = uuid.uuid4().hex[:12]
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="splitexit-head")
+        self._requests: set[asyncio.Task] = set()  # request tasks not yet answered
         self._stopping = False
         self._done: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -268,7 +273,7 @@ class Agent:
         if self._stopping:
             self._stop_event.set()
         window = asyncio.Semaphore(self.config.window)
-        tasks: set[asyncio.Task] = set()
+        tasks = self._requests
         probing = self.net is not None and self.config.probe_interval_s > 0
         probe = loop.create_task(self.net.probe_loop()) if probing else None  # type: ignore[union-attr]
         self._open_progress(getattr(source, "length", None))
@@ -292,14 +297,12 @@ class Agent:
                 work = _Work(item, seq, time.monotonic())
                 seq += 1
                 self._plan(work, ahead)
-                if (
+                quick = (
                     self._small_input
                     and (not tasks or _is(work.plan, "image"))
                     and self._quick(work)
-                ):
-                    record = self._run_head(work)  # nothing to overlap: a hop costs more
-                else:
-                    record = await loop.run_in_executor(self._pool, self._run_head, work)
+                )
+                record = await self._compute(quick, self._run_head, work)
                 self._observe_head(work)
                 if record is None:
                     record = await self._after_head(work, window, tasks)
@@ -471,12 +474,8 @@ class Agent:
         start = time.monotonic()
         z = work.result.z
         try:
-            if math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:  # a thread hop costs more
-                frame = self.head.frame(z, point.bits, point.channels)
-            else:
-                frame = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, self.head.frame, z, point.bits, point.channels
-                )
+            small = math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS
+            frame = await self._compute(small, self.head.frame, z, point.bits, point.channels)
         except BaseException:
             self.net.release()
             raise
@@ -526,7 +525,7 @@ class Agent:
         """An image that could not be sent: run the head now and answer here."""
         work.image = None
         work.plan = None
-        record = await asyncio.get_running_loop().run_in_executor(self._pool, self._run_head, work)
+        record = await self._compute(False, self._run_head, work)
         self._observe_head(work)
         if record is not None:
             return record
@@ -539,16 +538,12 @@ class Agent:
         return await self._finish_tail(work, reason, None)
 
     async def _finish_tail(self, work: _Work, reason: str, expected_s: float | None) -> Record:
-        """Finish the tail on this device (in the worker thread)."""
+        """Finish the tail on this device (`_compute`)."""
         assert self.tail is not None and work.result is not None and work.result.z is not None
         z = work.result.z
         start = time.monotonic()
-        if self._quick(work, "tail") and math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS:
-            answer = self.tail.run_code(z)
-        else:
-            answer = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.tail.run_code, z
-            )
+        quick = self._quick(work, "tail") and math.prod(z.shape) <= _INLINE_ENCODE_ELEMENTS
+        answer = await self._compute(quick, self.tail.run_code, z)
         tail_s = time.monotonic() - start
         self._taken["tail"] = time.monotonic()
         self.measure.observe_tail(tail_s)
@@ -563,6 +558,17 @@ class Agent:
             expected_s=expected_s,
             tail_s=tail_s,
         )
+
+    async def _compute(self, quick: bool, fn: Callable[..., _T], *args: Any) -> _T:
+        """Device work `fn(*args)`: on the event loop where it is `quick` or nothing is on
+        the wire (`_idle`), else in the worker thread, so answers are read while it runs."""
+        if quick or self._idle():
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _idle(self) -> bool:
+        """No request task and no probe is out: work on the event loop delays no answer."""
+        return not self._requests and (self.net is None or self.net.idle)
 
     def _blocked_while_waiting(self) -> str | None:
         """Why a frame that already passed `blocked()` must not go out after all, or None."""

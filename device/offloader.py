@@ -57,6 +57,11 @@ class Offloader:
             await self.probe(large)
         return meta
 
+    @property
+    def idle(self) -> bool:
+        """No request is out, inference or probe: no answer is waiting to be read."""
+        return self._inflight == 0
+
     def blocked(self) -> str | None:
         """Why no frame may go out now, or None. None may reserve the breaker's one trial:
         send it, or give it back with `release`."""

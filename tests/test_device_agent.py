@@ -265,3 +265,34 @@ def test_a_source_that_waits_does_not_hold_up_answers_and_a_folder_is_read_on_th
     run_agent(agent, Source(folder, blocking=False))
     assert len(out.by_id()) == len(tb.images)
     assert set(threads) == {threading.main_thread()}  # asyncio.run's loop thread
+
+
+def test_the_head_runs_on_the_event_loop_while_nothing_is_on_the_wire_else_in_its_thread(
+    server: TailServer, device_bundle
+) -> None:
+    """A head too slow to run inline (over `_INLINE_MAX_S`) still runs on the event loop
+    while no request or probe is out (no answer can be read late, and the thread hop only
+    costs), and in the worker thread while the previous input's request is out."""
+    tb = device_bundle
+    agent, out = agent_for(device_bundle, server.url, AgentConfig(thresholds=NO_EXITS))
+    items = list(limit(folder_source(tb.folder), 8))
+    run, segment = agent.head.run, agent.head.backend.segment
+    heads: list[tuple[bool, bool]] = []  # (on the event loop's thread, something on the wire)
+
+    def watched(*args: object, **kwargs: object) -> object:
+        heads.append((threading.current_thread() is threading.main_thread(), not agent._idle()))
+        return run(*args, **kwargs)
+
+    def slow(i: int, x: object) -> object:  # a device where the head takes over 3 ms
+        time.sleep(0.005)
+        return segment(i, x)
+
+    agent.head.run = watched  # type: ignore[method-assign]
+    agent.head.backend.segment = slow  # type: ignore[method-assign]
+    agent.warm_up(items[0])
+    heads.clear()
+    run_agent(agent, items)
+    assert [r.decided_by for r in out.records] == ["server"] * len(items)
+    assert heads[0] == (True, False), heads  # the first input: nothing out yet
+    assert not [h for h in heads if h == (True, True)], heads  # never blocks an answer
+    assert (False, True) in heads, heads  # the next head overlaps a request in flight
