@@ -13,18 +13,19 @@
 
 Each decision prices its actions with the one cost model (`splitexit.cost`) built from what
 this agent measured (`estimator.Measurements`: its own compute per piece, timed at warm-up
-on the first input and then on every input; the link; the server's times), and each record
+on the first input and then on every input; the link; the server's times, from the warm-up's
+frame and image sent once before the first input, then from every answer), and each record
 says which action was taken, its expected and its actual time. The head runs in one worker
 thread, so it computes the next inputs while earlier requests are on the wire. While nothing
-is (no request and no probe out, so no answer would be read late), the head, the encodes
-and the tail here run on the event loop instead, where the hop to the thread and back would
-only cost (about 1 ms an input with the tail here on the large track's 25 ms model). A small code
+is (no request and no probe out, so no answer would be read late), the head, the encodes and
+the tail here run on the event loop instead, where the hop to the thread and back would only
+cost (about 1 ms an input with the tail here on the large track's 25 ms model). A small code
 (up to 4,096 values) is framed and its tail finished, and a small model input (up to 4,096
 values) encoded as an image, on the event loop in any case when quick (under 3 ms): the hop
-would cost more than the work. Inputs are taken from the source in the worker thread,
-unless the source never waits (`Source.blocking` False: a list, a folder), which is read on
-the event loop; while a source that waits is waiting, the event loop plans the next input,
-and the input takes that plan if no estimate moved since. A circuit breaker answers locally
+would cost more than the work. Inputs are taken from the source in the worker thread, unless
+the source never waits (`Source.blocking` False: a list, a folder), which is read on the
+event loop; while a source that waits is waiting, the event loop plans the next input, and
+the input takes that plan if no estimate moved since. A circuit breaker answers locally
 while the server is down and lets a trial through now and then, so offloading resumes by
 itself; a 409 (fingerprint) or 401/403/404 stops offloading for the run. `stop()` (Ctrl-C)
 stops taking inputs; requests in flight are answered locally, and the summary still comes.
@@ -78,6 +79,7 @@ _INLINE_ENCODE_ELEMENTS = 4096  # codes up to this size are framed on the event 
 # in flight would be timed late and the link would read slower than it is.
 _INLINE_MAX_S = 0.003
 _AHEAD_MAX_S = 0.25  # a plan made while the source waited is used this long after, at most
+_TIME_SERVER_S = 2.0  # the longest the server's timing before the first input may take
 
 _T = TypeVar("_T")
 
@@ -170,6 +172,7 @@ class Agent:
         self._sizes_now: tuple[float, ...] = ()
         self._frames_at = -1
         self._warm = False
+        self._warm_payloads: tuple[bytes, dict[str, bytes]] | None = None  # for `_time_server`
         self.breaker = CircuitBreaker(
             config.breaker_failures, config.breaker_reset_s, config.breaker_max_reset_s
         )
@@ -215,7 +218,8 @@ class Agent:
         """Time this device's pieces on `item`: preprocess, head segments, exits, encoding,
         the tail here and the image encode, each the quickest of `rounds` after a first
         round where TorchScript optimises (timing noise only ever adds time). `run` does it
-        on its first input unless done already."""
+        on its first input unless done already, and then sends what it encoded to the server
+        once (`_time_server`)."""
         self._warm = True
         try:
             pixels = item.load()
@@ -247,6 +251,7 @@ class Agent:
             if self.images:
                 for fmt in self.config.image_formats:
                     images[fmt] = timed(f"image/{fmt}", self.encode_image, pixels, fmt)
+        self._warm_payloads = (frame, images)
         pieces = {k: v for k, v in best.items() if k.startswith(("segment_", "exit_"))}
         self.measure.observe_head(pieces, best["preprocess"])
         self.measure.observe_frame(p.key, len(frame), best["encode"])
@@ -254,6 +259,34 @@ class Agent:
             self.measure.observe_tail(best["tail"])
         for fmt, data in images.items():
             self.measure.observe_image(fmt, len(data), best[f"image/{fmt}"])
+
+    async def _time_server(self) -> None:
+        """Once, before the first input (adaptive policy): the warm-up's frame, and its
+        image in each format the policy may send, through the server, so that the server's
+        times are measured before they are priced. Unmeasured, they read 0 s, and the first
+        input took whichever action that flattered (the image, at any cost) to learn it."""
+        payloads, self._warm_payloads = self._warm_payloads, None
+        if payloads is None or self.net is None or self.config.policy != "adaptive":
+            return
+        assert self._stop_event is not None
+        frame, images = payloads
+        sends = [(frame, False), *((data, True) for data in images.values())]
+        until = time.monotonic() + _TIME_SERVER_S  # a stalled server holds up no input long
+        for k, (payload, image) in enumerate(sends):
+            if self._stopping or self.net.blocked() is not None:
+                return
+            request_id = f"{self._run_id}-warmup-{k}"
+            send = asyncio.ensure_future(self.net.send(payload, request_id, until, image=image))
+            stop = asyncio.ensure_future(self._stop_event.wait())
+            await asyncio.wait({send, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not send.done():  # stop() came first
+                send.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await send
+                return
+            with contextlib.suppress(OffloadError):  # noted by the offloader like any other
+                send.result()
 
     def stop(self) -> None:
         """Stop taking inputs (Ctrl-C); in-flight frames are answered locally. Thread-safe."""
@@ -294,6 +327,8 @@ class Agent:
                     break
                 if not self._warm:
                     await loop.run_in_executor(self._pool, self.warm_up, item)
+                if self._warm_payloads is not None:
+                    await self._time_server()
                 work = _Work(item, seq, time.monotonic())
                 seq += 1
                 self._plan(work, ahead)

@@ -16,6 +16,7 @@ from fixtures.device import DeviceBundle, TailServer
 from support import ListWriter, expected_decisions, run_agent
 
 from splitexit.link import LinkEmulator
+from splitexit_device.agent import _TIME_SERVER_S as TIME_SERVER_S
 from splitexit_device.agent import Agent, AgentConfig
 from splitexit_device.client import ClientConfig, OffloadClient
 from splitexit_device.records import RecordWriter
@@ -91,6 +92,27 @@ def test_a_fixed_operating_point_is_what_the_server_decodes(
         assert r.confidence == pytest.approx(float(want.probability[0]), abs=1e-5)
     assert len(out.records) == 30
     assert {(r.channels, r.bits) for r in out.records} == {(k, bits)}
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "fixed"])
+def test_the_adaptive_agent_times_the_server_once_before_its_first_input(
+    server: TailServer, device_bundle, policy: str
+) -> None:
+    # every input answers at the first exit: whatever the agent knows of the server's times
+    # it learned before the first input (unmeasured, they read 0 s and the first input took
+    # whichever action that flattered, the image at any cost). The fixed policy prices
+    # nothing: it sends nothing extra.
+    always = {"layer1": 0.0, "bottleneck": 0.0}
+    config = AgentConfig(policy=policy, thresholds=always, probe_interval_s=0)  # type: ignore[arg-type]
+    agent, out = agent_for(device_bundle, server.url, config)
+    run_agent(agent, limit(folder_source(device_bundle.folder), 3))
+    assert [r.action for r in out.records] == ["exit"] * 3  # the warm-up's requests: no input
+    m = agent.measure
+    assert m.server_s.seen == (policy == "adaptive")
+    assert m.server_image_s.seen == (policy == "adaptive" and agent.images)
+    if policy == "adaptive":
+        assert agent.images  # the test server takes images: both paths were timed
+        assert m.server_s.value > 0 and m.server_image_s.value > 0
 
 
 def test_local_only_needs_no_server_and_answers_at_the_best_exit(device_bundle) -> None:
@@ -199,11 +221,12 @@ def test_stop_answers_frames_in_flight_locally_and_still_summarises(
     srv = fault_server("stall", tb)
     config = AgentConfig(thresholds=NO_EXITS, window=4, probe_interval_s=0)
     agent, out = agent_for(device_bundle, srv.url, config, timeout_s=10.0, budget_s=10.0)
-    timer = threading.Timer(1.0, agent.stop)  # like a signal handler, from elsewhere
+    # like a signal handler, from elsewhere; after the server's timing gave up on the stall
+    timer = threading.Timer(1.0 + TIME_SERVER_S, agent.stop)
     timer.start()
     start = time.monotonic()
     summary = run_agent(agent, folder_source(tb.folder))
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 3.0 + TIME_SERVER_S
     timer.join()
     taken = summary.inputs
     assert 5 <= taken < len(tb.images)  # 4 in flight, 1 waiting for a slot
