@@ -268,7 +268,6 @@ class Agent:
         payloads, self._warm_payloads = self._warm_payloads, None
         if payloads is None or self.net is None or self.config.policy != "adaptive":
             return
-        assert self._stop_event is not None
         frame, images = payloads
         sends = [(frame, False), *((data, True) for data in images.values())]
         until = time.monotonic() + _TIME_SERVER_S  # a stalled server holds up no input long
@@ -277,13 +276,9 @@ class Agent:
                 return
             request_id = f"{self._run_id}-warmup-{k}"
             send = asyncio.ensure_future(self.net.send(payload, request_id, until, image=image))
-            stop = asyncio.ensure_future(self._stop_event.wait())
-            await asyncio.wait({send, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not send.done():  # stop() came first
-                send.cancel()
+            if not await self._before_stop(send):
                 with contextlib.suppress(asyncio.CancelledError):
-                    await send
+                    await send  # the offloader gives back what it held
                 return
             with contextlib.suppress(OffloadError):  # noted by the offloader like any other
                 send.result()
@@ -622,19 +617,24 @@ class Agent:
         if not window.locked():
             await window.acquire()
             return True
-        slot = asyncio.ensure_future(window.acquire())
-        stop = asyncio.ensure_future(self._stop_event.wait())
-        try:
-            await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not slot.done():
-                slot.cancel()
-        got = slot.done() and not slot.cancelled()
+        got = await self._before_stop(asyncio.ensure_future(window.acquire()))
         if got and self._stopping:
             window.release()
             return False
         return got
+
+    async def _before_stop(self, future: asyncio.Future) -> bool:
+        """Wait for `future` or stop(), whichever comes first; False (and `future`
+        cancelled) if stop() came first."""
+        assert self._stop_event is not None
+        stop = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait({future, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not future.done():
+                future.cancel()
+        return future.done() and not future.cancelled()
 
     def _stale(self, action: str, now: float | None = None) -> bool:
         """The adaptive rule has not taken `action` for `explore_s` (it is due to, once)."""
